@@ -1,0 +1,1 @@
+"""Triton kernels that never materialize logits, each beside its PyTorch reference."""

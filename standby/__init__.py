@@ -1,0 +1,1 @@
+"""Standby memory, the native rollout engine, the vLLM engine and the GRPO runtime."""

@@ -1,0 +1,1 @@
+"""The shipped tuning database (JSON data only)."""
