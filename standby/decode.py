@@ -1,0 +1,229 @@
+"""A gpt-fast-style static-KV decoder over the module objects of a Hugging Face causal LM.
+
+``Decoder`` runs Llama / Qwen2 / Qwen3 (optionally wrapped by a peft LoRA adapter) by calling the
+model's own submodules — projections, norms, MLPs, rotary embedding, lm_head — and only owns the
+attention: rotary application, a static KV cache, and ``F.scaled_dot_product_attention`` with an
+explicit boolean mask. Because the modules are the model's own (under peft, q_proj & co. are LoRA
+layers), generation always reflects the current weights: no copy, no merge, no sync.
+
+``decode_step`` has fixed shapes, no ``.item()`` and no branching on tensor values, writes the cache
+in place at fixed addresses, and so compiles with ``fullgraph=True`` and can be captured by CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from compilepass.errors import StorageError
+from compilepass.standby.models import ModelShape
+
+
+class StaticKVCache:
+    """Per-layer K and V tensors, each ``[batch, num_kv_heads, max_len, head_dim]``.
+
+    Either allocated here, or views into one caller-provided flat buffer (``from_storage``), laid out
+    as ``[num_layers, 2 (K, V), batch, num_kv_heads, max_len, head_dim]``.
+    """
+
+    def __init__(self, shape: ModelShape, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu", *, storage: torch.Tensor | None = None):
+        self.shape, self.batch, self.max_len, self.dtype = shape, batch, max_len, dtype
+        dims = (shape.num_layers, 2, batch, shape.num_kv_heads, max_len, shape.head_dim)
+        if storage is None:
+            buffer = torch.zeros(dims, dtype=dtype, device=device)
+        else:
+            buffer = _view_storage(storage, dims, dtype)
+        self.buffer = buffer
+        self.k = [buffer[i, 0] for i in range(shape.num_layers)]
+        self.v = [buffer[i, 1] for i in range(shape.num_layers)]
+        for t in (*self.k, *self.v):
+            torch._dynamo.mark_static_address(t)  # cudagraph trees accept in-place updates of these
+
+    @classmethod
+    def from_storage(cls, storage: torch.Tensor, shape: ModelShape, batch: int, max_len: int,
+                     dtype: torch.dtype | None = None) -> "StaticKVCache":
+        """Views (never copies) into ``storage``: a flat contiguous tensor of any dtype holding at least
+        ``nbytes_for(shape, batch, max_len, dtype)`` bytes. ``dtype`` defaults to the storage's."""
+        dtype = dtype or storage.dtype
+        return cls(shape, batch, max_len, dtype, storage.device, storage=storage)
+
+    @staticmethod
+    def nbytes_for(shape: ModelShape, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * shape.num_layers * batch * shape.num_kv_heads * max_len * shape.head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+
+def _view_storage(storage: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if storage.dim() != 1 or not storage.is_contiguous():
+        raise StorageError("KV storage must be a flat (1-D) contiguous tensor")
+    flat = storage if storage.dtype == dtype else storage.view(torch.uint8).view(dtype)
+    numel = 1
+    for d in dims:
+        numel *= d
+    if flat.numel() < numel:
+        have = storage.numel() * storage.element_size()
+        need = numel * flat.element_size()
+        raise StorageError(f"KV storage holds {have} bytes, the cache needs {need}")
+    return flat[:numel].view(dims)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos, sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _unwrap(model):
+    """(causal LM, its inner decoder model) for a plain HF model or a peft-wrapped one."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm, causal_lm.model
+
+
+class Decoder:
+    """Prefill and one-token decode steps over ``model``'s own modules and a ``StaticKVCache``."""
+
+    def __init__(self, model, cache: StaticKVCache):
+        causal_lm, inner = _unwrap(model)
+        self.model = model
+        self.layers = inner.layers
+        self.embed_tokens = inner.embed_tokens
+        self.norm = inner.norm
+        self.rotary_emb = inner.rotary_emb
+        self.lm_head = causal_lm.lm_head
+        self.shape = ModelShape.from_hf_config(causal_lm.config)
+        self.cache = cache
+        s = self.shape
+        if (cache.shape.num_layers, cache.shape.num_kv_heads, cache.shape.head_dim) != (
+                s.num_layers, s.num_kv_heads, s.head_dim):
+            raise ValueError("the KV cache was built for a different model shape")
+        if getattr(causal_lm.config, "use_sliding_window", False):
+            raise NotImplementedError("sliding-window attention is not supported by the native decoder")
+        self.n_rep = s.num_heads // s.num_kv_heads
+        self.scale = s.head_dim ** -0.5
+        self._cache_pos = torch.arange(cache.max_len, device=cache.k[0].device)
+
+    # -- the transformer body -------------------------------------------------------------------
+
+    def _forward(self, x, position_ids, mask, write_kv):
+        """x [B, T, hidden]; position_ids [B, T]; mask [B, T, S] (True = attend). Returns hidden states."""
+        B, T, _ = x.shape
+        s = self.shape
+        cos, sin = self.rotary_emb(x, position_ids)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, T, s.num_heads, s.head_dim)
+            k = attn.k_proj(h).view(B, T, s.num_kv_heads, s.head_dim)
+            v = attn.v_proj(h).view(B, T, s.num_kv_heads, s.head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over head_dim, before rotary
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+            k, v = write_kv(i, k, v)
+            y = self._attend(q, k, v, mask)  # [B, heads, T, D]
+            x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def _attend(self, q, k, v, mask):
+        """GQA without repeating K/V: the n_rep query heads that share a KV head become n_rep * T
+        query rows of that KV head. q [B, H, T, D], k/v [B, KV, S, D], mask [B, T, S]."""
+        B, H, T, D = q.shape
+        KV = k.shape[1]
+        q = q.reshape(B, KV, self.n_rep * T, D)
+        mask = mask[:, None, None].expand(B, 1, self.n_rep, T, mask.shape[-1]).reshape(B, 1, self.n_rep * T, -1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return y.view(B, H, T, D)
+
+    # -- public steps ----------------------------------------------------------------------------
+
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] right-padded, lengths [B] -> logits [B, vocab] at each last real token.
+
+        Writes K/V of positions [0, T) into the cache; positions in [len, T) hold padding that is
+        never attended (decode masks positions > its own) and is overwritten by later decode steps.
+        """
+        B, T = input_ids.shape
+        with torch.no_grad():
+            pos = torch.arange(T, device=input_ids.device)
+            position_ids = pos.expand(B, T)
+            causal = pos[None, :, None] >= pos[None, None, :]  # [1, T(query), T(key)]
+            mask = causal & (pos[None, None, :] < lengths[:, None, None])
+
+            def write_kv(i, k, v):
+                self.cache.k[i][:B, :, :T].copy_(k)
+                self.cache.v[i][:B, :, :T].copy_(v)
+                return k, v
+
+            x = self._forward(self.embed_tokens(input_ids), position_ids, mask, write_kv)
+            last = x[torch.arange(B, device=x.device), lengths - 1]
+            return self.lm_head(last)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [B], positions [B] (each sequence its own) -> logits [B, vocab].
+
+        Writes each token's K/V at its position, in place, and attends over cache positions <= it.
+        Sequence b uses cache row b (B <= the cache's batch).
+        """
+        with torch.no_grad():
+            B = tokens.shape[0]
+            position_ids = positions[:, None]
+            mask = (self._cache_pos[None, :] <= position_ids)[:, None, :]  # [B, 1, max_len]
+            index = positions.view(B, 1, 1, 1)
+
+            def write_kv(i, k, v):
+                kc, vc = self.cache.k[i][:B], self.cache.v[i][:B]
+                kc.scatter_(2, index.expand(B, kc.shape[1], 1, kc.shape[3]), k)
+                vc.scatter_(2, index.expand(B, vc.shape[1], 1, vc.shape[3]), v)
+                return kc, vc
+
+            x = self._forward(self.embed_tokens(tokens[:, None]), position_ids, mask, write_kv)
+            return self.lm_head(x[:, 0])
+
+    def compiled_decode_step(self, options: dict | None = None, fullgraph: bool = True, mode: str | None = None):
+        """A new ``torch.compile`` of ``decode_step`` (so several option sets can coexist).
+
+        ``mode``'s options (e.g. "reduce-overhead" -> CUDA graphs) are merged under ``options``,
+        since torch.compile does not accept both at once.
+        """
+        if mode is not None:
+            from torch._inductor import list_mode_options
+
+            options = {**list_mode_options(mode), **(options or {})}
+        return torch.compile(self.decode_step, options=options or None, fullgraph=fullgraph, dynamic=False)
+
+
+def greedy_generate(decoder: Decoder, input_ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int,
+                    eos_token_id: int | None = None, step_fn=None) -> torch.Tensor:
+    """Greedy tokens [B, max_new_tokens]: prefill, then one ``step_fn`` (default: eager
+    ``decoder.decode_step``) per token. Sequences that produced ``eos_token_id`` repeat it."""
+    step_fn = step_fn or decoder.decode_step
+    B = input_ids.shape[0]
+    lengths = lengths.to(input_ids.device)
+    if int(lengths.max()) + max_new_tokens - 1 > decoder.cache.max_len:
+        raise ValueError("prompt + max_new_tokens exceeds the KV cache's max_len")
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=input_ids.device)
+    token = decoder.prefill(input_ids, lengths).argmax(-1)
+    positions = lengths.clone()
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for n in range(max_new_tokens):
+        if eos_token_id is not None:
+            token = torch.where(finished, eos_token_id, token)
+            finished |= token == eos_token_id
+        out[:, n] = token
+        if n + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+            out[:, n + 1:] = eos_token_id if eos_token_id is not None else 0
+            break
+        token = step_fn(token, positions).argmax(-1)
+        positions = positions + 1
+    return out

@@ -1,0 +1,186 @@
+"""The native decoder against transformers' own generate, on tiny random models (CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compilepass.errors import ModelNotFoundError, StorageError
+from compilepass.standby.decode import Decoder, StaticKVCache, greedy_generate
+from compilepass.standby.models import PRESETS, ModelShape, add_lora, build_model
+
+FAMILIES = ["tiny", "tiny-llama", "tiny-qwen2"]  # qwen3 (tied embeddings), llama, qwen2 (qkv bias)
+NEW_TOKENS = 12
+LENGTHS = [5, 9, 2]  # ragged prompts, right-padded to 9
+
+
+def make_model(name: str, lora: bool = False, seed: int = 0):
+    """A tiny random model with weights large enough that greedy decoding does not collapse to one
+    repeated token (HF's default init, std 0.02, makes tied tiny models emit a constant)."""
+    model = build_model(name, dtype=torch.float32, attn_implementation="eager", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+            elif name.endswith(".bias"):  # Qwen2's q/k/v biases
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    if lora:
+        model = add_lora(model, rank=4, alpha=8, seed=seed, init_random=True, init_std=0.1)
+    return model
+
+
+def prompts(vocab: int):
+    gen = torch.Generator().manual_seed(123)
+    ids = torch.randint(0, vocab, (len(LENGTHS), max(LENGTHS)), generator=gen)
+    lengths = torch.tensor(LENGTHS)
+    ids[torch.arange(max(LENGTHS))[None, :] >= lengths[:, None]] = 0  # right padding
+    return ids, lengths
+
+
+def hf_greedy(model, ids_1d: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' generate on one unpadded sequence, eos/pad disabled so it runs n tokens."""
+    ids = ids_1d[None]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1]:]
+
+
+def make_decoder(model, batch: int = len(LENGTHS), max_len: int = 32) -> Decoder:
+    shape = ModelShape.from_hf_config(model.config)
+    return Decoder(model, StaticKVCache(shape, batch, max_len, torch.float32))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_matches_transformers_generate(name, lora):
+    model = make_model(name, lora)
+    ids, lengths = prompts(model.config.vocab_size)
+    out = greedy_generate(make_decoder(model), ids, lengths, NEW_TOKENS)
+    assert out.shape == (len(LENGTHS), NEW_TOKENS)
+    assert len(out.unique()) > NEW_TOKENS // 2, "degenerate model: the comparison would prove little"
+    for b, n in enumerate(LENGTHS):
+        assert out[b].tolist() == hf_greedy(model, ids[b, :n], NEW_TOKENS).tolist(), f"sequence {b}"
+
+
+def test_lora_adapter_changes_tokens():
+    ids, lengths = prompts(256)
+    base = greedy_generate(make_decoder(make_model("tiny")), ids, lengths, NEW_TOKENS)
+    adapted = greedy_generate(make_decoder(make_model("tiny", lora=True)), ids, lengths, NEW_TOKENS)
+    assert not torch.equal(base, adapted)
+
+
+def test_optimizer_step_is_seen_without_sync():
+    model = make_model("tiny-llama", lora=True)
+    decoder = make_decoder(model)  # built once, before training
+    ids, lengths = prompts(model.config.vocab_size)
+    before = greedy_generate(decoder, ids, lengths, NEW_TOKENS)
+
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora_params and all(p.requires_grad for p in lora_params)
+    opt = torch.optim.Adam(lora_params, lr=0.05)
+    batch = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+
+    after = greedy_generate(decoder, ids, lengths, NEW_TOKENS)
+    assert not torch.equal(before, after)
+    for b, n in enumerate(LENGTHS):
+        assert after[b].tolist() == hf_greedy(model, ids[b, :n], NEW_TOKENS).tolist()
+
+
+def test_cache_views_caller_storage():
+    shape, batch, max_len = PRESETS["tiny"], 3, 32
+    nbytes = StaticKVCache.nbytes_for(shape, batch, max_len, torch.float32)
+    assert nbytes == 2 * shape.num_layers * batch * shape.num_kv_heads * max_len * shape.head_dim * 4
+
+    storage = torch.zeros(nbytes + 64, dtype=torch.uint8)  # raw bytes, as the KV region will provide
+    cache = StaticKVCache.from_storage(storage, shape, batch, max_len, dtype=torch.float32)
+    per = nbytes // (2 * shape.num_layers)
+    base = storage.data_ptr()
+    for i in range(shape.num_layers):
+        assert cache.k[i].shape == (batch, shape.num_kv_heads, max_len, shape.head_dim)
+        assert cache.k[i].data_ptr() == base + (2 * i) * per
+        assert cache.v[i].data_ptr() == base + (2 * i + 1) * per
+    assert cache.nbytes == nbytes
+
+    model = make_model("tiny")
+    ids, lengths = prompts(256)
+    decoder = Decoder(model, cache)
+    ptrs = [t.data_ptr() for t in cache.k + cache.v]
+    out = greedy_generate(decoder, ids, lengths, NEW_TOKENS)
+    assert [t.data_ptr() for t in cache.k + cache.v] == ptrs  # written in place, never reallocated
+    assert storage[:nbytes].any() and not storage[nbytes:].any()  # the cache lives in the storage
+    assert torch.equal(out, greedy_generate(make_decoder(model), ids, lengths, NEW_TOKENS))
+
+    typed = torch.zeros(nbytes // 4, dtype=torch.float32)
+    assert StaticKVCache.from_storage(typed, shape, batch, max_len).k[0].data_ptr() == typed.data_ptr()
+    with pytest.raises(StorageError):
+        StaticKVCache.from_storage(storage[: nbytes - 4], shape, batch, max_len, dtype=torch.float32)
+
+
+def test_decode_step_writes_only_its_position():
+    model = make_model("tiny")
+    decoder = make_decoder(model)
+    ids, lengths = prompts(256)
+    decoder.prefill(ids, lengths)
+    before = [t.clone() for t in decoder.cache.k]
+    positions = torch.tensor([5, 20, 2])
+    decoder.decode_step(torch.tensor([1, 2, 3]), positions)
+    for old, new in zip(before, decoder.cache.k):
+        changed = (old != new).any(dim=(1, 3))  # [batch, max_len]
+        expected = torch.zeros_like(changed)
+        expected[torch.arange(3), positions] = True
+        assert torch.equal(changed, expected)
+
+
+def test_eos_repeats_after_finish():
+    model = make_model("tiny")
+    ids, lengths = prompts(256)
+    free = greedy_generate(make_decoder(model), ids, lengths, NEW_TOKENS)
+    eos = int(free[0, 3])
+    out = greedy_generate(make_decoder(model), ids, lengths, NEW_TOKENS, eos_token_id=eos)
+    for b in range(len(LENGTHS)):
+        hits = (free[b] == eos).nonzero()
+        if len(hits):
+            first = int(hits[0])
+            assert out[b, : first + 1].tolist() == free[b, : first + 1].tolist()
+            assert (out[b, first:] == eos).all()
+        else:
+            assert torch.equal(out[b], free[b])
+
+
+def test_presets_have_published_shapes():
+    q = PRESETS["qwen3-0.6b"]
+    assert (q.num_layers, q.hidden_size, q.num_heads, q.num_kv_heads, q.head_dim, q.vocab_size) == (
+        28, 1024, 16, 8, 128, 151_936)
+    assert q.tie_word_embeddings and q.intermediate_size == 3072
+    for name, shape in PRESETS.items():
+        assert ModelShape.from_hf_config(shape.to_hf_config()) == shape, name
+    # built on the target device directly: the meta device allocates nothing
+    model = build_model("qwen3-0.6b", device="meta")
+    assert model.dtype == torch.bfloat16 and next(model.parameters()).device.type == "meta"
+    assert 590e6 < sum(p.numel() for p in model.parameters()) < 600e6
+
+
+def test_unknown_model_raises():
+    with pytest.raises(ModelNotFoundError, match="qwen3-0.6b"):
+        build_model("no-such-model")
+    with pytest.raises(ModelNotFoundError):
+        build_model("/nonexistent/path/to/model")
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager():
+    model = make_model("tiny", lora=True)  # peft's LoRA layers inside the graph, the hard case
+    decoder = make_decoder(model, batch=4)
+    ids, lengths = prompts(256)
+    step = decoder.compiled_decode_step()
+    decoder.prefill(ids, lengths)
+    tokens, positions = torch.tensor([1, 2, 3]), torch.tensor([5, 9, 2])  # batch 3 < cache batch 4
+    eager = decoder.decode_step(tokens, positions)
+    compiled = step(tokens, positions)  # fullgraph=True: any graph break raises
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    out = greedy_generate(decoder, ids, lengths, NEW_TOKENS, step_fn=step)
+    assert torch.equal(out, greedy_generate(decoder, ids, lengths, NEW_TOKENS))
