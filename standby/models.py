@@ -139,6 +139,16 @@ def _model_not_found(name) -> ModelNotFoundError:
     )
 
 
+def resolve_model_source(name_or_path: str | Path) -> str:
+    """"preset" or "directory"; raises ModelNotFoundError (one line) for anything else."""
+    name = str(name_or_path)
+    if name in PRESETS:
+        return "preset"
+    if (Path(name) / "config.json").is_file():
+        return "directory"
+    raise _model_not_found(name)
+
+
 def build_model(
     name_or_path: str | Path,
     dtype: torch.dtype = torch.bfloat16,

@@ -1,0 +1,412 @@
+"""The search: an Optuna multi-objective study over the flag space, then a verification round.
+
+``tune(TuneConfig(...))`` is the Python API under ``compilepass tune``:
+
+1. torch's defaults are measured first (an enqueued trial), then Optuna's TPE sampler proposes flag
+   sets to maximize throughput and minimize cold compile time. Every trial is one isolated process
+   (:mod:`compilepass.trial`). Failed, OOM and timed-out trials are COMPLETE trials marked infeasible
+   through the sampler's constraints; gated (known-bad) flag sets are recorded, never measured;
+   a flag set already measured is not measured again.
+2. The study lives in an Optuna storage (SQLite in the user cache dir by default, or any storage
+   URL). Every finished trial is committed as it finishes, so a study killed with -9 resumes with
+   every completed trial kept; trials left RUNNING by a dead process are failed by Optuna's
+   heartbeat and their flag sets retried.
+3. The Pareto candidates that pass the compile-time policy are verified side by side with the
+   defaults (:mod:`compilepass.verify`); the winner is the one whose throughput ratio's 95% CI lies
+   above 1, else the answer is "keep defaults".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .env import EnvironmentKey, current_environment
+from .errors import ConfigError, StorageError
+from .flags import FlagSpace
+from .trial import TrialResult, TrialSpec, run_trial
+from .verify import VerifyResult, VerifySpec, verify
+from .workloads import WorkloadSpec
+
+log = logging.getLogger("compilepass.search")
+
+POLICIES = ("balanced", "throughput")
+
+
+@dataclass
+class TuneConfig:
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    trials: int = 12  # measured trials (the defaults included), summed over resumes
+    time_budget_s: Optional[float] = None  # wall-clock budget for this invocation's search phase
+    storage: Optional[str] = None  # Optuna storage URL; default SQLite in the user cache dir
+    study_name: Optional[str] = None
+    policy: str = "balanced"
+    max_compile_ratio: float = 1.2  # balanced: compile time at most this times the defaults'
+    verify_candidates: int = 3
+    verify_rounds: int = 12
+    repeats: int = 10
+    trial_timeout_s: float = 600.0
+    include_flags: Optional[list] = None
+    exclude_flags: list = field(default_factory=list)
+    seed: int = 0
+    heartbeat_s: int = 30
+    verify: bool = True
+
+    def validate(self) -> None:
+        self.workload.validate()
+        if self.trials < 1:
+            raise ConfigError(f"--trials must be >= 1, got {self.trials}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError("--time-budget must be positive")
+        if self.verify_rounds < 3:
+            raise ConfigError("--verify-rounds must be >= 3 for a confidence interval")
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    storage: str
+    environment: dict
+    workload: dict
+    space: list
+    trials: list
+    defaults: Optional[dict]
+    verification: Optional[dict]
+    candidates: list
+    winner: Optional[dict]  # effective flags of the verified winner; None = keep defaults
+    decision: str
+    search_wall_s: float
+    verify_wall_s: float
+    command: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_storage_url() -> str:
+    """SQLite in the user cache dir (``COMPILEPASS_CACHE_DIR`` overrides the location)."""
+    return "sqlite:///" + str(cache_dir() / "studies.db")
+
+
+def cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    path = Path(os.environ.get("COMPILEPASS_CACHE_DIR") or user_cache_dir("compilepass"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StorageError(f"cache directory {path} is not writable ({exc.strerror}); "
+                           f"set COMPILEPASS_CACHE_DIR to a writable directory") from None
+    return path
+
+
+def study_name_for(env: EnvironmentKey, workload: WorkloadSpec, engine: str = "native") -> str:
+    key = json.dumps({"env": [env.torch, env.triton, env.vllm, env.device_name], "workload": workload.to_dict(),
+                      "engine": engine}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    model = Path(workload.model).name if os.sep in workload.model else workload.model
+    return f"{model}-{workload.kind}-{workload.size_bucket()}-{digest}"
+
+
+def open_storage(url: str, heartbeat_s: int):
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    try:
+        return RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_s,
+            grace_period=3 * heartbeat_s,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+        )
+    except Exception as exc:  # sqlalchemy / driver errors: one clear line
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(f"cannot open Optuna storage {url!r}: {msg}") from None
+
+
+def flag_key(flags: dict) -> str:
+    return json.dumps(flags, sort_keys=True)
+
+
+class _Objective:
+    """Samples a flag set, skips gated and duplicate ones, measures the rest in isolation."""
+
+    def __init__(self, config: TuneConfig, space: FlagSpace, on_trial: Optional[Callable] = None):
+        self.config = config
+        self.space = space
+        self.on_trial = on_trial
+
+    def sample(self, trial) -> dict:
+        flags = {}
+        for spec in self.space.specs:
+            if spec.requires is not None:
+                other, needed = spec.requires
+                if flags.get(other, self.space.torch_defaults.get(other)) != needed:
+                    continue
+            choices = list(spec.choices)
+            flags[spec.name] = trial.suggest_categorical(spec.name, choices)
+        return flags
+
+    def __call__(self, trial) -> tuple[float, float]:
+        import optuna
+
+        flags = self.sample(trial)
+        effective = self.space.effective(flags)
+        trial.set_user_attr("flags", effective)
+        key = flag_key(effective)
+        gates = self.space.violations(flags)
+        if gates:
+            trial.set_user_attr("status", "gated")
+            trial.set_user_attr("measured", False)
+            trial.set_user_attr("error_tail", "; ".join(f"{g.reason} ({g.source})" for g in gates))
+            return self._infeasible(trial)
+        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if other.user_attrs.get("measured") and flag_key(other.user_attrs.get("flags", {})) == key:
+                for k in ("status", "compile_s", "throughput", "error_tail"):
+                    if k in other.user_attrs:
+                        trial.set_user_attr(k, other.user_attrs[k])
+                trial.set_user_attr("measured", False)
+                trial.set_user_attr("duplicate_of", other.number)
+                if self.on_trial:
+                    self.on_trial(trial.number, effective, None)
+                return tuple(other.values)
+        result = run_trial(TrialSpec(self.config.workload, effective, repeats=self.config.repeats,
+                                     timeout_s=self.config.trial_timeout_s))
+        trial.set_user_attr("measured", True)
+        trial.set_user_attr("status", result.status)
+        trial.set_user_attr("compile_s", result.compile_s)
+        trial.set_user_attr("throughput", result.throughput)
+        trial.set_user_attr("throughput_repeats", result.throughput_repeats)
+        trial.set_user_attr("wall_s", result.wall_s)
+        trial.set_user_attr("cache", result.cache)
+        if not result.ok:
+            trial.set_user_attr("error_tail", result.error_tail[-1500:])
+        if self.on_trial:
+            self.on_trial(trial.number, effective, result)
+        if not result.ok:
+            return self._infeasible(trial)
+        trial.set_user_attr("feasible", True)
+        return result.throughput, result.compile_s
+
+    def _infeasible(self, trial) -> tuple[float, float]:
+        trial.set_user_attr("feasible", False)
+        return 0.0, float(self.config.trial_timeout_s)
+
+
+def _constraints(frozen_trial) -> list[float]:
+    # Optuna: a value <= 0 means satisfied.
+    return [0.0 if frozen_trial.user_attrs.get("feasible") else 1.0]
+
+
+def space_size(space: FlagSpace) -> int:
+    """Distinct effective flag sets the space can produce."""
+    import itertools
+
+    seen = set()
+    names = space.names
+    for combo in itertools.product(*(space.spec(n).choices for n in names)):
+        seen.add(flag_key(space.effective(dict(zip(names, combo)))))
+    return len(seen)
+
+
+def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentKey):
+    import optuna
+
+    url = config.storage or default_storage_url()
+    storage = open_storage(url, config.heartbeat_s)
+    name = config.study_name or study_name_for(env, config.workload)
+    sampler = optuna.samplers.TPESampler(seed=config.seed, constraints_func=_constraints, multivariate=True,
+                                         n_startup_trials=max(4, min(8, config.trials // 2)))
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, load_if_exists=True,
+                                    directions=["maximize", "minimize"])
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(f"cannot create or load study {name!r} in {url!r}: {msg}") from None
+    meta = {"workload": config.workload.to_dict(), "environment": env.to_dict(), "space": space.names}
+    stored = study.user_attrs.get("compilepass")
+    if stored is None:
+        study.set_user_attr("compilepass", meta)
+    elif stored.get("workload") != meta["workload"] or stored.get("space") != meta["space"]:
+        raise ConfigError(f"study {name!r} in {url} was created for another workload or flag space; "
+                          f"pass --study-name to start a new one")
+    return study, url
+
+
+def measured_trials(study) -> list:
+    import optuna
+
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("measured")]
+
+
+def run_search(config: TuneConfig, space: FlagSpace, study, on_trial: Optional[Callable] = None) -> None:
+    """Measure trials until ``config.trials`` measured trials exist, the space is exhausted or time is up."""
+    import optuna
+
+    objective = _Objective(config, space, on_trial)
+    defaults = {s.name: space.torch_defaults[s.name] for s in space.specs
+                if s.requires is None or space.torch_defaults.get(s.requires[0]) == s.requires[1]}
+    if not any(flag_key(t.user_attrs.get("flags", {})) == flag_key({}) for t in measured_trials(study)):
+        already = any(t.state == optuna.trial.TrialState.WAITING and t.params == defaults
+                      for t in study.get_trials(deepcopy=False))
+        if not already:
+            study.enqueue_trial(defaults, user_attrs={"role": "defaults"})
+    total = space_size(space)
+    deadline = time.monotonic() + config.time_budget_s if config.time_budget_s else None
+    attempts = 0
+    max_attempts = 4 * config.trials + 20
+
+    while True:
+        measured = measured_trials(study)
+        seen = {flag_key(t.user_attrs.get("flags", {})) for t in measured}
+        if len(measured) >= config.trials or len(seen) >= total or attempts >= max_attempts:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            log.info("time budget reached after %d measured trials", len(measured))
+            break
+        attempts += 1
+        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+
+
+def pareto_candidates(study, space: FlagSpace) -> list[dict]:
+    """Feasible, measured, non-dominated trials (maximize throughput, minimize compile time)."""
+    rows = [t for t in measured_trials(study) if t.user_attrs.get("feasible")]
+    front = []
+    for t in rows:
+        tp, cs = t.user_attrs["throughput"], t.user_attrs["compile_s"]
+        dominated = any(
+            (o.user_attrs["throughput"] >= tp and o.user_attrs["compile_s"] <= cs)
+            and (o.user_attrs["throughput"] > tp or o.user_attrs["compile_s"] < cs)
+            for o in rows
+        )
+        if not dominated:
+            front.append({"number": t.number, "flags": t.user_attrs["flags"], "throughput": tp, "compile_s": cs})
+    return sorted(front, key=lambda r: -r["throughput"])
+
+
+def select_candidates(front: list[dict], defaults: Optional[dict], config: TuneConfig) -> tuple[list[dict], str]:
+    """Pick the Pareto points worth verifying under the policy (at most ``verify_candidates``)."""
+    if defaults is None:
+        return [], "the defaults trial did not complete; nothing to compare against"
+    picks = []
+    for row in front:
+        if not row["flags"]:
+            continue  # that is the defaults
+        if row["throughput"] <= defaults["throughput"]:
+            continue  # not faster even in its own trial
+        ratio = row["compile_s"] / defaults["compile_s"] if defaults["compile_s"] else math.inf
+        row = dict(row, compile_ratio=ratio)
+        if config.policy == "balanced" and ratio > config.max_compile_ratio:
+            continue
+        picks.append(row)
+    picks = picks[: config.verify_candidates]
+    if not picks:
+        why = ("no measured flag set was faster than the defaults" if config.policy != "balanced" else
+               f"no measured flag set was faster than the defaults with compile time <= "
+               f"{config.max_compile_ratio:g}x the defaults'")
+        return [], why
+    return picks, ""
+
+
+def decide(picks: list[dict], verification: Optional[VerifyResult]) -> tuple[Optional[dict], str, list[dict]]:
+    """The verified winner (highest geometric-mean ratio among those whose CI lies above 1) or None."""
+    if verification is None or verification.status != "ok":
+        why = verification.error_tail.strip().splitlines()[-1] if verification and verification.error_tail else ""
+        return None, f"keep defaults: verification did not complete ({why})", []
+    rows = []
+    for pick, verdict in zip(picks, verification.verdicts()):
+        ci = verdict.ci
+        rows.append(dict(pick, verified_ratio=verdict.ratio, verify_status=verdict.status,
+                         beats_defaults=bool(ci and ci.beats(1.0))))
+    winners = [r for r in rows if r["beats_defaults"]]
+    if not winners:
+        best = max((r for r in rows if r["verified_ratio"]), key=lambda r: r["verified_ratio"]["ratio"], default=None)
+        if best is None:
+            return None, "keep defaults: no candidate could be measured side by side", rows
+        ci = best["verified_ratio"]
+        return None, (f"keep defaults: no candidate beats torch's defaults with confidence (best ratio "
+                      f"{ci['ratio']:.3f}, 95% CI {ci['low']:.3f}-{ci['high']:.3f})"), rows
+    win = max(winners, key=lambda r: r["verified_ratio"]["ratio"])
+    ci = win["verified_ratio"]
+    return win["flags"], (f"winner: {ci['ratio']:.3f}x the defaults' throughput (95% CI {ci['low']:.3f}-"
+                          f"{ci['high']:.3f}), compile {win['compile_ratio']:.2f}x the defaults'"), rows
+
+
+def trial_rows(study) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({
+            "number": t.number,
+            "state": t.state.name,
+            "status": t.user_attrs.get("status", t.state.name.lower()),
+            "flags": t.user_attrs.get("flags", t.params),
+            "compile_s": t.user_attrs.get("compile_s"),
+            "throughput": t.user_attrs.get("throughput"),
+            "throughput_repeats": t.user_attrs.get("throughput_repeats"),
+            "measured": bool(t.user_attrs.get("measured")),
+            "duplicate_of": t.user_attrs.get("duplicate_of"),
+            "cache": t.user_attrs.get("cache"),
+            "error_tail": t.user_attrs.get("error_tail", ""),
+        })
+    return rows
+
+
+def tune(config: TuneConfig, on_trial: Optional[Callable] = None, on_phase: Optional[Callable] = None) -> TuneResult:
+    """Search, verify and decide. Safe to call again with the same storage: it resumes."""
+    config.validate()
+    env = current_environment()
+    space = FlagSpace(device_kind="cuda" if config.workload.resolved_device().startswith("cuda") else "cpu",
+                      env=env, include=config.include_flags, exclude=config.exclude_flags)
+    if not space.specs:
+        raise ConfigError("the flag space is empty for this device and torch; nothing to tune")
+    study, url = create_or_load_study(config, space, env)
+    t0 = time.perf_counter()
+    if on_phase:
+        on_phase("search", study)
+    run_search(config, space, study, on_trial)
+    search_wall = time.perf_counter() - t0
+
+    measured = measured_trials(study)
+    defaults_trial = next((t for t in measured if t.user_attrs.get("flags") == {} and t.user_attrs.get("feasible")), None)
+    defaults = None if defaults_trial is None else {
+        "number": defaults_trial.number, "throughput": defaults_trial.user_attrs["throughput"],
+        "compile_s": defaults_trial.user_attrs["compile_s"]}
+    front = pareto_candidates(study, space)
+    picks, why = select_candidates(front, defaults, config)
+    verification = None
+    t1 = time.perf_counter()
+    if picks and config.verify:
+        if on_phase:
+            on_phase("verify", picks)
+        verification = verify(VerifySpec(config.workload, {}, [p["flags"] for p in picks],
+                                         rounds=config.verify_rounds,
+                                         timeout_s=max(config.trial_timeout_s * (len(picks) + 1), 600)))
+        winner, decision, rows = decide(picks, verification)
+    elif picks:
+        winner, decision, rows = None, "keep defaults: verification was switched off, so no winner is declared", picks
+    else:
+        winner, decision, rows = None, f"keep defaults: {why}", []
+    verify_wall = time.perf_counter() - t1
+    return TuneResult(
+        study_name=study.study_name, storage=url, environment=env.to_dict(), workload=config.workload.to_dict(),
+        space=space.describe(), trials=trial_rows(study), defaults=defaults,
+        verification=None if verification is None else verification.to_dict(),
+        candidates=rows, winner=winner, decision=decision, search_wall_s=search_wall, verify_wall_s=verify_wall,
+        command=" ".join(shlex.quote(a) for a in sys.argv),
+    )
