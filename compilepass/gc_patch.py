@@ -16,7 +16,8 @@ of the outermost ``with`` block, and nothing else:
    default, generation 2) is counted and skipped, returning 0. Young-generation requests
    (``gc.collect(0)``, ``gc.collect(1)``) still run: they only scan young objects and are cheap.
    A reference bound before entry (``from gc import collect``) is NOT covered.
-2. On entry, one real full ``gc.collect()``, then ``gc.freeze()``: every live object moves to the
+2. On entry, one real full ``gc.collect()`` (skip it with ``collect_first=False``), then
+   ``gc.freeze()``: every live object moves to the
    permanent generation, so even a threshold-triggered automatic full collection during capture
    does not scan them. On exit, ``gc.unfreeze()``. If the permanent generation was not empty on
    entry (someone froze the heap on purpose, e.g. vLLM's startup heap freeze), the freeze state
@@ -76,7 +77,6 @@ class GCSuppression:
     active: bool
     reason: str
     froze: bool = False
-    frozen_objects: int = 0
     entry_collect_s: float = 0.0
     suppressed_full_collects: int = 0
     young_collects_run: int = 0
@@ -191,20 +191,22 @@ def _vllm_loaded() -> bool:
     return "vllm" in sys.modules
 
 
-def _activate(reason: str) -> GCSuppression:
+def _activate(reason: str, collect_first: bool = True) -> GCSuppression:
     """Outermost entry: one real collection, freeze, patch gc.collect. Caller holds _lock."""
     global _original_collect, _active
     stats = GCSuppression(active=True, reason=reason, depth=1)
     original = gc.collect
     if original is _suppressed_collect:  # pragma: no cover - only after a broken restore
         original = _REAL_COLLECT
-    t0 = time.perf_counter()
-    original()
-    stats.entry_collect_s = time.perf_counter() - t0
+    if collect_first:
+        t0 = time.perf_counter()
+        original()
+        stats.entry_collect_s = time.perf_counter() - t0
+    else:
+        stats.notes.append("no collection on entry (collect_first=False)")
     if gc.get_freeze_count() == 0:
         gc.freeze()
-        stats.froze = True
-        stats.frozen_objects = gc.get_freeze_count()
+        stats.froze = True  # (not counted: gc.get_freeze_count() walks every frozen object)
     else:
         stats.notes.append(
             f"{gc.get_freeze_count()} objects were already frozen on entry: freeze state left as is"
@@ -234,13 +236,20 @@ def _deactivate(stats: GCSuppression) -> None:
 
 
 @contextlib.contextmanager
-def suppress_gc_during_capture(force: bool = False) -> Iterator[GCSuppression]:
+def suppress_gc_during_capture(
+    force: bool = False, *, collect_first: bool = True
+) -> Iterator[GCSuppression]:
     """Capture CUDA graphs inside this block without a full ``gc.collect()`` per graph.
 
     Applies the patch (see the module docstring) when the running torch collects per capture
     (:func:`capture_collects_per_graph`), when vLLM is loaded, or when ``force`` is true;
     otherwise logs one line and changes nothing. Yields a :class:`GCSuppression` that says
     what was done and counts the skipped collections.
+
+    ``collect_first=False`` skips the one real collection on entry (it costs as much as one
+    per-capture collection: ~0.5 s with millions of objects); garbage alive at entry is then
+    frozen with everything else and left to the normal collector after exit. Nested blocks
+    ignore both arguments: the outermost block decides.
     """
     global _depth
     with _lock:
@@ -260,11 +269,11 @@ def suppress_gc_during_capture(force: bool = False) -> Iterator[GCSuppression]:
                     reason = why
                 else:
                     reason = f"vLLM is loaded and collects around its capture ({why})"
-                stats = _activate(reason)
+                stats = _activate(reason, collect_first)
                 _depth = 1
                 log.info(
                     "gc patch on: gc.collect suppressed%s (%s)",
-                    f", {stats.frozen_objects} objects frozen" if stats.froze else "",
+                    ", live objects frozen" if stats.froze else "",
                     reason,
                 )
             else:

@@ -518,6 +518,8 @@ def test_gpu_addresses_stable_and_memory_released():
     assert kv["k"].data_ptr() == region.base_address
     kv["k"].fill_(1)
     for _ in range(3):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # wake() empties torch's cache: start from an empty one
         free_awake, _ = free_device_memory()
         region.sleep()
         free_asleep, _ = free_device_memory()
