@@ -144,7 +144,8 @@ def _check_size(nbytes: Any, what: str = "nbytes") -> int:
 def _itemsize(dtype: torch.dtype) -> int:
     if not isinstance(dtype, torch.dtype):
         raise RegionLayoutError(f"dtype must be a torch.dtype, got {dtype!r}")
-    return torch.empty((), dtype=dtype).element_size()
+    size = getattr(dtype, "itemsize", None)  # torch >= 2.1
+    return size if size is not None else torch.empty((), dtype=dtype).element_size()
 
 
 def _check_shape(shape: Any) -> Tuple[int, ...]:
@@ -535,6 +536,7 @@ class _CudaArray:
             "shape": (nbytes,),
             "typestr": "|u1",
             "data": (ptr, False),
+            "strides": None,  # C-contiguous
             "version": 2,
         }
 
@@ -592,8 +594,15 @@ class KVRegion:
         self._nbytes = vmm.nbytes
         self._base_address = vmm.base_address
         self._chunk_bytes = vmm.chunk_bytes
-        with torch.cuda.device(dev):
-            base = torch.as_tensor(_CudaArray(vmm.base_address, vmm.nbytes, vmm), device=dev)
+        try:
+            with torch.cuda.device(dev):
+                base = torch.as_tensor(_CudaArray(vmm.base_address, vmm.nbytes, vmm), device=dev)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            vmm.free()
+            raise StandbyError(
+                f"torch could not wrap the region zero-copy through __cuda_array_interface__: {exc} "
+                "(torch needs numpy installed for that)"
+            ) from exc
         if base.data_ptr() != vmm.base_address or base.numel() != vmm.nbytes:
             raise StandbyError(
                 f"torch wrapped the region at {base.data_ptr():#x} ({base.numel()} bytes), expected "
@@ -716,16 +725,14 @@ class KVRegion:
                                for i in range(layers) for kind in "kv"})
         """
         self._check_open()
-        offsets, end = plan_layout(specs, align, offset_bytes)
+        items = _normalize_specs(specs)  # once: specs may be a one-shot iterator
+        offsets, end = plan_layout(items, align, offset_bytes)
         if end > self._nbytes:
             raise RegionLayoutError(
                 f"the layout needs {end} bytes (align={align}, starting at {offset_bytes}) but the "
                 f"region has {self._nbytes}; create it with KVRegion(required_bytes(specs, align))"
             )
-        return {
-            spec.name: self.tensor(spec.dtype, spec.shape, offsets[spec.name])
-            for spec in _normalize_specs(specs)
-        }
+        return {spec.name: self.tensor(spec.dtype, spec.shape, offsets[spec.name]) for spec in items}
 
     # sleep / wake
     def sleep(self) -> None:

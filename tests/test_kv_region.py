@@ -130,6 +130,8 @@ def test_carve_layout_alignment():
     assert [plan[n] for n in specs] == offsets and end == ends[-1]
     as_list = [TensorSpec(n, d, s) for n, (d, s) in specs.items()]
     assert [t.data_ptr() for t in r.carve(as_list).values()] == [t.data_ptr() for t in kv.values()]
+    as_gen = ((n, d, s) for n, (d, s) in specs.items())  # a one-shot iterator works too
+    assert [t.data_ptr() for t in r.carve(as_gen).values()] == [t.data_ptr() for t in kv.values()]
     as_tuples = [(n, d, s) for n, (d, s) in specs.items()]
     assert required_bytes(as_tuples, 256) == end
     # an offset start and a larger alignment
