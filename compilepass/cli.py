@@ -89,7 +89,7 @@ def cmd_tune(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .atomic import write_json_atomic
-    from .search import TuneConfig, tune
+    from .search import Tuner, TuneConfig
 
     console = Console(stderr=True)
     workload = _workload_from_args(args)
@@ -101,6 +101,7 @@ def cmd_tune(args) -> int:
         trial_timeout_s=args.trial_timeout, include_flags=args.flags, exclude_flags=args.exclude_flags,
         seed=args.seed, verify=not args.no_verify,
     )
+    tuner = Tuner(config)  # every user error surfaces here, before the progress bar
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console) as progress:
         task = progress.add_task("trials", total=config.trials, last="")
@@ -124,7 +125,7 @@ def cmd_tune(args) -> int:
                     else result.status)
             progress.update(task, last=f"#{number} {what}")
 
-        result = tune(config, on_trial=on_trial, on_phase=on_phase)
+        result = tuner.run(on_trial=on_trial, on_phase=on_phase)
     print_tune_table(result)
     if args.out:
         write_json_atomic(args.out, result.to_dict())
@@ -136,7 +137,7 @@ def print_tune_table(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     defaults = result.defaults
     verified = {json.dumps(c["flags"], sort_keys=True): c for c in result.candidates}
     table = Table(title=f"compilepass tune: {result.study_name}")

@@ -51,6 +51,7 @@ class TuneConfig:
     study_name: Optional[str] = None
     policy: str = "balanced"
     max_compile_ratio: float = 1.2  # balanced: compile time at most this times the defaults'
+    min_gain: float = 0.01  # a winner's whole 95% CI must lie above 1 + min_gain
     verify_candidates: int = 3
     verify_rounds: int = 12
     repeats: int = 10
@@ -123,17 +124,21 @@ def study_name_for(env: EnvironmentKey, workload: WorkloadSpec, engine: str = "n
 
 
 def open_storage(url: str, heartbeat_s: int):
+    import warnings
+
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_s,
-            grace_period=3 * heartbeat_s,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_s,
+                grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+            )
     except Exception as exc:  # sqlalchemy / driver errors: one clear line
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"cannot open Optuna storage {url!r}: {msg}") from None
@@ -141,6 +146,25 @@ def open_storage(url: str, heartbeat_s: int):
 
 def flag_key(flags: dict) -> str:
     return json.dumps(flags, sort_keys=True)
+
+
+_PRIMITIVE = (type(None), bool, int, float, str)
+_JSON_PREFIX = "json:"
+
+
+def encode_choice(value):
+    """Optuna's categorical choices must be primitives: tuples and lists travel as JSON strings."""
+    return value if isinstance(value, _PRIMITIVE) else _JSON_PREFIX + json.dumps(value)
+
+
+def param_choices(spec) -> list:
+    return [encode_choice(c) for c in spec.choices]
+
+
+def decode_choice(value):
+    if isinstance(value, str) and value.startswith(_JSON_PREFIX):
+        return json.loads(value[len(_JSON_PREFIX):])
+    return value
 
 
 class _Objective:
@@ -158,8 +182,7 @@ class _Objective:
                 other, needed = spec.requires
                 if flags.get(other, self.space.torch_defaults.get(other)) != needed:
                     continue
-            choices = list(spec.choices)
-            flags[spec.name] = trial.suggest_categorical(spec.name, choices)
+            flags[spec.name] = decode_choice(trial.suggest_categorical(spec.name, param_choices(spec)))
         return flags
 
     def __call__(self, trial) -> tuple[float, float]:
@@ -182,6 +205,8 @@ class _Objective:
                         trial.set_user_attr(k, other.user_attrs[k])
                 trial.set_user_attr("measured", False)
                 trial.set_user_attr("duplicate_of", other.number)
+                trial.set_user_attr("feasible", bool(other.user_attrs.get("feasible")))
+                trial.set_constraint("failed", 0.0 if other.user_attrs.get("feasible") else 1.0)
                 if self.on_trial:
                     self.on_trial(trial.number, effective, None)
                 return tuple(other.values)
@@ -201,16 +226,13 @@ class _Objective:
         if not result.ok:
             return self._infeasible(trial)
         trial.set_user_attr("feasible", True)
+        trial.set_constraint("failed", 0.0)
         return result.throughput, result.compile_s
 
     def _infeasible(self, trial) -> tuple[float, float]:
         trial.set_user_attr("feasible", False)
+        trial.set_constraint("failed", 1.0)  # Optuna: > 0 violates, the sampler treats it as infeasible
         return 0.0, float(self.config.trial_timeout_s)
-
-
-def _constraints(frozen_trial) -> list[float]:
-    # Optuna: a value <= 0 means satisfied.
-    return [0.0 if frozen_trial.user_attrs.get("feasible") else 1.0]
 
 
 def space_size(space: FlagSpace) -> int:
@@ -225,12 +247,17 @@ def space_size(space: FlagSpace) -> int:
 
 
 def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentKey):
+    import warnings
+
     import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     url = config.storage or default_storage_url()
     storage = open_storage(url, config.heartbeat_s)
     name = config.study_name or study_name_for(env, config.workload)
-    sampler = optuna.samplers.TPESampler(seed=config.seed, constraints_func=_constraints, multivariate=True,
+    sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True,
                                          n_startup_trials=max(4, min(8, config.trials // 2)))
     try:
         study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, load_if_exists=True,
@@ -260,7 +287,7 @@ def run_search(config: TuneConfig, space: FlagSpace, study, on_trial: Optional[C
     import optuna
 
     objective = _Objective(config, space, on_trial)
-    defaults = {s.name: space.torch_defaults[s.name] for s in space.specs
+    defaults = {s.name: encode_choice(space.torch_defaults[s.name]) for s in space.specs
                 if s.requires is None or space.torch_defaults.get(s.requires[0]) == s.requires[1]}
     if not any(flag_key(t.user_attrs.get("flags", {})) == flag_key({}) for t in measured_trials(study)):
         already = any(t.state == optuna.trial.TrialState.WAITING and t.params == defaults
@@ -324,8 +351,10 @@ def select_candidates(front: list[dict], defaults: Optional[dict], config: TuneC
     return picks, ""
 
 
-def decide(picks: list[dict], verification: Optional[VerifyResult]) -> tuple[Optional[dict], str, list[dict]]:
-    """The verified winner (highest geometric-mean ratio among those whose CI lies above 1) or None."""
+def decide(picks: list[dict], verification: Optional[VerifyResult], min_gain: float = 0.01
+           ) -> tuple[Optional[dict], str, list[dict]]:
+    """The verified winner (highest geometric-mean ratio among those whose 95% CI lies above
+    ``1 + min_gain``) or None for "keep defaults"."""
     if verification is None or verification.status != "ok":
         why = verification.error_tail.strip().splitlines()[-1] if verification and verification.error_tail else ""
         return None, f"keep defaults: verification did not complete ({why})", []
@@ -333,14 +362,15 @@ def decide(picks: list[dict], verification: Optional[VerifyResult]) -> tuple[Opt
     for pick, verdict in zip(picks, verification.verdicts()):
         ci = verdict.ci
         rows.append(dict(pick, verified_ratio=verdict.ratio, verify_status=verdict.status,
-                         beats_defaults=bool(ci and ci.beats(1.0))))
+                         beats_defaults=bool(ci and ci.beats(1.0 + min_gain))))
     winners = [r for r in rows if r["beats_defaults"]]
     if not winners:
         best = max((r for r in rows if r["verified_ratio"]), key=lambda r: r["verified_ratio"]["ratio"], default=None)
         if best is None:
             return None, "keep defaults: no candidate could be measured side by side", rows
         ci = best["verified_ratio"]
-        return None, (f"keep defaults: no candidate beats torch's defaults with confidence (best ratio "
+        return None, (f"keep defaults: no candidate beats torch's defaults by {min_gain:.0%} with 95% confidence "
+                      f"(best ratio "
                       f"{ci['ratio']:.3f}, 95% CI {ci['low']:.3f}-{ci['high']:.3f})"), rows
     win = max(winners, key=lambda r: r["verified_ratio"]["ratio"])
     ci = win["verified_ratio"]
@@ -367,46 +397,60 @@ def trial_rows(study) -> list[dict]:
     return rows
 
 
-def tune(config: TuneConfig, on_trial: Optional[Callable] = None, on_phase: Optional[Callable] = None) -> TuneResult:
-    """Search, verify and decide. Safe to call again with the same storage: it resumes."""
-    config.validate()
-    env = current_environment()
-    space = FlagSpace(device_kind="cuda" if config.workload.resolved_device().startswith("cuda") else "cpu",
-                      env=env, include=config.include_flags, exclude=config.exclude_flags)
-    if not space.specs:
-        raise ConfigError("the flag space is empty for this device and torch; nothing to tune")
-    study, url = create_or_load_study(config, space, env)
-    t0 = time.perf_counter()
-    if on_phase:
-        on_phase("search", study)
-    run_search(config, space, study, on_trial)
-    search_wall = time.perf_counter() - t0
+class Tuner:
+    """A prepared tuning run: construction validates the config, builds the flag space and opens
+    (or resumes) the study, so every user error surfaces before any measurement starts."""
 
-    measured = measured_trials(study)
-    defaults_trial = next((t for t in measured if t.user_attrs.get("flags") == {} and t.user_attrs.get("feasible")), None)
-    defaults = None if defaults_trial is None else {
-        "number": defaults_trial.number, "throughput": defaults_trial.user_attrs["throughput"],
-        "compile_s": defaults_trial.user_attrs["compile_s"]}
-    front = pareto_candidates(study, space)
-    picks, why = select_candidates(front, defaults, config)
-    verification = None
-    t1 = time.perf_counter()
-    if picks and config.verify:
+    def __init__(self, config: TuneConfig):
+        config.validate()
+        self.config = config
+        self.env = current_environment()
+        device_kind = "cuda" if config.workload.resolved_device().startswith("cuda") else "cpu"
+        self.space = FlagSpace(device_kind=device_kind, env=self.env, include=config.include_flags,
+                               exclude=config.exclude_flags)
+        if not self.space.specs:
+            raise ConfigError("the flag space is empty for this device and torch; nothing to tune")
+        self.study, self.storage_url = create_or_load_study(config, self.space, self.env)
+
+    def run(self, on_trial: Optional[Callable] = None, on_phase: Optional[Callable] = None) -> TuneResult:
+        """Search, verify and decide. Safe to call again with the same storage: it resumes."""
+        config, space, study = self.config, self.space, self.study
+        t0 = time.perf_counter()
         if on_phase:
-            on_phase("verify", picks)
-        verification = verify(VerifySpec(config.workload, {}, [p["flags"] for p in picks],
-                                         rounds=config.verify_rounds,
-                                         timeout_s=max(config.trial_timeout_s * (len(picks) + 1), 600)))
-        winner, decision, rows = decide(picks, verification)
-    elif picks:
-        winner, decision, rows = None, "keep defaults: verification was switched off, so no winner is declared", picks
-    else:
-        winner, decision, rows = None, f"keep defaults: {why}", []
-    verify_wall = time.perf_counter() - t1
-    return TuneResult(
-        study_name=study.study_name, storage=url, environment=env.to_dict(), workload=config.workload.to_dict(),
-        space=space.describe(), trials=trial_rows(study), defaults=defaults,
-        verification=None if verification is None else verification.to_dict(),
-        candidates=rows, winner=winner, decision=decision, search_wall_s=search_wall, verify_wall_s=verify_wall,
-        command=" ".join(shlex.quote(a) for a in sys.argv),
-    )
+            on_phase("search", study)
+        run_search(config, space, study, on_trial)
+        search_wall = time.perf_counter() - t0
+
+        measured = measured_trials(study)
+        defaults_trial = next((t for t in measured if t.user_attrs.get("flags") == {} and t.user_attrs.get("feasible")),
+                              None)
+        defaults = None if defaults_trial is None else {
+            "number": defaults_trial.number, "throughput": defaults_trial.user_attrs["throughput"],
+            "compile_s": defaults_trial.user_attrs["compile_s"]}
+        picks, why = select_candidates(pareto_candidates(study, space), defaults, config)
+        verification = None
+        t1 = time.perf_counter()
+        if picks and config.verify:
+            if on_phase:
+                on_phase("verify", picks)
+            verification = verify(VerifySpec(config.workload, {}, [p["flags"] for p in picks],
+                                             rounds=config.verify_rounds,
+                                             timeout_s=max(config.trial_timeout_s * (len(picks) + 1), 600)))
+            winner, decision, rows = decide(picks, verification, config.min_gain)
+        elif picks:
+            winner, decision, rows = None, "keep defaults: verification was switched off, so no winner is declared", picks
+        else:
+            winner, decision, rows = None, f"keep defaults: {why}", []
+        verify_wall = time.perf_counter() - t1
+        return TuneResult(
+            study_name=study.study_name, storage=self.storage_url, environment=self.env.to_dict(),
+            workload=config.workload.to_dict(), space=space.describe(), trials=trial_rows(study), defaults=defaults,
+            verification=None if verification is None else verification.to_dict(),
+            candidates=rows, winner=winner, decision=decision, search_wall_s=search_wall, verify_wall_s=verify_wall,
+            command=" ".join(shlex.quote(a) for a in sys.argv),
+        )
+
+
+def tune(config: TuneConfig, on_trial: Optional[Callable] = None, on_phase: Optional[Callable] = None) -> TuneResult:
+    """Search, verify and decide (``Tuner(config).run(...)``). Resumes a study with the same name and storage."""
+    return Tuner(config).run(on_trial, on_phase)
