@@ -153,7 +153,7 @@ def _row_weights(mask: torch.Tensor, loss_type: str, max_completion_length, num_
 
 class _GRPOLossTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, ref, adv, mask, roww, eps_low, eps_high, beta):
+    def forward(ctx, logp, old, ref, adv, mask, roww, eps_low, eps_high, beta, need_grad):
         B, T = logp.shape
         n = B * T
         kernel = kernel_for(_kernel_fn(), logp.device)
@@ -161,7 +161,6 @@ class _GRPOLossTriton(torch.autograd.Function):
         block = 256 if interp else 1024
         progs = cdiv(n, block)
         part = torch.empty(progs, 4, dtype=torch.float32, device=logp.device)
-        need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(logp) if need_grad else None
         kernel[(progs,)](
             logp, old if old is not None else logp, ref if ref is not None else logp, adv, mask, roww,
@@ -179,7 +178,7 @@ class _GRPOLossTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None, None, None, None
 
 
 def _kernel_fn():
@@ -225,7 +224,9 @@ def grpo_loss_triton(
         if beta > 0:
             metrics["kl"] = torch.zeros((), device=lp.device)
         return zero, metrics
-    loss, low, high, kl = _GRPOLossTriton.apply(lp, old, ref, adv, mask, roww, epsilon_low, epsilon_high, beta)
+    need_grad = torch.is_grad_enabled() and lp.requires_grad  # not ctx.needs_input_grad: True under no_grad
+    loss, low, high, kl = _GRPOLossTriton.apply(lp, old, ref, adv, mask, roww, epsilon_low, epsilon_high, beta,
+                                                need_grad)
     metrics = {
         "clip_ratio/low_mean": low / total,
         "clip_ratio/high_mean": high / total,

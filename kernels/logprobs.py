@@ -426,8 +426,10 @@ def _tile_kernel_fn():
 
 class _TritonSelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, ids, temperature, opts):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, h, weight, ids, temperature, opts, need_h, need_w):
+        # need_h / need_w come from the caller: inside forward grad mode is always off, and
+        # ctx.needs_input_grad is True under torch.no_grad() too, which would make a no-grad
+        # forward pay for the gradient basis.
         kernel = kernel_for(_tile_kernel_fn(), h.device)
         inv_t = 1.0 / temperature
         basis = None
@@ -453,7 +455,7 @@ class _TritonSelectiveLogSoftmax(torch.autograd.Function):
             # grad_hidden = C * g / T, written over C (C is not needed afterwards; a second backward
             # through this graph fails autograd's saved-tensor version check instead of going wrong).
             dh = basis.mul_(gscale[:, None])
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def selective_log_softmax_triton(
@@ -501,5 +503,7 @@ def selective_log_softmax_triton(
     if h.shape[0] == 0:
         return _empty_result(h, token_ids)
     opts = _Options(int(token_chunk), int(vocab_chunk), int(chunk_bytes), int(lse_buffer_bytes), config)
-    out = _TritonSelectiveLogSoftmax.apply(h, w, ids, float(temperature), opts)
+    grad_on = torch.is_grad_enabled()
+    need_h, need_w = grad_on and h.requires_grad, grad_on and w.requires_grad
+    out = _TritonSelectiveLogSoftmax.apply(h, w, ids, float(temperature), opts, need_h, need_w)
     return out.reshape(token_ids.shape)

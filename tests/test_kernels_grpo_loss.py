@@ -131,6 +131,18 @@ def test_num_items_in_batch_as_tensor_and_int_agree():
     torch.testing.assert_close(a, c)
 
 
+@needs_triton
+def test_triton_under_no_grad_matches_and_needs_no_graph():
+    logp, old, ref, adv, mask = _batch(3, 10, seed=9)
+    x = logp.clone().requires_grad_(True)
+    with torch.no_grad():
+        loss, metrics = grpo_loss_triton(x, old, ref, adv, mask, beta=0.04)
+    expected, m_ref = grpo_loss_reference(logp, old, ref, adv, mask, beta=0.04)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(metrics["kl"], m_ref["kl"])
+
+
 @pytest.mark.parametrize("fn", [grpo_loss_reference, grpo_loss_triton])
 def test_invalid_arguments(fn):
     if fn is grpo_loss_triton and not triton_available():

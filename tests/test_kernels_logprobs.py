@@ -122,6 +122,24 @@ def test_triton_forward_without_grad_uses_lse_path_in_chunks():
 
 
 @needs_triton
+def test_triton_no_grad_forward_skips_gradient_work(monkeypatch):
+    # Under torch.no_grad() autograd still reports needs_input_grad=True inside Function.forward;
+    # the forward must look at grad mode itself and take the cheap path.
+    hidden, weight, ids, _ = _make((12,), 16, 50, torch.float32, weight_grad=True, seed=12)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("gradient basis computed under no_grad")
+
+    monkeypatch.setattr(lp_mod, "_forward_with_grad_basis", forbidden)
+    with torch.no_grad():
+        out = selective_log_softmax_triton(hidden, weight, ids)
+    torch.testing.assert_close(out, selective_log_softmax_reference(hidden.detach(), weight.detach(), ids),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(AssertionError, match="gradient basis"):
+        selective_log_softmax_triton(hidden, weight, ids)  # grad mode on: the basis is needed
+
+
+@needs_triton
 def test_triton_weight_grad_only_and_token_chunked_weight_grad():
     # hidden does not need grad -> no gradient basis; many tokens per vocab chunk budget -> the
     # token-chunked fp32-accumulated weight-gradient path.
