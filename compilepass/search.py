@@ -269,9 +269,17 @@ def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentK
     stored = study.user_attrs.get("compilepass")
     if stored is None:
         study.set_user_attr("compilepass", meta)
-    elif stored.get("workload") != meta["workload"] or stored.get("space") != meta["space"]:
-        raise ConfigError(f"study {name!r} in {url} was created for another workload or flag space; "
-                          f"pass --study-name to start a new one")
+    else:
+        if stored.get("workload") != meta["workload"] or stored.get("space") != meta["space"]:
+            raise ConfigError(f"study {name!r} in {url} was created for another workload or flag space; "
+                              f"pass --study-name to start a new one")
+        then = stored.get("environment", {})
+        keys = ("device_name", "torch", "triton", "vllm")
+        if any(then.get(k) != meta["environment"][k] for k in keys):
+            was = ", ".join(f"{k}={then.get(k)}" for k in keys)
+            now = ", ".join(f"{k}={meta['environment'][k]}" for k in keys)
+            raise ConfigError(f"study {name!r} was measured with {was}; this machine has {now}; "
+                              f"measurements from different machines are not mixed: pass --study-name")
     return study, url
 
 

@@ -22,8 +22,12 @@ from compilepass.standby.models import ModelShape
 class StaticKVCache:
     """Per-layer K and V tensors, each ``[batch, num_kv_heads, max_len, head_dim]``.
 
-    Either allocated here, or views into one caller-provided flat buffer (``from_storage``), laid out
-    as ``[num_layers, 2 (K, V), batch, num_kv_heads, max_len, head_dim]``.
+    Either allocated here (one tensor per layer and K/V: separate storages, so torch.compile sees
+    no aliasing between them and updates each in place), or views into one caller-provided flat
+    buffer (``from_storage``), laid out as ``[num_layers, 2 (K, V), batch, num_kv_heads, max_len, head_dim]``.
+    Views of one storage are aliased inputs to a compiled graph, and AOTAutograd handles mutations
+    of aliased inputs through a slower synthetic-base path; the standby KV region therefore hands
+    out one storage per tensor (``KVRegion.carve``).
     """
 
     def __init__(self, shape: ModelShape, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
@@ -31,12 +35,13 @@ class StaticKVCache:
         self.shape, self.batch, self.max_len, self.dtype = shape, batch, max_len, dtype
         dims = (shape.num_layers, 2, batch, shape.num_kv_heads, max_len, shape.head_dim)
         if storage is None:
-            buffer = torch.zeros(dims, dtype=dtype, device=device)
+            self.buffer = None
+            self.k = [torch.zeros(dims[2:], dtype=dtype, device=device) for _ in range(shape.num_layers)]
+            self.v = [torch.zeros(dims[2:], dtype=dtype, device=device) for _ in range(shape.num_layers)]
         else:
-            buffer = _view_storage(storage, dims, dtype)
-        self.buffer = buffer
-        self.k = [buffer[i, 0] for i in range(shape.num_layers)]
-        self.v = [buffer[i, 1] for i in range(shape.num_layers)]
+            self.buffer = _view_storage(storage, dims, dtype)
+            self.k = [self.buffer[i, 0] for i in range(shape.num_layers)]
+            self.v = [self.buffer[i, 1] for i in range(shape.num_layers)]
         for t in (*self.k, *self.v):
             torch._dynamo.mark_static_address(t)  # cudagraph trees accept in-place updates of these
 
@@ -55,7 +60,7 @@ class StaticKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
+        return self.nbytes_for(self.shape, self.batch, self.max_len, self.dtype)
 
 
 def _view_storage(storage: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -114,10 +119,11 @@ class Decoder:
 
     # -- the transformer body -------------------------------------------------------------------
 
-    def _forward(self, x, position_ids, mask, write_kv):
+    def _forward(self, x, position_ids, mask, write_kv, attend=None):
         """x [B, T, hidden]; position_ids [B, T]; mask [B, T, S] (True = attend). Returns hidden states."""
         B, T, _ = x.shape
         s = self.shape
+        attend = attend or self._attend
         cos, sin = self.rotary_emb(x, position_ids)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -130,7 +136,7 @@ class Decoder:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
             k, v = write_kv(i, k, v)
-            y = self._attend(q, k, v, mask)  # [B, heads, T, D]
+            y = attend(q, k, v, mask)  # [B, heads, T, D]
             x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
@@ -144,6 +150,18 @@ class Decoder:
         mask = mask[:, None, None].expand(B, 1, self.n_rep, T, mask.shape[-1]).reshape(B, 1, self.n_rep * T, -1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return y.view(B, H, T, D)
+
+    def _attend_one(self, q, k, v, mask):
+        """Decode attention (T = 1) as two batched matmuls and a masked fp32 softmax: for one query
+        row per head, flash-style kernels waste most of their tile; this reads K and V once.
+        q [B, H, 1, D], k/v [B, KV, S, D], mask [B, 1, S]."""
+        B, H, _, D = q.shape
+        KV = k.shape[1]
+        q = q.reshape(B, KV, self.n_rep, D)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale  # [B, KV, n_rep, S]
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        y = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [B, KV, n_rep, D]
+        return y.view(B, H, 1, D)
 
     # -- public steps ----------------------------------------------------------------------------
 
@@ -179,15 +197,17 @@ class Decoder:
             B = tokens.shape[0]
             position_ids = positions[:, None]
             mask = (self._cache_pos[None, :] <= position_ids)[:, None, :]  # [B, 1, max_len]
-            index = positions.view(B, 1, 1, 1)
+            rows = torch.arange(B, device=tokens.device)
 
             def write_kv(i, k, v):
-                kc, vc = self.cache.k[i][:B], self.cache.v[i][:B]
-                kc.scatter_(2, index.expand(B, kc.shape[1], 1, kc.shape[3]), k)
-                vc.scatter_(2, index.expand(B, vc.shape[1], 1, vc.shape[3]), v)
-                return kc, vc
+                # index_put_ at (row, :, position): Inductor writes B x KV x D elements in place
+                kc, vc = self.cache.k[i], self.cache.v[i]
+                kc[rows, :, positions] = k[:, :, 0]
+                vc[rows, :, positions] = v[:, :, 0]
+                return kc[:B], vc[:B]
 
-            x = self._forward(self.embed_tokens(tokens[:, None]), position_ids, mask, write_kv)
+            x = self._forward(self.embed_tokens(tokens[:, None]), position_ids, mask, write_kv,
+                              attend=self._attend_one)
             return self.lm_head(x[:, 0])
 
     def compiled_decode_step(self, options: dict | None = None, fullgraph: bool = True, mode: str | None = None):
