@@ -323,8 +323,6 @@ def bench_case(case, methods, args, device, dtype, timer):
     if liger.get("peak_extra_bytes") and ours.get("peak_extra_bytes") is not None:
         ratios.setdefault("ours", {})["peak_vs_liger"] = ours["peak_extra_bytes"] / liger["peak_extra_bytes"]
     rec["ratios"] = ratios
-    del inp, samples
-    _cleanup(device)
     return rec
 
 
@@ -384,7 +382,8 @@ def correctness_checks(device, shapes=((1, 64, 1000), (777, 200, 5003), (4096, 5
             rec["loss_abs_err"] = float((res[0][0] - res[1][0]).abs())
             rec["grad_rel_max_err"] = _rel_err(res[1][1], res[0][1])
             rec["metrics_max_abs_err"] = max(float((res[0][2][k] - res[1][2][k]).abs()) for k in res[0][2])
-            rec["ok"] = rec["loss_abs_err"] < 1e-5 and rec["grad_rel_max_err"] < 1e-4 and rec["metrics_max_abs_err"] < 1e-6
+            rec["ok"] = (rec["loss_abs_err"] < 1e-5 and rec["grad_rel_max_err"] < 1e-4
+                         and rec["metrics_max_abs_err"] < 1e-6)
         except Exception as exc:  # noqa: BLE001
             rec["ok"] = False
             _record_failure(rec, exc)
@@ -545,7 +544,8 @@ def main(argv=None):
         walls.append((work, rec["wall_s"]))
         results["cases"].append(rec)
         summary = ", ".join(f"{k}: {m.get('status')} {m.get('fwd_bwd_ms_median', float('nan')):.1f} ms "
-                            f"{(m.get('peak_extra_bytes') or 0) / GiB:.2f} GiB" for k, m in rec.get("methods", {}).items())
+                            f"{(m.get('peak_extra_bytes') or 0) / GiB:.2f} GiB"
+                            for k, m in rec.get("methods", {}).items())
         print(f"  {summary}  ({rec['wall_s']:.0f}s)", flush=True)
         dump()
 

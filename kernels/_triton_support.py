@@ -17,6 +17,7 @@ interpreter on its fast numpy path and compile to exactly what ``tl.sum``/``tl.m
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,8 +30,8 @@ import torch
 def triton_available() -> bool:
     """True when ``import triton`` works (it does not say that a GPU is present)."""
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
     except Exception:  # ImportError, or a broken install raising anything else
         return False
     return True
