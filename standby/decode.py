@@ -123,7 +123,8 @@ class Decoder:
         """x [B, T, hidden]; position_ids [B, T]; mask [B, T, S] (True = attend). Returns hidden states."""
         B, T, _ = x.shape
         s = self.shape
-        attend = attend or self._attend
+        if attend is None:
+            attend = self._attend
         cos, sin = self.rotary_emb(x, position_ids)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
