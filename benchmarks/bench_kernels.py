@@ -1,7 +1,10 @@
 """Benchmark per-token log-probs + GRPO loss, forward and backward, three ways, on one GPU.
 
-    python3 benchmarks/bench_kernels.py --out $OUT/kernels_bench.json     # H100: ~4-6 minutes
+    python3 benchmarks/bench_kernels.py --out $OUT/kernels_bench.json     # H100: estimated 5-6 minutes
     python3 benchmarks/bench_kernels.py --smoke --out /tmp/kb.json         # CPU logic check, ~1 minute
+
+Never run on a GPU before its first real run (written on a CPU-only machine): the smoke mode and
+tests/test_kernels_bench.py check its logic; the kernels were compiled for sm_90 ahead of time.
 
 Methods (same inputs, same loss definition: dapo, beta=0.04 with reference log-probs, on-policy):
   pytorch  materialized logits: selective_log_softmax_reference + grpo_loss_reference
