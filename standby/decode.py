@@ -53,6 +53,30 @@ class StaticKVCache:
         dtype = dtype or storage.dtype
         return cls(shape, batch, max_len, dtype, storage.device, storage=storage)
 
+    @classmethod
+    def from_tensors(cls, shape: ModelShape, k: list[torch.Tensor], v: list[torch.Tensor]) -> "StaticKVCache":
+        """A cache over caller-owned per-layer tensors (never copied), e.g. ``KVRegion.carve`` views:
+        ``k[i]``, ``v[i]`` each ``[batch, num_kv_heads, max_len, head_dim]``, all of one dtype/device.
+        Give each its own storage (carve does) so torch.compile sees no aliased inputs."""
+        if len(k) != shape.num_layers or len(v) != shape.num_layers:
+            raise StorageError(f"need {shape.num_layers} K and V tensors, got {len(k)} and {len(v)}")
+        first = k[0]
+        batch, max_len = first.shape[0], first.shape[2]
+        expected = (batch, shape.num_kv_heads, max_len, shape.head_dim)
+        for t in (*k, *v):
+            if tuple(t.shape) != expected or t.dtype != first.dtype or t.device != first.device:
+                raise StorageError(f"KV tensors must all be {expected} {first.dtype} on {first.device}, got "
+                                   f"{tuple(t.shape)} {t.dtype} on {t.device}")
+            if not t.is_contiguous():
+                raise StorageError("KV tensors must be contiguous")
+        self = cls.__new__(cls)
+        self.shape, self.batch, self.max_len, self.dtype = shape, batch, max_len, first.dtype
+        self.buffer = None
+        self.k, self.v = list(k), list(v)
+        for t in (*self.k, *self.v):
+            torch._dynamo.mark_static_address(t)
+        return self
+
     @staticmethod
     def nbytes_for(shape: ModelShape, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()

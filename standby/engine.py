@@ -1,0 +1,542 @@
+"""The native rollout engine: batched sampling with the trainer's own model objects.
+
+``RolloutEngine`` generates with the very modules the optimizer updates (a transformers Llama /
+Qwen2 / Qwen3 causal LM, optionally peft-wrapped): no weight copy, no sync, no LoRA merge. Its KV
+cache lives in a :class:`~compilepass.standby.memory.KVRegion`, so ``sleep()`` gives the cache's
+physical memory to the trainer and ``wake()`` maps it back at the same addresses.
+
+Decode runs ``Decoder.decode_step`` compiled by ``torch.compile`` (Inductor's own CUDA graphs
+off) and, on CUDA, captured by us into one ``torch.cuda.CUDAGraph`` per batch-size bucket
+(1, 2, 4, ..., max_batch) over static token / position buffers. A graph reads the weights and the
+KV cache at fixed addresses, so it stays valid across sleep/wake cycles (the region's addresses
+never move) and optimizer steps (parameters are updated in place). It does not survive a
+parameter being *replaced* (``param.data = ...``, re-loading a state dict by assignment, moving
+the model): build a new engine then.
+
+Sampling (temperature, top-k, top-p, stop tokens) runs eagerly between graph replays with a
+``torch.Generator`` on the device, so a seed reproduces the tokens exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from compilepass.standby.decode import Decoder, StaticKVCache
+from compilepass.standby.memory import KVRegion, required_bytes
+from compilepass.standby.models import ModelShape
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RolloutEngine", "RolloutOutput", "default_buckets", "sample_tokens"]
+
+#: How often (in decode steps) generate() syncs to see whether every sequence has stopped.
+STOP_CHECK_EVERY = 8
+
+
+@dataclass
+class RolloutOutput:
+    """What :meth:`RolloutEngine.generate` returns; tensors on the engine's device.
+
+    ``completion_ids`` [B, N]: N is the longest completion of the call; positions after a
+    sequence's stop hold ``pad_token_id``. ``completion_mask`` [B, N] (long): 1 up to and
+    including the stop token (EOS / stop token), 0 after. ``logprobs`` [B, N] float32: at each
+    sampled token, ``log_softmax(logits / temperature)`` of the model's raw logits (temperature
+    1 when greedy), with top-k / top-p NOT applied — the policy's log-prob at the sampling
+    temperature, which is what TRL's GRPO compares against; 0 where the mask is 0.
+    ``prompt_lengths`` / ``completion_lengths`` [B] (long).
+
+    Timing (seconds, wall clock, the device synchronized): ``prefill_s``, ``decode_s`` (every
+    decode step and the sampling between them), ``total_s``; ``decode_steps`` (graph replays);
+    ``tokens_per_s`` = sum(completion_lengths) / total_s.
+    """
+
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    prompt_lengths: torch.Tensor
+    completion_lengths: torch.Tensor
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    decode_steps: int = 0
+    tokens_per_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def default_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... below ``max_batch``, and ``max_batch`` itself."""
+    if max_batch < 1:
+        raise ValueError("max_batch must be >= 1")
+    out = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
+    return out + [max_batch]
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B] long, logprobs [B] float32) from ``logits`` [B, V].
+
+    ``temperature == 0``: argmax, log-probs of ``log_softmax(logits)``. Otherwise the logits are
+    divided by ``temperature``, restricted to the ``top_k`` largest (0: all) and then to the
+    smallest set whose probability reaches ``top_p`` (the most likely token always stays), and a
+    token is drawn with the exponential-race trick (``argmax(p / Exp(1))``: no host sync,
+    reproducible with ``generator``). The log-prob is ``log_softmax(logits / temperature)`` at
+    the drawn token, top-k / top-p not applied.
+    """
+    x = logits.float()
+    if temperature == 0:
+        tokens = x.argmax(-1)
+        logprobs = x.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(x, -1)
+        return tokens, logprobs
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    x = x / temperature
+    logprobs_all = x.log_softmax(-1)
+    filtered = x
+    V = x.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if top_p < 1.0:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        sorted_logits, order = filtered.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+        filtered = torch.empty_like(filtered).scatter_(-1, order, sorted_logits)
+    probs = filtered.softmax(-1)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    tokens = (probs / noise).argmax(-1)
+    return tokens, logprobs_all.gather(-1, tokens[:, None])[:, 0]
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+
+def _separate_storage(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as ``t`` (zero-copy) as a tensor with a storage of its own.
+
+    ``KVRegion.carve`` views all share the region's one storage; torch.compile treats inputs that
+    share a storage as aliased and mutates them through a slow synthetic-base path. The wrapper
+    keeps ``t`` (hence the region's mapping) alive.
+    """
+    nbytes = t.numel() * t.element_size()
+    if t.device.type == "cuda":
+        from compilepass.standby.memory import _CudaArray
+
+        with torch.cuda.device(t.device):
+            raw = torch.as_tensor(_CudaArray(t.data_ptr(), nbytes, t), device=t.device)
+    else:
+        import numpy as np
+
+        class _HostArray:
+            def __init__(self, ptr, n, owner):
+                self._owner = owner
+                self.__array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (ptr, False),
+                                            "strides": None, "version": 3}
+
+        raw = torch.from_numpy(np.asarray(_HostArray(t.data_ptr(), nbytes, t)))
+    out = raw.view(t.dtype).view(t.shape)
+    if out.data_ptr() != t.data_ptr():  # pragma: no cover - a torch contract
+        raise RuntimeError("re-wrapping a KV tensor copied it")
+    return out
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Eval mode for the block (no dropout while generating), each module's flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    if not any(mode for _, mode in modes):
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _resolve_options(model, compile_options):
+    """None -> torch's defaults ({}); "auto" -> compilepass's tuned flags for this model when a
+    selection API is available, else defaults; False -> no compile (eager); a dict as is."""
+    if compile_options is False:
+        return None
+    if compile_options is None:
+        return {}
+    if compile_options == "auto":
+        try:
+            from compilepass import select  # type: ignore[attr-defined]
+        except ImportError:
+            log.info("compile_options='auto': no tuning selection available, using torch's defaults")
+            return {}
+        try:
+            chosen = select(model, "rollout")
+        except Exception as exc:  # a selection failure must not stop generation
+            log.warning("compile_options='auto': selection failed (%s), using torch's defaults", exc)
+            return {}
+        return dict(getattr(chosen, "flags", chosen) or {})
+    if isinstance(compile_options, dict):
+        return dict(compile_options)
+    raise TypeError(f"compile_options must be None, 'auto', False or a dict, got {compile_options!r}")
+
+
+# --------------------------------------------------------------------------------------- engine
+
+
+class RolloutEngine:
+    """Generate with ``model`` (the trainer's own objects) from a static, standby KV cache.
+
+    ``RolloutEngine(model, max_batch, max_len, *, dtype=None, device=None, compile_options=None,
+    batch_buckets=None, use_cuda_graphs=True, kv_region=True, pad_token_id=None)``
+
+    - ``max_batch``: sequences decoded at once (larger ``generate`` calls are split);
+      ``max_len``: prompt + completion tokens per sequence.
+    - ``dtype`` / ``device`` of the KV cache: default the model's.
+    - ``compile_options``: Inductor options for the decode step; None = torch's defaults,
+      ``"auto"`` = compilepass's tuned flags when available, ``False`` = eager (no compile).
+      ``triton.cudagraphs`` is forced off when the engine captures graphs itself.
+    - ``batch_buckets``: batch sizes with a compiled step and a graph (default 1, 2, 4, ...,
+      max_batch); a batch runs in the smallest bucket that holds it (padded).
+    - ``use_cuda_graphs``: capture one CUDA graph per bucket (CUDA only; ignored on CPU).
+    - ``kv_region``: put the cache in a :class:`KVRegion` (sleep/wake release/restore its
+      memory); False allocates ordinary tensors (sleep/wake then only flip the state).
+    - ``warmup``: compile (and capture) every bucket now (default); else on first use.
+
+    Construction compiles and captures everything (``cold_start_s``); the region is awake after.
+    """
+
+    def __init__(self, model, max_batch: int, max_len: int, *, dtype: Optional[torch.dtype] = None,
+                 device: Union[None, str, torch.device] = None,
+                 compile_options: Union[None, str, dict, bool] = None,
+                 batch_buckets: Optional[Sequence[int]] = None, use_cuda_graphs: bool = True,
+                 kv_region: bool = True, pad_token_id: Optional[int] = None, warmup: bool = True):
+        t0 = time.perf_counter()
+        param = next(model.parameters())
+        self.model = model
+        self.device = torch.device(device) if device is not None else param.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype or param.dtype
+        self.max_batch, self.max_len = int(max_batch), int(max_len)
+        if self.max_len < 2:
+            raise ValueError("max_len must be >= 2")
+        buckets = sorted({int(b) for b in (batch_buckets or default_buckets(self.max_batch))})
+        if buckets[0] < 1 or buckets[-1] > self.max_batch:
+            raise ValueError(f"batch buckets must lie in [1, max_batch={self.max_batch}], got {buckets}")
+        if buckets[-1] != self.max_batch:
+            buckets.append(self.max_batch)
+        self.buckets = buckets
+        config = getattr(model, "config", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(config, "pad_token_id", None)
+        self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
+
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.shape = ModelShape.from_hf_config(causal_lm.config)
+        s = self.shape
+        kv_dims = (self.max_batch, s.num_kv_heads, self.max_len, s.head_dim)
+        if kv_region:
+            specs = [(f"{kind}{i}", self.dtype, kv_dims) for i in range(s.num_layers) for kind in "kv"]
+            self.region: Optional[KVRegion] = KVRegion(required_bytes(specs), device=self.device)
+            views = self.region.carve(specs)
+            k = [_separate_storage(views[f"k{i}"]) for i in range(s.num_layers)]
+            v = [_separate_storage(views[f"v{i}"]) for i in range(s.num_layers)]
+            self.region.as_bytes().zero_()  # no NaN bit patterns under masked positions
+            self.cache = StaticKVCache.from_tensors(s, k, v)
+        else:
+            self.region = None
+            self.cache = StaticKVCache(s, self.max_batch, self.max_len, self.dtype, self.device)
+        self._awake = True
+        self.decoder = Decoder(model, self.cache)
+
+        self.compile_options = _resolve_options(model, compile_options)
+        self.use_cuda_graphs = bool(use_cuda_graphs) and self.device.type == "cuda"
+        options = self.compile_options
+        if options is not None and self.use_cuda_graphs:
+            options = {**options, "triton.cudagraphs": False}
+        self._inductor_cudagraphs = bool((options or {}).get("triton.cudagraphs", False))
+        if options is None:
+            self._step = self.decoder.decode_step
+        else:
+            from compilepass.workloads import inductor_options_for_torch
+
+            self._step = self.decoder.compiled_decode_step(inductor_options_for_torch(options))
+        self._tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        self._graphs: dict[int, "torch.cuda.CUDAGraph"] = {}
+        self._graph_out: dict[int, torch.Tensor] = {}
+        self._warm: set[int] = set()
+        self._pool = None
+        self.compile_s = 0.0
+        self.capture_s = 0.0
+        if warmup:
+            self.warmup()
+        self.cold_start_s = time.perf_counter() - t0
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def is_awake(self) -> bool:
+        return self._awake
+
+    def sleep(self) -> None:
+        """Release the KV cache's physical memory (idempotent). Graphs stay valid; do not generate
+        until :meth:`wake`."""
+        if not self._awake:
+            return
+        _sync(self.device)
+        if self.region is not None:
+            self.region.sleep()
+        self._awake = False
+
+    def wake(self) -> None:
+        """Map the KV cache's memory again at the same addresses (idempotent). Contents are not
+        kept; the cache is zeroed (one memset) so that no NaN bit pattern sits under a masked
+        position, where 0 * NaN would poison attention."""
+        if self._awake:
+            return
+        if self.region is not None:
+            self.region.wake(zero=True)
+        self._awake = True
+
+    def close(self) -> None:
+        """Drop the graphs and free the region now; the engine is unusable afterwards."""
+        _sync(self.device)
+        self._graphs.clear()
+        self._graph_out.clear()
+        if self.region is not None:
+            self.region.close()
+        self._awake = False
+
+    def _check_awake(self) -> None:
+        if not self._awake:
+            raise RuntimeError("the rollout engine is asleep (its KV memory is released): call wake() first")
+
+    # -- compile and capture -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _compile_limits(self):
+        """One compiled graph per bucket (dynamic=False), possibly several engines per process:
+        raise dynamo's recompile limit for the warm-up so no bucket falls back to eager."""
+        import torch._dynamo.config as dc
+
+        name = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
+        with dc.patch(**{name: max(getattr(dc, name), 4096)}):
+            yield
+
+    def warmup(self, buckets: Optional[Sequence[int]] = None) -> None:
+        """Compile the decode step for each bucket and, on CUDA, capture its graph (largest first,
+        all in one memory pool, inside the gc capture patch)."""
+        self._check_awake()
+        todo = [b for b in sorted(buckets or self.buckets, reverse=True) if b not in self._warm]
+        if not todo:
+            return
+        with _eval_mode(self.model), torch.no_grad(), self._compile_limits():
+            if not self.use_cuda_graphs:
+                t0 = time.perf_counter()
+                for b in todo:
+                    for _ in range(2 if self._inductor_cudagraphs else 1):
+                        self._call_step(b)
+                    self._warm.add(b)
+                _sync(self.device)
+                self.compile_s += time.perf_counter() - t0
+                return
+            from compilepass.gc_patch import suppress_gc_during_capture
+
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            t0 = time.perf_counter()
+            with torch.cuda.stream(stream):
+                for b in todo:  # compile, autotune, cuBLAS workspaces: all outside capture
+                    for _ in range(2):
+                        self._step(self._tokens[:b], self._positions[:b])
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            _sync(self.device)
+            t1 = time.perf_counter()
+            self.compile_s += t1 - t0
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with suppress_gc_during_capture():
+                for b in todo:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool):
+                        out = self._step(self._tokens[:b], self._positions[:b])
+                    self._graphs[b], self._graph_out[b] = graph, out
+                    self._warm.add(b)
+            _sync(self.device)
+            self.capture_s += time.perf_counter() - t1
+
+    def bucket_for(self, batch: int) -> int:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        raise ValueError(f"batch {batch} exceeds max_batch {self.max_batch}")
+
+    def _call_step(self, bucket: int) -> torch.Tensor:
+        """Run the decode step on the static buffers' first ``bucket`` rows -> logits [bucket, V]."""
+        graph = self._graphs.get(bucket)
+        if graph is not None:
+            graph.replay()
+            return self._graph_out[bucket]
+        if self._inductor_cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._step(self._tokens[:bucket], self._positions[:bucket])
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step for ``len(tokens)`` sequences (cache rows ``[:B]``), padded to its bucket:
+        tokens [B], positions [B] -> logits [B, vocab]. The result may be overwritten by the next
+        call (it is the graph's static output): clone it to keep it."""
+        self._check_awake()
+        B = tokens.shape[0]
+        bucket = self.bucket_for(B)
+        if bucket not in self._warm:
+            self.warmup([bucket])
+        self._tokens[:B].copy_(tokens)
+        self._positions[:B].copy_(positions)
+        if B < bucket:
+            self._tokens[B:bucket].fill_(self.pad_token_id)
+            self._positions[B:bucket].zero_()
+        with torch.no_grad():
+            return self._call_step(bucket)[:B]
+
+    @property
+    def decode_step_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(tokens [B], positions [B]) -> logits [B, vocab]``, for the tuner's rollout workload."""
+        return self.decode
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, eos_token_id: Union[None, int, Sequence[int]] = None,
+                 stop_token_ids: Optional[Sequence[int]] = None, seed: Optional[int] = None) -> RolloutOutput:
+        """Complete each prompt (a list of token ids; lengths may differ) by up to ``max_new_tokens``.
+
+        A sequence stops after the first token in ``eos_token_id`` or ``stop_token_ids`` (kept in
+        the completion, mask 1) or at ``max_new_tokens``. ``temperature == 0`` is greedy. ``seed``
+        seeds a ``torch.Generator`` on the device: the same seed (and the same prompts and
+        max_batch) gives the same tokens; None draws from torch's global generator. More prompts
+        than ``max_batch`` run in consecutive batches. See :class:`RolloutOutput`.
+        """
+        self._check_awake()
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts:
+            raise ValueError("no prompts")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + max_new_tokens - 1 > self.max_len:
+                raise ValueError(f"prompt {i} ({len(p)} tokens) + max_new_tokens {max_new_tokens} exceeds the "
+                                 f"engine's max_len {self.max_len}")
+            if min(p) < 0 or max(p) >= self.shape.vocab_size:
+                raise ValueError(f"prompt {i} holds a token id outside [0, {self.shape.vocab_size})")
+        stops = []
+        for ids in (eos_token_id, stop_token_ids):
+            if ids is None:
+                continue
+            stops.extend([int(ids)] if isinstance(ids, int) else [int(t) for t in ids])
+        stop_t = torch.tensor(sorted(set(stops)), dtype=torch.long, device=self.device) if stops else None
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+        parts = []
+        prefill_s = decode_s = 0.0
+        steps = 0
+        with _eval_mode(self.model), torch.no_grad():
+            for start in range(0, len(prompts), self.max_batch):
+                chunk = prompts[start:start + self.max_batch]
+                part, p_s, d_s, n = self._generate_batch(chunk, max_new_tokens, temperature, top_k, top_p,
+                                                         stop_t, generator)
+                parts.append(part)
+                prefill_s, decode_s, steps = prefill_s + p_s, decode_s + d_s, steps + n
+
+        N = max(int(p[3].max()) for p in parts)
+        ids = torch.cat([p[0][:, :N] for p in parts])
+        mask = torch.cat([p[1][:, :N] for p in parts])
+        lps = torch.cat([p[2][:, :N] for p in parts])
+        lengths = torch.cat([p[3] for p in parts])
+        total = prefill_s + decode_s
+        n_tokens = int(lengths.sum())
+        return RolloutOutput(
+            completion_ids=ids, completion_mask=mask, logprobs=lps,
+            prompt_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device),
+            completion_lengths=lengths, prefill_s=prefill_s, decode_s=decode_s, total_s=total,
+            decode_steps=steps, tokens_per_s=n_tokens / total if total > 0 else float("nan"),
+        )
+
+    def _generate_batch(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_t, generator):
+        dev = self.device
+        B = len(prompts)
+        bucket = self.bucket_for(B)
+        if bucket not in self._warm:
+            self.warmup([bucket])
+        lengths_list = [len(p) for p in prompts] + [1] * (bucket - B)
+        T = max(lengths_list)
+        ids = torch.full((bucket, T), self.pad_token_id, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(dev, non_blocking=True)
+        lengths = torch.tensor(lengths_list, dtype=torch.long).to(dev, non_blocking=True)
+
+        _sync(dev)
+        t0 = time.perf_counter()
+        logits = self.decoder.prefill(ids, lengths)
+        _sync(dev)
+        t1 = time.perf_counter()
+
+        out_ids = torch.full((bucket, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
+        out_mask = torch.zeros((bucket, max_new_tokens), dtype=torch.long, device=dev)
+        out_lp = torch.zeros((bucket, max_new_tokens), dtype=torch.float32, device=dev)
+        finished = torch.arange(bucket, device=dev) >= B  # padding rows never count
+        pad = torch.tensor(self.pad_token_id, dtype=torch.long, device=dev)
+        positions = self._positions[:bucket]
+        positions.copy_(lengths)
+        tokens_buf = self._tokens[:bucket]
+        steps = 0
+        for n in range(max_new_tokens):
+            token, lp = sample_tokens(logits, temperature, top_k, top_p, generator)
+            alive = ~finished
+            out_ids[:, n] = torch.where(alive, token, pad)
+            out_mask[:, n] = alive.long()
+            out_lp[:, n] = torch.where(alive, lp, 0.0)
+            if stop_t is not None:
+                finished = finished | (alive & torch.isin(token, stop_t))
+                if (n + 1) % STOP_CHECK_EVERY == 0 and bool(finished.all()):
+                    break
+            if n + 1 == max_new_tokens:
+                break
+            tokens_buf.copy_(torch.where(finished, pad, token))
+            logits = self._call_step(bucket)
+            positions.add_(1)  # the step above has read them (same stream)
+            steps += 1
+        _sync(dev)
+        t2 = time.perf_counter()
+        lengths_out = out_mask[:B].sum(1)
+        return (out_ids[:B], out_mask[:B], out_lp[:B], lengths_out), t1 - t0, t2 - t1, steps
+
+    def __repr__(self) -> str:
+        return (f"RolloutEngine({self.shape.family}, max_batch={self.max_batch}, max_len={self.max_len}, "
+                f"buckets={self.buckets}, graphs={sorted(self._graphs)}, "
+                f"{'awake' if self._awake else 'asleep'})")
+
