@@ -1,0 +1,273 @@
+"""The rollout engine against transformers' generate and a reference forward (tiny random models, CPU).
+
+GPU-only behaviour (CUDA graphs per bucket, the CUDA KV region across sleep/wake) is tested at
+the end and skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from compilepass.standby.engine import RolloutEngine, default_buckets, sample_tokens
+from compilepass.standby.models import add_lora, build_model
+
+NEW = 10
+PROMPT_LENGTHS = [5, 9, 2]
+
+
+def make_model(name: str, lora: bool = False, seed: int = 0):
+    """Tiny random model, weights re-drawn at std 0.15 so greedy decoding does not collapse."""
+    model = build_model(name, dtype=torch.float32, attn_implementation="eager", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+            elif pname.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    if lora:
+        model = add_lora(model, rank=4, alpha=8, seed=seed, init_random=True, init_std=0.1)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def shared(name: str = "tiny", lora: bool = False):
+    """(model, engine) built once per module for the tests that do not change the weights."""
+    model = make_model(name, lora)
+    return model, RolloutEngine(model, max_batch=4, max_len=48, compile_options=False)
+
+
+def prompts(n: int = len(PROMPT_LENGTHS), vocab: int = 256, seed: int = 123) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = (PROMPT_LENGTHS * n)[:n]
+    return [torch.randint(0, vocab, (k,), generator=gen).tolist() for k in lengths]
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama", "tiny-qwen2"])  # qwen3 (tied), llama, qwen2 (bias)
+def test_greedy_matches_transformers_generate(name, lora):
+    model, engine = shared(name, lora)
+    ps = prompts()
+    out = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    assert out.completion_ids.shape == (len(ps), NEW)
+    assert out.completion_lengths.tolist() == [NEW] * len(ps)
+    assert out.prompt_lengths.tolist() == PROMPT_LENGTHS
+    assert bool(out.completion_mask.all())
+    assert len(out.completion_ids.unique()) > NEW // 2, "degenerate model: the comparison would prove little"
+    for b, p in enumerate(ps):
+        assert out.completion_ids[b].tolist() == hf_greedy(model, p, NEW), f"sequence {b}"
+
+
+def test_more_prompts_than_max_batch_are_split():
+    model, engine = shared()
+    ps = prompts(7)
+    out = engine.generate(ps, max_new_tokens=6, temperature=0)
+    assert out.completion_ids.shape == (7, 6)
+    for b, p in enumerate(ps):
+        single = engine.generate([p], max_new_tokens=6, temperature=0)  # bucket 1
+        assert torch.equal(out.completion_ids[b], single.completion_ids[0]), b
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    _, engine = shared()
+    ps = prompts()
+    kw = dict(max_new_tokens=NEW, temperature=1.0, top_p=0.95)
+    a = engine.generate(ps, seed=7, **kw)
+    b = engine.generate(ps, seed=7, **kw)
+    c = engine.generate(ps, seed=8, **kw)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    greedy = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    assert not torch.equal(a.completion_ids, greedy.completion_ids)
+
+
+def test_top_k_one_is_greedy():
+    _, engine = shared("tiny-llama")
+    ps = prompts()
+    greedy = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    for seed in (0, 1):
+        top1 = engine.generate(ps, max_new_tokens=NEW, temperature=0.8, top_k=1, seed=seed)
+        assert torch.equal(top1.completion_ids, greedy.completion_ids)
+
+
+def test_sample_tokens_respects_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    tok, _ = sample_tokens(logits, 1.0, top_k=2, generator=gen)
+    assert set(tok.tolist()) == {0, 1}
+    # probabilities ~ .64 .23 .09 ...: top_p 0.8 keeps the first two (0.64 < 0.8 <= 0.87)
+    tok, _ = sample_tokens(logits, 1.0, top_p=0.8, generator=gen)
+    assert set(tok.tolist()) == {0, 1}
+    tok, _ = sample_tokens(logits, 1.0, top_p=0.5, generator=gen)
+    assert set(tok.tolist()) == {0}
+    tok, lp = sample_tokens(logits, 2.0, generator=gen)
+    assert len(set(tok.tolist())) == 5
+    torch.testing.assert_close(lp, (logits / 2.0).log_softmax(-1).gather(-1, tok[:, None])[:, 0])
+    freq0 = (tok == 0).float().mean().item()
+    assert abs(freq0 - (logits[0] / 2).softmax(-1)[0].item()) < 0.05
+
+
+def test_eos_and_stop_tokens_end_sequences_with_masks():
+    _, engine = shared()
+    ps = prompts()
+    free = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    eos = int(free.completion_ids[0, 3])
+    stop = int(free.completion_ids[1, 5])
+    for kwargs in ({"eos_token_id": eos, "stop_token_ids": [stop]}, {"eos_token_id": [stop, eos]}):
+        out = engine.generate(ps, max_new_tokens=NEW, temperature=0, **kwargs)
+        for b in range(len(ps)):
+            row = free.completion_ids[b].tolist()
+            hits = [i for i, t in enumerate(row) if t in (eos, stop)]
+            n = hits[0] + 1 if hits else NEW
+            assert out.completion_lengths[b] == n
+            assert out.completion_ids[b, :n].tolist() == row[:n]
+            assert out.completion_mask[b, :n].tolist() == [1] * n
+            assert not out.completion_mask[b, n:].any()
+            assert (out.completion_ids[b, n:] == engine.pad_token_id).all()
+            assert (out.logprobs[b, n:] == 0).all() and (out.logprobs[b, :n] < 0).all()
+        assert out.completion_ids.shape[1] == int(out.completion_lengths.max())
+    # every sequence stops at once: the completion is one token, the decode loop ends early
+    firsts = sorted({int(free.completion_ids[b, 0]) for b in range(len(ps))})
+    out = engine.generate(ps, max_new_tokens=40, temperature=0, eos_token_id=firsts)
+    assert out.completion_ids.shape == (len(ps), 1) and out.completion_lengths.tolist() == [1, 1, 1]
+    assert out.decode_steps < 40
+
+
+def test_logprobs_match_a_reference_forward():
+    model, engine = shared("tiny-qwen2", lora=True)
+    ps = prompts()
+    for temperature, top_k in ((0.7, 20), (0.0, 0)):
+        out = engine.generate(ps, max_new_tokens=NEW, temperature=temperature, top_k=top_k, seed=3)
+        t = temperature or 1.0
+        for b, p in enumerate(ps):
+            n = int(out.completion_lengths[b])
+            comp = out.completion_ids[b, :n]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p + comp.tolist()])).logits[0].float()
+            ref = (logits[len(p) - 1:-1] / t).log_softmax(-1).gather(-1, comp[:, None])[:, 0]
+            torch.testing.assert_close(out.logprobs[b, :n], ref, rtol=1e-4, atol=1e-4)
+        assert out.logprobs.dtype == torch.float32
+
+
+def test_sleep_wake_round_trips_and_is_idempotent():
+    model = make_model("tiny")
+    engine = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False)
+    region = engine.region
+    assert region is not None and engine.is_awake
+    ptrs = [t.data_ptr() for t in engine.cache.k + engine.cache.v]
+    base = region.base_address
+    assert all(base <= p < base + region.nbytes for p in ptrs)
+    storages = {t.untyped_storage().data_ptr() for t in engine.cache.k + engine.cache.v}
+    assert len(storages) == len(ptrs), "each K/V tensor needs its own storage (no aliased compile inputs)"
+    ps = prompts()
+    ref = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    for _ in range(3):
+        engine.sleep()
+        engine.sleep()
+        assert not engine.is_awake and not region.is_awake
+        with pytest.raises(RuntimeError, match="asleep"):
+            engine.generate(ps, max_new_tokens=NEW, temperature=0)
+        engine.wake()
+        engine.wake()
+        assert engine.is_awake and region.is_awake
+        assert [t.data_ptr() for t in engine.cache.k + engine.cache.v] == ptrs
+        assert torch.equal(engine.generate(ps, max_new_tokens=NEW, temperature=0).completion_ids,
+                           ref.completion_ids)
+    plain = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False, kv_region=False)
+    assert plain.region is None
+    plain.sleep(), plain.wake()
+    assert torch.equal(plain.generate(ps, max_new_tokens=NEW, temperature=0).completion_ids,
+                       ref.completion_ids)
+
+
+def test_optimizer_step_is_seen_without_sync():
+    model = make_model("tiny-llama", lora=True)
+    engine = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False)  # built before training
+    ps = prompts()
+    before = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+
+    model.train()
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    opt = torch.optim.Adam(lora_params, lr=0.05)
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+    after = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    assert model.training, "generate restores the trainer's train mode"
+    assert not torch.equal(before.completion_ids, after.completion_ids)
+    model.eval()
+    for b, p in enumerate(ps):
+        assert after.completion_ids[b].tolist() == hf_greedy(model, p, NEW), b
+
+
+def test_bad_requests_raise():
+    _, engine = shared()
+    with pytest.raises(ValueError, match="max_len"):
+        engine.generate([[1] * 40], max_new_tokens=10)
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="token id"):
+        engine.generate([[1, 999]], max_new_tokens=2)
+    assert default_buckets(1) == [1] and default_buckets(6) == [1, 2, 4, 6]
+    assert default_buckets(32) == [1, 2, 4, 8, 16, 32]
+
+
+def test_compiled_decode_matches_eager(monkeypatch):
+    """The engine's compiled path (fullgraph dynamo, one compile per bucket). Inductor itself is
+    replaced by aot_eager to keep the test fast on CPU; test_decode.py compiles with Inductor."""
+    from compilepass.standby.decode import Decoder
+
+    def aot_eager(self, options=None, fullgraph=True, mode=None):
+        return torch.compile(self.decode_step, backend="aot_eager", fullgraph=fullgraph, dynamic=False)
+
+    monkeypatch.setattr(Decoder, "compiled_decode_step", aot_eager)
+    model, eager = shared("tiny", lora=True)
+    compiled = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, batch_buckets=[2, 4])
+    assert compiled.buckets == [2, 4] and compiled._warm == {2, 4}
+    ps = prompts()
+    for subset in (ps, ps[:2]):  # bucket 4 (one row padded), bucket 2
+        a = compiled.generate(subset, max_new_tokens=NEW, temperature=0)
+        b = eager.generate(subset, max_new_tokens=NEW, temperature=0)
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the CUDA KV region need a GPU")
+def test_cuda_graphs_survive_sleep_wake_and_optimizer_steps():
+    torch.manual_seed(0)
+    model = make_model("tiny-llama", lora=True).cuda()
+    engine = RolloutEngine(model, max_batch=8, max_len=48, compile_options={})
+    assert sorted(engine._graphs) == [1, 2, 4, 8]
+    ps = prompts()
+    ref = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    for b, p in enumerate(ps):
+        assert ref.completion_ids[b].tolist() == hf_greedy(model, p, NEW)
+    free_awake = torch.cuda.mem_get_info()[0]
+    engine.sleep()
+    assert torch.cuda.mem_get_info()[0] - free_awake >= engine.region.nbytes * 0.99
+    engine.wake()
+    assert torch.equal(engine.generate(ps, max_new_tokens=NEW, temperature=0).completion_ids,
+                       ref.completion_ids)
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    opt = torch.optim.SGD(lora_params, lr=0.5)
+    batch = torch.randint(0, 256, (2, 16), device="cuda")
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    after = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    assert not torch.equal(after.completion_ids, ref.completion_ids)
+    for b, p in enumerate(ps):
+        assert after.completion_ids[b].tolist() == hf_greedy(model, p, NEW)
