@@ -43,13 +43,52 @@ def _add_tune(sub) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the side-by-side round (no winner is declared)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the full result as JSON here")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not record the result in the user tuning database (<cache dir>/tuning_db.json)")
     p.set_defaults(func=cmd_tune)
 
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="the environment key and which Inductor options exist here")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--model", default=None, help="a preset or local HF directory: show which tuning-database "
+                                                  "entry would apply and why")
+    p.add_argument("--workload", default="rollout", choices=["rollout", "train", "mlp"])
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--engine", default="native", choices=["native", "vllm"])
+    p.add_argument("--policy", default="balanced", choices=["balanced", "throughput"])
     p.set_defaults(func=cmd_info)
+
+
+def _add_db(sub) -> None:
+    p = sub.add_parser("db", help="the tuning database: list, show, verify, merge, export, import-result")
+    dsub = p.add_subparsers(dest="db_command", required=True)
+    q = dsub.add_parser("list", help="entries of the merged view (shipped + user), or of --file")
+    q.add_argument("--file", default=None, help="list this database file only")
+    q.set_defaults(func=cmd_db_list)
+    q = dsub.add_parser("show", help="one entry as JSON (an id or a unique id prefix)")
+    q.add_argument("id")
+    q.add_argument("--file", default=None)
+    q.set_defaults(func=cmd_db_show)
+    q = dsub.add_parser("verify", help="check schema, flags against the running torch, and known-bad gates")
+    q.add_argument("file", nargs="?", default=None, help="default: the shipped and the user database")
+    q.set_defaults(func=cmd_db_verify)
+    q = dsub.add_parser("merge", help="merge databases; same key: the entry with the later date is kept")
+    q.add_argument("sources", nargs="+")
+    q.add_argument("--into", required=True, help="the database to merge into (created if missing)")
+    q.set_defaults(func=cmd_db_merge)
+    q = dsub.add_parser("export", help="write the merged view (shipped + user) to a file")
+    q.add_argument("out")
+    q.set_defaults(func=cmd_db_export)
+    q = dsub.add_parser("import-result", help="add a `compilepass tune --out` result JSON as an entry")
+    q.add_argument("result")
+    q.add_argument("--into", default=None, help="database file (default: the user database)")
+    q.add_argument("--policy", default=None, choices=["balanced", "throughput"],
+                   help="default: the --policy of the recorded command, else balanced")
+    q.add_argument("--engine", default="native", choices=["native", "vllm"])
+    q.set_defaults(func=cmd_db_import)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tune(sub)
     _add_info(sub)
+    _add_db(sub)
     return parser
 
 
@@ -130,7 +170,31 @@ def cmd_tune(args) -> int:
     if args.out:
         write_json_atomic(args.out, result.to_dict())
         console.print(f"result written to {args.out}")
+    if not args.no_record:
+        _record(result, args, console)
     return 0
+
+
+def _record(result, args, console) -> None:
+    """Record into the user database; a result that must not be recorded is said so, not an error."""
+    from .atomic import write_json_atomic
+    from .db import NotRecordable, record_tune_result, user_db_path
+    from .search import cache_dir
+
+    if args.no_verify:
+        console.print("not recorded in the tuning database: --no-verify declares no winner")
+        return
+    try:
+        entry = record_tune_result(result, policy=args.policy)
+    except NotRecordable as exc:
+        console.print(str(exc))
+        return
+    except CompilepassError as exc:
+        saved = cache_dir() / f"tune-result-{result.study_name}.json"
+        write_json_atomic(saved, result.to_dict())
+        raise CompilepassError(f"{exc}; the result is saved in {saved} (add it later with "
+                               f"`compilepass db import-result {saved}`)") from None
+    console.print(f"recorded as entry {entry['id']} ({entry['verdict']}) in {user_db_path()}")
 
 
 def print_tune_table(result) -> None:
@@ -168,8 +232,21 @@ def cmd_info(args) -> int:
     env = current_environment()
     space = FlagSpace(env=env)
     rows = space.describe()
+    selection = None
+    if args.model:
+        from .select import select
+
+        selection = select(args.model, args.workload, batch=args.batch, prompt_len=args.prompt_len,
+                           new_tokens=args.new_tokens, engine=args.engine, policy=args.policy, env=env,
+                           log_line=False)
     if args.json:
-        print(json.dumps({"environment": env.to_dict(), "device_kind": env.device_kind, "flags": rows}, indent=2))
+        out = {"environment": env.to_dict(), "device_kind": env.device_kind, "flags": rows}
+        if selection is not None:
+            out["selection"] = {"model": args.model, "workload": args.workload, "flags": selection.flags,
+                                "match_level": selection.match_level, "level_name": selection.level_name,
+                                "reason": selection.reason, "entry_id": selection.entry_id,
+                                "source": selection.source, "dropped": selection.dropped}
+        print(json.dumps(out, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -184,6 +261,157 @@ def cmd_info(args) -> int:
         table.add_row(r["name"], ", ".join(map(str, r["choices"])), str(r["torch_default"]),
                       "yes" if r["available"] else "no", r["why_not"])
     console.print(table)
+    if selection is not None:
+        console.print(f"[bold]tuning database for {args.model} ({args.workload}, {args.engine}, {args.policy}):[/bold]")
+        level = f"{selection.match_level} ({selection.level_name})" if selection.match_level else "off"
+        console.print(f"  match level: {level}")
+        console.print(f"  entry: {selection.entry_id or '-'}  source: {selection.source or '-'}")
+        console.print(f"  reason: {selection.reason}")
+        console.print("  flags: " + (json.dumps(selection.flags, sort_keys=True) if selection.flags
+                                     else "{} (torch defaults)"))
+        for name, why in selection.dropped.items():
+            console.print(f"  dropped {name}: {why}")
+    return 0
+
+
+# -- compilepass db ---------------------------------------------------------------------------------
+
+
+def _rows(file: Optional[str]):
+    from .db import load_db, merged_view
+
+    if file:
+        return [(e, file) for e in load_db(file, missing_ok=False)["entries"]]
+    return merged_view()
+
+
+def _flags_text(flags: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in flags.items()) or "(keep defaults)"
+
+
+def cmd_db_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = _rows(args.file)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    table = Table(title=f"compilepass tuning database ({len(rows)} entries)")
+    for col in ("id", "source", "device", "torch", "model", "workload/bucket", "policy", "flags", "ratio (95% CI)"):
+        table.add_column(col, overflow="fold")
+    for e, src in sorted(rows, key=lambda r: r[0]["id"]):
+        k, m = e["key"], e["measurements"]
+        ratio = (f"{m['ratio']:.3f} ({m['ratio_ci_low']:.3f}-{m['ratio_ci_high']:.3f})" if m.get("ratio")
+                 else "1 (defaults)")
+        model = f"{e.get('model_name') or k['model']['family']} {k['model']['dtype']}"
+        table.add_row(e["id"], src.split(" (")[0], k["device_name"], k["torch"], model,
+                      f"{k['workload']}/{k['bucket']}", e.get("policy", k.get("policy", "")), _flags_text(e["flags"]),
+                      ratio)
+    console.print(table)
+    return 0
+
+
+def cmd_db_show(args) -> int:
+    from .db import find_entry
+
+    entry, src = find_entry(_rows(args.file), args.id)
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
+def verify_entries(doc_rows, env=None) -> list[str]:
+    """Problems of (entry, source) rows: flags unknown to the running torch or of the wrong type, and
+    known-bad gates for the environment the entry was measured in."""
+    from .db import TuneKey
+    from .env import EnvironmentKey, current_environment
+    from .errors import UnknownFlagError
+    from .flags import FlagSpace, inductor_options
+
+    env = env or current_environment()
+    options = inductor_options()
+    problems = []
+    for e, src in doc_rows:
+        where = f"entry {e.get('id')} ({src})"
+        try:
+            key = TuneKey.from_dict(e["key"])
+        except (KeyError, TypeError) as exc:
+            problems.append(f"{where}: bad key ({exc})")
+            continue
+        if key.entry_id() != e.get("id"):
+            problems.append(f"{where}: id does not match its key (expected {key.entry_id()})")
+        measured_env = EnvironmentKey(torch=key.torch, triton=key.triton, vllm=key.vllm, transformers=None,
+                                      cuda=key.cuda, device_name=key.device_name,
+                                      compute_capability=key.compute_capability, python="")
+        space = FlagSpace(env=measured_env, engine=key.engine, inductor_config=options)
+        for name, value in e["flags"].items():
+            try:
+                space.validate({name: value})
+            except UnknownFlagError as exc:
+                problems.append(f"{where}: {str(exc).split(';')[0]} in the running torch {env.torch}")
+        for gate in space.violations(e["flags"]):
+            problems.append(f"{where}: {', '.join(f'{k}={v}' for k, v in gate.when.items())} is gated unsafe for "
+                            f"torch {key.torch} on {measured_env.device_kind} ({key.engine}): {gate.reason}")
+    return problems
+
+
+def cmd_db_verify(args) -> int:
+    from .db import load_db, merged_view
+
+    if args.file:
+        rows = [(e, args.file) for e in load_db(args.file, missing_ok=False)["entries"]]
+    else:
+        rows = merged_view()
+    problems = verify_entries(rows)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"compilepass: error: {len(problems)} problem(s) in {len(rows)} entries", file=sys.stderr)
+        return 1
+    print(f"ok: {len(rows)} entries, schema and flags valid for torch {__import__('torch').__version__}")
+    return 0
+
+
+def cmd_db_merge(args) -> int:
+    from .db import add_entries, load_db
+
+    incoming = []
+    for src in args.sources:
+        incoming.extend(load_db(src, missing_ok=False)["entries"])
+    conflicts = add_entries(args.into, incoming)
+    for c in conflicts:
+        print(f"conflict on {c['id']}: kept the {c['kept']} entry dated {c['kept_date']}, dropped the one dated "
+              f"{c['dropped_date']}")
+    print(f"merged {len(incoming)} entries from {len(args.sources)} file(s) into {args.into} "
+          f"({len(conflicts)} conflict(s); rule: same key -> later date wins)")
+    return 0
+
+
+def cmd_db_export(args) -> int:
+    from .atomic import write_json_atomic
+    from .db import SCHEMA_VERSION, now_iso
+
+    rows = _rows(None)
+    doc = {"schema_version": SCHEMA_VERSION, "db_version": now_iso(),
+           "entries": sorted((e for e, _ in rows), key=lambda e: e["id"])}
+    write_json_atomic(args.out, doc)
+    print(f"exported {len(rows)} entries (shipped + user) to {args.out}")
+    return 0
+
+
+def cmd_db_import(args) -> int:
+    from .db import add_entries, entry_from_tune_result, user_db_path
+
+    try:
+        result = json.loads(Path(args.result).read_text())
+    except FileNotFoundError:
+        raise CompilepassError(f"result file {args.result} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
+        raise CompilepassError(f"result file {args.result} is not JSON ({exc})") from None
+    note = f"imported from {args.result} by `compilepass db import-result`"
+    entry = entry_from_tune_result(result, policy=args.policy, engine=args.engine, note=note)
+    into = args.into or user_db_path()
+    conflicts = add_entries(into, [entry])
+    extra = f" (replaced an entry with the same key: {conflicts[0]['kept']} kept)" if conflicts else ""
+    print(f"entry {entry['id']} ({entry['verdict']}, {entry['policy']}) written to {into}{extra}")
     return 0
 
 

@@ -238,9 +238,18 @@ class Decoder:
     def compiled_decode_step(self, options: dict | None = None, fullgraph: bool = True, mode: str | None = None):
         """A new ``torch.compile`` of ``decode_step`` (so several option sets can coexist).
 
+        ``options=None`` selects them from the tuning database (``compilepass.select`` for this model,
+        workload "rollout", the cache's batch; ``COMPILEPASS_AUTOTUNE=0`` turns that off); pass ``{}``
+        for torch's defaults (the tuner's trials pass their flags explicitly).
         ``mode``'s options (e.g. "reduce-overhead" -> CUDA graphs) are merged under ``options``,
         since torch.compile does not accept both at once.
         """
+        if options is None:
+            from compilepass.select import select
+            from compilepass.workloads import inductor_options_for_torch
+
+            options = inductor_options_for_torch(
+                select(self.model, "rollout", batch=self.cache.batch, dtype=self.cache.dtype).flags)
         if mode is not None:
             from torch._inductor import list_mode_options
 
