@@ -37,6 +37,8 @@ __all__ = ["RolloutEngine", "RolloutOutput", "default_buckets", "sample_tokens"]
 
 #: How often (in decode steps) generate() syncs to see whether every sequence has stopped.
 STOP_CHECK_EVERY = 8
+#: torch.compile backend of the decode step ("inductor"; tests swap in "aot_eager" for speed).
+_COMPILE_BACKEND = "inductor"
 
 
 @dataclass
@@ -171,21 +173,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _resolve_options(model, compile_options):
-    """None -> torch's defaults ({}); "auto" -> compilepass's tuned flags for this model when a
-    selection API is available, else defaults; False -> no compile (eager); a dict as is."""
+def _resolve_options(model, compile_options, batch: int, dtype):
+    """None -> torch's defaults ({}); "auto" -> the tuning database's flags for this model
+    (``compilepass.select``, workload "rollout") when available, else defaults; False -> no
+    compile (eager); a dict as is."""
     if compile_options is False:
         return None
     if compile_options is None:
         return {}
     if compile_options == "auto":
         try:
-            from compilepass import select  # type: ignore[attr-defined]
+            from compilepass.select import select
         except ImportError:
             log.info("compile_options='auto': no tuning selection available, using torch's defaults")
             return {}
         try:
-            chosen = select(model, "rollout")
+            chosen = select(model, "rollout", batch=batch, dtype=dtype)
         except Exception as exc:  # a selection failure must not stop generation
             log.warning("compile_options='auto': selection failed (%s), using torch's defaults", exc)
             return {}
@@ -216,6 +219,10 @@ class RolloutEngine:
     - ``kv_region``: put the cache in a :class:`KVRegion` (sleep/wake release/restore its
       memory); False allocates ordinary tensors (sleep/wake then only flip the state).
     - ``warmup``: compile (and capture) every bucket now (default); else on first use.
+    - ``dynamic_batch``: compile the step once with a symbolic batch dimension for every bucket
+      >= 2 (plus once for bucket 1, which dynamo specializes) instead of once per bucket: cold
+      start is one compile, not len(buckets). If that compile fails, the engine falls back to
+      one static compile per bucket (logged).
 
     Construction compiles and captures everything (``cold_start_s``); the region is awake after.
     """
@@ -224,7 +231,8 @@ class RolloutEngine:
                  device: Union[None, str, torch.device] = None,
                  compile_options: Union[None, str, dict, bool] = None,
                  batch_buckets: Optional[Sequence[int]] = None, use_cuda_graphs: bool = True,
-                 kv_region: bool = True, pad_token_id: Optional[int] = None, warmup: bool = True):
+                 kv_region: bool = True, pad_token_id: Optional[int] = None, warmup: bool = True,
+                 dynamic_batch: bool = True):
         t0 = time.perf_counter()
         param = next(model.parameters())
         self.model = model
@@ -264,18 +272,15 @@ class RolloutEngine:
         self._awake = True
         self.decoder = Decoder(model, self.cache)
 
-        self.compile_options = _resolve_options(model, compile_options)
+        self.compile_options = _resolve_options(model, compile_options, self.max_batch, self.dtype)
         self.use_cuda_graphs = bool(use_cuda_graphs) and self.device.type == "cuda"
         options = self.compile_options
         if options is not None and self.use_cuda_graphs:
             options = {**options, "triton.cudagraphs": False}
         self._inductor_cudagraphs = bool((options or {}).get("triton.cudagraphs", False))
-        if options is None:
-            self._step = self.decoder.decode_step
-        else:
-            from compilepass.workloads import inductor_options_for_torch
-
-            self._step = self.decoder.compiled_decode_step(inductor_options_for_torch(options))
+        self._options = options
+        self.dynamic_batch = bool(dynamic_batch) and options is not None and self.max_batch > 2
+        self._step = self._make_step()
         self._tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         self._graphs: dict[int, "torch.cuda.CUDAGraph"] = {}
@@ -329,6 +334,43 @@ class RolloutEngine:
 
     # -- compile and capture -------------------------------------------------------------------
 
+    def _make_step(self):
+        options = self._options
+        if options is None:
+            return self.decoder.decode_step
+        from compilepass.workloads import inductor_options_for_torch
+
+        options = inductor_options_for_torch(options)
+        if _COMPILE_BACKEND != "inductor":  # tests: the engine's plumbing without Inductor's compile time
+            return torch.compile(self.decoder.decode_step, backend=_COMPILE_BACKEND, fullgraph=True,
+                                 dynamic=None if self.dynamic_batch else False)
+        if not self.dynamic_batch:
+            return self.decoder.compiled_decode_step(options)
+        return torch.compile(self.decoder.decode_step, options=options or None, fullgraph=True, dynamic=None)
+
+    def _run_step(self, bucket: int) -> torch.Tensor:
+        """The (compiled) step on the static buffers' first ``bucket`` rows, no graph replay."""
+        tokens, positions = self._tokens[:bucket], self._positions[:bucket]
+        if self.dynamic_batch and bucket >= 2:
+            for t in (tokens, positions):
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
+        return self._step(tokens, positions)
+
+    def _first_call(self, bucket: int, times: int) -> None:
+        """Compile (first call) for ``bucket``; on a failed dynamic compile, fall back to static."""
+        try:
+            for _ in range(times):
+                self._run_step(bucket)
+        except Exception as exc:
+            if not self.dynamic_batch:
+                raise
+            log.warning("dynamic-batch compile of the decode step failed (%s: %s); compiling one static "
+                        "graph per bucket instead", type(exc).__name__, str(exc).splitlines()[0][:300])
+            self.dynamic_batch = False
+            self._step = self._make_step()
+            for _ in range(times):
+                self._run_step(bucket)
+
     @contextlib.contextmanager
     def _compile_limits(self):
         """One compiled graph per bucket (dynamic=False), possibly several engines per process:
@@ -350,8 +392,9 @@ class RolloutEngine:
             if not self.use_cuda_graphs:
                 t0 = time.perf_counter()
                 for b in todo:
-                    for _ in range(2 if self._inductor_cudagraphs else 1):
-                        self._call_step(b)
+                    if self._inductor_cudagraphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    self._first_call(b, 2 if self._inductor_cudagraphs else 1)
                     self._warm.add(b)
                 _sync(self.device)
                 self.compile_s += time.perf_counter() - t0
@@ -363,8 +406,7 @@ class RolloutEngine:
             t0 = time.perf_counter()
             with torch.cuda.stream(stream):
                 for b in todo:  # compile, autotune, cuBLAS workspaces: all outside capture
-                    for _ in range(2):
-                        self._step(self._tokens[:b], self._positions[:b])
+                    self._first_call(b, 2)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             _sync(self.device)
             t1 = time.perf_counter()
@@ -375,7 +417,7 @@ class RolloutEngine:
                 for b in todo:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self._pool):
-                        out = self._step(self._tokens[:b], self._positions[:b])
+                        out = self._run_step(b)
                     self._graphs[b], self._graph_out[b] = graph, out
                     self._warm.add(b)
             _sync(self.device)
@@ -395,7 +437,7 @@ class RolloutEngine:
             return self._graph_out[bucket]
         if self._inductor_cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        return self._step(self._tokens[:bucket], self._positions[:bucket])
+        return self._run_step(bucket)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for ``len(tokens)`` sequences (cache rows ``[:B]``), padded to its bucket:

@@ -225,24 +225,30 @@ def test_bad_requests_raise():
     assert default_buckets(32) == [1, 2, 4, 8, 16, 32]
 
 
-def test_compiled_decode_matches_eager(monkeypatch):
-    """The engine's compiled path (fullgraph dynamo, one compile per bucket). Inductor itself is
-    replaced by aot_eager to keep the test fast on CPU; test_decode.py compiles with Inductor."""
-    from compilepass.standby.decode import Decoder
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "per-bucket"])
+def test_compiled_decode_matches_eager(monkeypatch, dynamic):
+    """The engine's compiled path (fullgraph dynamo; one symbolic-batch compile or one per bucket).
+    Inductor is replaced by dynamo's eager backend to keep the test fast on CPU; test_decode.py compiles with
+    Inductor."""
+    import torch._dynamo.utils
 
-    def aot_eager(self, options=None, fullgraph=True, mode=None):
-        return torch.compile(self.decode_step, backend="aot_eager", fullgraph=fullgraph, dynamic=False)
+    from compilepass.standby import engine as engine_mod
 
-    monkeypatch.setattr(Decoder, "compiled_decode_step", aot_eager)
-    model, eager = shared("tiny", lora=True)
-    compiled = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, batch_buckets=[2, 4])
-    assert compiled.buckets == [2, 4] and compiled._warm == {2, 4}
+    monkeypatch.setattr(engine_mod, "_COMPILE_BACKEND", "eager")
+    model, eager = shared("tiny")
+    torch._dynamo.utils.counters.clear()
+    compiled = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, dynamic_batch=dynamic)
+    assert compiled.buckets == [1, 2, 4] and compiled._warm == {1, 2, 4}
+    assert compiled.dynamic_batch == dynamic
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == (2 if dynamic else 3)  # dynamo specializes batch 1
     ps = prompts()
-    for subset in (ps, ps[:2]):  # bucket 4 (one row padded), bucket 2
+    for subset in (ps, ps[:2], ps[:1]):  # bucket 4 (one row padded), 2, 1
         a = compiled.generate(subset, max_new_tokens=NEW, temperature=0)
         b = eager.generate(subset, max_new_tokens=NEW, temperature=0)
         assert torch.equal(a.completion_ids, b.completion_ids)
         torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "no recompiles while generating"
 
 
 @pytest.mark.gpu
