@@ -1,0 +1,276 @@
+"""GRPO prompts and rewards: JSONL errors, built-in tasks, resumable batching, the toy tokenizer,
+reward functions and RewardSet's error reporting."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from compilepass.errors import CompilepassError, ConfigError
+from compilepass.standby.data import (
+    BUILTIN_TASKS, DatasetError, Example, PromptBatcher, PromptDataset, ToyTokenizer, load_dataset, load_tokenizer,
+)
+from compilepass.standby.rewards import (
+    RewardError, RewardSet, copy_similarity, exact_match, extract_answer, format_answer_tag, format_think_answer,
+    normalize_answer, repeat_letter, resolve_reward,
+)
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def test_jsonl_loads_answers_and_meta(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2=", "answer": 4, "level": 3}\n'
+                 '{"prompt": "free"}\n')
+    ds = PromptDataset.from_jsonl(p)
+    assert len(ds) == 3
+    assert ds[0] == Example("1+1=", "2", {"index": 0})
+    assert ds[1].answer == "4" and ds[1].meta["level"] == 3
+    assert ds[2].answer is None
+    assert ds.default_rewards == ()
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"prompt": "a"}\n{"prompt": "b",}\n', ":2: invalid JSON"),
+    ('{"prompt": "a"}\n\n{"question": "b"}\n', ':3: missing "prompt" (keys: question)'),
+    ('["prompt"]\n', ":1: each line must be a JSON object"),
+    ('{"prompt": 5}\n', ':1: "prompt" must be a non-empty string'),
+    ('{"prompt": "x", "answer": [1]}\n', ':1: "answer" must be a string, a number or null'),
+    ("\n\n", "has no examples"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, content, needle):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    with pytest.raises(DatasetError) as e:
+        PromptDataset.from_jsonl(p)
+    assert needle in str(e.value) and "bad.jsonl" in str(e.value)
+    assert isinstance(e.value, ConfigError)
+
+
+def test_missing_dataset_file(tmp_path):
+    with pytest.raises(DatasetError, match="dataset file '.*nope.jsonl' not found"):
+        load_dataset(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DatasetError, match="unknown built-in task 'x'"):
+        load_dataset("builtin:x")
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_TASKS))
+def test_builtin_tasks_are_deterministic_by_seed(name):
+    a = load_dataset(f"builtin:{name}", seed=1, builtin_size=50)
+    b = load_dataset(f"builtin:{name}", seed=1, builtin_size=50)
+    c = load_dataset(f"builtin:{name}", seed=2, builtin_size=50)
+    assert a.examples == b.examples and a.fingerprint() == b.fingerprint()
+    assert a.examples != c.examples
+    assert all(ex.prompt and ex.answer for ex in a)
+    assert a.default_rewards == BUILTIN_TASKS[name].rewards
+
+
+def test_arithmetic_answers_are_right():
+    for ex in load_dataset("builtin:arithmetic", builtin_size=100):
+        expr = ex.prompt.removeprefix("What is ").removesuffix("? Answer: ")
+        assert str(eval(expr)) == ex.answer  # noqa: S307 - our own generated "a + b" / "a * b"
+        assert exact_match([ex.prompt], [f"The result is {ex.answer}."], [ex.answer]) == [1.0]
+
+
+def take(batcher, n):
+    return [[ex.meta["index"] for ex in batcher.next_batch()] for _ in range(n)]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_batcher_state_round_trip(shuffle):
+    ds = load_dataset("builtin:repeat", seed=0, builtin_size=10)
+    a = PromptBatcher(ds, 4, shuffle=shuffle, seed=7)
+    take(a, 3)  # 12 > 10: crosses into epoch 1
+    state = a.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 2
+    assert all(isinstance(v, (int, str, bool)) for v in state.values())
+    expected = take(a, 5)
+    b = PromptBatcher(ds, 4, shuffle=shuffle, seed=7)
+    b.load_state_dict(state)
+    assert take(b, 5) == expected
+
+
+def test_batcher_epochs_cover_the_dataset_and_reshuffle():
+    ds = load_dataset("builtin:repeat", builtin_size=12)
+    b = PromptBatcher(ds, 4, shuffle=True, seed=0)
+    e0 = sum(take(b, 3), [])
+    e1 = sum(take(b, 3), [])
+    assert sorted(e0) == sorted(e1) == list(range(12))
+    assert e0 != e1
+    assert sum(take(PromptBatcher(ds, 4, shuffle=False), 3), []) == list(range(12))
+
+
+def test_batcher_refuses_a_changed_dataset():
+    state = PromptBatcher(load_dataset("builtin:repeat", seed=0, builtin_size=10), 2).state_dict()
+    other = PromptBatcher(load_dataset("builtin:repeat", seed=1, builtin_size=10), 2)
+    with pytest.raises(ConfigError, match="checkpoint's fingerprint"):
+        other.load_state_dict(state)
+    with pytest.raises(ConfigError, match="checkpoint's seed is 0"):
+        PromptBatcher(load_dataset("builtin:repeat", seed=0, builtin_size=10), 2, seed=5).load_state_dict(state)
+
+
+def test_toy_tokenizer_round_trip():
+    tok = ToyTokenizer()
+    for text in ["Repeat the letter a: ", "héllo wörld ✓\n\t{}", ""]:
+        ids = tok.encode(text)
+        assert all(3 <= i < 256 for i in ids)
+        assert tok.decode(ids) == text
+    ids = tok.encode("ab") + [tok.eos_token_id, tok.pad_token_id, tok.pad_token_id]
+    assert tok.decode(ids) == "ab"
+    assert tok.decode(ids, skip_special_tokens=False) == "ab<eos><pad><pad>"
+    assert tok.encode("\x00\x01") == [tok.unk_token_id] * 2
+    assert tok.decode([0xC3]) == "\ufffd"  # a torn UTF-8 sequence does not raise
+    assert len({tok.pad_token_id, tok.eos_token_id, tok.unk_token_id}) == 3 and tok.vocab_size == 256
+
+
+def test_load_tokenizer_preset_and_missing():
+    assert isinstance(load_tokenizer("tiny"), ToyTokenizer)
+    with pytest.raises(CompilepassError, match="neither a preset"):
+        load_tokenizer("/no/such/model")
+
+
+def test_load_tokenizer_from_local_directory(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "[UNK]": 2, "hello": 3, "world": 4}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>",
+                            unk_token="[UNK]").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3"}')
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode("hello world") == [3, 4]
+    assert tok.eos_token_id == 1 and tok.pad_token_id == 0
+    assert tok.decode([3, 4, 1]) == "hello world"
+
+
+# ---------------------------------------------------------------------------------------- rewards
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("so the total is 42", "42", 1.0),
+    ("first 3 then 41 and finally 42.", "42", 1.0),
+    ("I think 41", "42", 0.0),
+    ("reasoning 7 ... #### 1,000", "1000", 1.0),
+    ("#### 12\nextra 99", "12", 1.0),
+    ("<answer> Paris </answer>", "paris", 1.0),
+    ("The answer: 3.50", "3.5", 1.0),
+    ("Answer is: -7", "-7", 1.0),
+    ("Answer: $12.", "12", 1.0),
+    ("no number here", "5", 0.0),
+    ("", "5", 0.0),
+    ("####", "5", 0.0),
+])
+def test_exact_match(completion, answer, expected):
+    assert exact_match(["p"], [completion], [answer]) == [expected]
+
+
+def test_extract_and_normalize():
+    assert extract_answer("a 1 b 2") == "2"
+    assert extract_answer("nothing") is None
+    assert normalize_answer("1,234.0") == "1234" and normalize_answer(" Paris. ") == "paris"
+    assert normalize_answer(None) is None
+
+
+def test_format_rewards():
+    comps = ["<answer>4</answer>", "the answer is 4", "<think>hmm</think>\n<answer>4</answer>", "<answer>4"]
+    assert format_answer_tag(None, comps, None) == [1.0, 0.0, 1.0, 0.0]
+    assert format_think_answer(None, comps, None) == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_toy_task_rewards_have_spread_for_random_bytes():
+    rng = random.Random(0)
+    comps = ["".join(chr(rng.randint(3, 127)) for _ in range(8)) for _ in range(64)]
+    r = repeat_letter(None, comps, ["c"] * 64)
+    assert repeat_letter(None, ["cccc", "dddd", ""], ["c"] * 3) == [1.0, pytest.approx(1 - 1 / 32), 0.0]
+    assert 0.05 < sum(r) / len(r) < 0.5 and len(set(r)) > 10  # random text scores sometimes, unevenly
+    assert copy_similarity(None, ["abcd", "ab", "abce!!"], ["abcd"] * 3) == [1.0, 0.5, pytest.approx(1 - 1 / 128)]
+
+
+def test_reward_set_weights_and_parts():
+    rs = RewardSet.from_specs([("exact_match", 1.0), ("format_answer_tag", 0.5)])
+    total, parts = rs.score(["q"] * 3, ["<answer>4</answer>", "4", "5"], ["4", "4", "4"])
+    assert total.dtype == torch.float32 and total.tolist() == [1.5, 1.0, 0.0]
+    assert parts["format_answer_tag"].tolist() == [1.0, 0.0, 0.0]
+    assert rs.names == ["exact_match", "format_answer_tag"]
+    assert RewardSet.from_specs([], default=("repeat_letter",)).names == ["repeat_letter"]
+    with pytest.raises(ConfigError, match="no reward functions"):
+        RewardSet.from_specs([])
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def length(prompts, completions, answers, **meta):
+            return [float(len(c)) for c in completions]
+
+        def uses_meta(prompts, completions, answers, level=None, **meta):
+            return [float(l or 0) for l in level]
+
+        def boom(prompts, completions, answers, **meta):
+            return [1.0 / (len(c) - 3) for c in completions]
+
+        def short(prompts, completions, answers, **meta):
+            return [1.0]
+
+        def nan(prompts, completions, answers, **meta):
+            return [0.0, float("nan")]
+
+        def text(prompts, completions, answers, **meta):
+            return [0.0, "high"]
+
+        NOT_CALLABLE = 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("my_rewards", None)
+
+
+def test_user_reward_module_function(user_rewards):
+    rs = RewardSet.from_specs(["my_rewards:length", ("my_rewards:uses_meta", 2.0)])
+    total, parts = rs.score(["p", "p"], ["ab", "abcd"], [None, None], meta=[{"level": 1}, {}])
+    assert parts["my_rewards:length"].tolist() == [2.0, 4.0]
+    assert parts["my_rewards:uses_meta"].tolist() == [1.0, 0.0]
+    assert total.tolist() == [4.0, 4.0]
+    # a file path works too
+    fn = resolve_reward(f"{user_rewards / 'my_rewards.py'}:length")
+    assert fn(None, ["xyz"], None) == [3.0]
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("no_such_module_xyz:f", "no module named 'no_such_module_xyz'"),
+    ("my_rewards:missing", "module 'my_rewards' has no attribute 'missing'"),
+    ("my_rewards:NOT_CALLABLE", "'NOT_CALLABLE' in 'my_rewards' is not callable"),
+    ("/no/such/file.py:f", "file '/no/such/file.py' not found"),
+    ("unknown_builtin", "unknown reward 'unknown_builtin'"),
+    ("my_rewards:", "must look like module:function"),
+])
+def test_user_reward_resolution_errors(user_rewards, spec, needle):
+    with pytest.raises(ConfigError) as e:
+        resolve_reward(spec)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_reward_error_names_function_sample_and_prompt(user_rewards):
+    prompts = ["first prompt", "the failing prompt " + "x" * 200, "third"]
+    with pytest.raises(RewardError) as e:
+        RewardSet.from_specs(["my_rewards:boom"]).score(prompts, ["abcdef", "abc", "ab"], [None] * 3)
+    msg = str(e.value)
+    assert "reward 'my_rewards:boom' failed on sample 1" in msg and "the failing prompt" in msg
+    assert "ZeroDivisionError" in msg and len(msg) < 300 and "\n" not in msg
+    assert isinstance(e.value, CompilepassError)
+
+    with pytest.raises(RewardError, match="'my_rewards:short' returned 1 scores for 2 completions"):
+        RewardSet.from_specs(["my_rewards:short"]).score(["a", "b"], ["x", "y"], [None, None])
+    with pytest.raises(RewardError, match=r"'my_rewards:nan' returned nan for sample 1 \(prompt 'b'\)"):
+        RewardSet.from_specs(["my_rewards:nan"]).score(["a", "b"], ["x", "y"], [None, None])
+    with pytest.raises(RewardError, match=r"returned 'high' \(not a number\) for sample 1"):
+        RewardSet.from_specs(["my_rewards:text"]).score(["a", "b"], ["x", "y"], [None, None])
+    with pytest.raises(RewardError, match="'exact_match' failed on sample 0 .*has none"):
+        RewardSet.from_specs(["exact_match"]).score(["a"], ["1"], [None])
