@@ -435,3 +435,33 @@ def test_cli_info_model(tmp_path):
     sel = json.loads(proc.stdout)["selection"]
     assert sel["match_level"] in (1, 2, 3, 4, 5) and sel["reason"].startswith(sel["level_name"])
     assert_one_line_error(run_cli("info", "--model", "qwen9-1t", env=env), "qwen9-1t")
+
+
+def test_cmd_tune_records_into_user_db(tmp_path, monkeypatch):
+    """cmd_tune's recording step, given a TuneResult (the search itself is tested elsewhere)."""
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from compilepass.cli import _record
+    from compilepass.search import TuneResult
+
+    monkeypatch.setenv("COMPILEPASS_CACHE_DIR", str(tmp_path))
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    args = argparse.Namespace(no_verify=False, policy="throughput")
+    result = TuneResult(**make_result(winner=WIN))
+    _record(result, args, console)
+    stored = load_db(tmp_path / "tuning_db.json")["entries"]
+    assert len(stored) == 1 and stored[0]["policy"] == "throughput" and stored[0]["flags"] == WIN
+    assert f"recorded as entry {stored[0]['id']}" in out.getvalue()
+    # --no-verify: never recorded
+    _record(TuneResult(**make_result(winner=WIN, no_verify=True)), argparse.Namespace(no_verify=True,
+                                                                                       policy="balanced"), console)
+    assert len(load_db(tmp_path / "tuning_db.json")["entries"]) == 1 and "not recorded" in out.getvalue()
+    # a corrupt user database: one clear error, and the result is kept in the cache dir
+    (tmp_path / "tuning_db.json").write_text("{")
+    with pytest.raises(db.CompilepassError, match="corrupt.*saved in"):
+        _record(TuneResult(**make_result(winner=WIN, study="s2")), args, console)
+    assert json.loads((tmp_path / "tune-result-s2.json").read_text())["winner"] == WIN
