@@ -1,0 +1,338 @@
+"""Native rollout engine vs transformers' static-cache generate, same process, same device.
+
+Random weights with a published model's shape (speed depends only on the shape), bf16, greedy,
+no EOS (every sequence runs max_new_tokens). Measures, per model:
+
+1. transformers ``model.generate(..., cache_implementation="static", do_sample=False,
+   max_new_tokens=N, min_new_tokens=N)`` — it compiles itself: first call (compile) and warm calls;
+2. ``RolloutEngine`` once per flag set (``--flags``): cold start (construction = KV region +
+   compile + CUDA-graph capture of every batch bucket), warm start (a second engine after
+   ``torch._dynamo.reset()``, on-disk caches warm), one untimed generate, then ``--repeats`` timed
+   generates: tok/s (B*N / wall time of generate, prefill included, like the baseline) and ms per
+   decode step;
+3. the memory-bandwidth bound of one decode step: (weights read + KV read) / ``--bandwidth``
+   (3.0e12 B/s, measured device-to-device copy on the H100), KV read = the whole static cache
+   (max_len positions; the step masks, it does not skip);
+4. ratios: ours / transformers (tok/s, same run) and ms-per-step / bound.
+
+Fresh Inductor and Triton cache directories are used (set before torch is imported) so that the
+cold start is a real compile; ``--keep-caches`` uses the user's caches instead.
+
+    python benchmarks/bench_rollout.py --out benchmarks/results/rollout_qwen3-0.6b_h100_<date>.json
+    python benchmarks/bench_rollout.py --smoke --out /tmp/rollout_smoke.json   # CPU, tiny, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+TUNED = {"combo_kernels": True, "coordinate_descent_tuning": True, "max_autotune": True,
+         "max_autotune_pointwise": True, "triton.multi_kernel": 1}
+DEFAULT_FLAGS = ["{}", json.dumps(TUNED)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON result file")
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--flags", nargs="*", default=None,
+                   help="compile option sets as JSON objects, or 'eager' for no compile "
+                        f"(default: {{}} and {json.dumps(TUNED)})")
+    p.add_argument("--repeats", type=int, default=5, help="timed engine generates per flag set")
+    p.add_argument("--hf-repeats", type=int, default=3, help="timed warm transformers generates")
+    p.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
+    p.add_argument("--no-warm-start", action="store_true", help="skip the warm-start measurement")
+    p.add_argument("--with-8b", action="store_true", help="also qwen3-8b shapes at --batch-8b")
+    p.add_argument("--batch-8b", type=int, default=64)
+    p.add_argument("--bandwidth", type=float, default=3.0e12, help="device copy bandwidth, bytes/s")
+    p.add_argument("--keep-caches", action="store_true", help="use the existing Inductor/Triton caches")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny preset, batch 4, prompt 16, 16 tokens, fp32 (CPU if no GPU), eager engine")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.batch, args.prompt_len, args.new_tokens = "tiny", 4, 16, 16
+        args.repeats, args.hf_repeats, args.with_8b = 2, 1, False
+        if args.flags is None:
+            args.flags = ["eager"]
+    if args.flags is None:
+        args.flags = list(DEFAULT_FLAGS)
+    return args
+
+
+def _fresh_caches() -> str:
+    root = tempfile.mkdtemp(prefix="bench_rollout_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(root, "triton")
+    return root
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "cuda": torch.version.cuda}
+    for name in ("triton", "peft"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bandwidth_bound(model, shape, batch: int, max_len: int, kv_itemsize: int, bandwidth: float) -> dict:
+    """Bytes one decode step must read: every weight once (the embedding table only through the
+    tied lm_head; an untied table is read at B rows only) and the whole static KV cache."""
+    weights = 0
+    embed = model.get_input_embeddings().weight
+    for p in model.parameters():
+        if p is embed and not shape.tie_word_embeddings:
+            continue
+        weights += p.numel() * p.element_size()
+    kv = 2 * shape.num_layers * batch * shape.num_kv_heads * max_len * shape.head_dim * kv_itemsize
+    return {"weights_bytes": weights, "kv_bytes": kv, "bandwidth_Bps": bandwidth,
+            "bound_ms_per_step": (weights + kv) / bandwidth * 1e3}
+
+
+def run_hf(model, prompts, new_tokens: int, repeats: int, device) -> dict:
+    import torch
+
+    ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, cache_implementation="static", do_sample=False, max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, pad_token_id=0)
+    B, P = ids.shape
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(ids, **kw)
+    sync(device)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    n = out.shape[1] - P
+    med = statistics.median(times)
+    return {"first_call_s": first, "warm_call_s": times, "new_tokens": n, "tokens": out[:, P:].cpu(),
+            "tok_per_s": [B * n / t for t in times], "tok_per_s_median": B * n / med,
+            "ms_per_step_median": med / n * 1e3}
+
+
+def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start: bool, device) -> dict:
+    import torch
+
+    from compilepass.standby.engine import RolloutEngine
+
+    B = len(prompts)
+    max_len = max(len(p) for p in prompts) + new_tokens
+    options = False if flags == "eager" else flags
+    gc.collect()
+    sync(device)
+    t0 = time.perf_counter()
+    engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options)
+    sync(device)
+    cold = time.perf_counter() - t0
+    row = {"flags": flags, "cold_start_s": cold, "compile_s": engine.compile_s, "capture_s": engine.capture_s,
+           "buckets": engine.buckets, "graphs": sorted(engine._graphs), "dynamic_batch": engine.dynamic_batch,
+           "kv_region_bytes": engine.region.nbytes if engine.region is not None else None}
+    first = engine.generate(prompts, max_new_tokens=new_tokens, temperature=0)
+    row["first_generate_s"] = first.total_s
+    reps = []
+    for _ in range(repeats):
+        out = engine.generate(prompts, max_new_tokens=new_tokens, temperature=0)
+        n_tok = int(out.completion_lengths.sum())
+        reps.append({"total_s": out.total_s, "prefill_s": out.prefill_s, "decode_s": out.decode_s,
+                     "decode_steps": out.decode_steps, "tokens": n_tok, "tok_per_s": n_tok / out.total_s,
+                     "ms_per_step": out.decode_s / max(out.decode_steps, 1) * 1e3})
+    row["repeats"] = reps
+    row["tok_per_s_median"] = statistics.median(r["tok_per_s"] for r in reps)
+    row["ms_per_step_median"] = statistics.median(r["ms_per_step"] for r in reps)
+    row["tokens"] = out.completion_ids.cpu()
+    # sleep / wake once and check that the graphs still give the same tokens
+    engine.sleep()
+    engine.wake()
+    again = engine.generate(prompts, max_new_tokens=new_tokens, temperature=0)
+    row["same_tokens_after_sleep_wake"] = bool(torch.equal(again.completion_ids, out.completion_ids))
+    if device.type == "cuda":
+        row["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    engine.close()
+    del engine, first, out, again
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if warm_start and options is not False:
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options)
+        sync(device)
+        row["warm_start_s"] = time.perf_counter() - t0
+        engine.close()
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def agreement(a, b) -> dict:
+    """How far two greedy token sets agree (bf16 numerics differ between implementations)."""
+    import torch
+
+    same = a == b
+    prefix = torch.where(same.all(1), same.shape[1], (~same).float().argmax(1))
+    return {"first_token_equal_frac": float(same[:, 0].float().mean()), "token_equal_frac": float(same.float().mean()),
+            "mean_equal_prefix": float(prefix.float().mean())}
+
+
+def bench_model(args, name: str, batch: int, device, dtype, result: dict, save) -> dict:
+    import torch
+
+    from compilepass.standby.models import ModelShape, build_model
+
+    print(f"== {name}: batch {batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, "
+          f"{device_name(device)}", flush=True)
+    model = build_model(name, dtype=dtype, device=device, seed=0)
+    shape = ModelShape.from_hf_config(model.config)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, shape.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
+    max_len = args.prompt_len + args.new_tokens
+    entry = {"model": name, "random_weights": True, "batch": batch, "prompt_len": args.prompt_len,
+             "new_tokens": args.new_tokens, "dtype": str(dtype).replace("torch.", ""),
+             "bound": bandwidth_bound(model, shape, batch, max_len, torch.empty((), dtype=dtype).element_size(),
+                                      args.bandwidth),
+             "engines": []}
+    result["runs"].append(entry)
+    hf_tokens = None
+    if not args.skip_hf:
+        try:
+            hf = run_hf(model, prompts, args.new_tokens, args.hf_repeats, device)
+            hf_tokens = hf.pop("tokens")
+            entry["transformers"] = hf
+            print(f"   transformers static generate: first call {hf['first_call_s']:.1f} s, "
+                  f"{hf['tok_per_s_median']:.0f} tok/s ({hf['ms_per_step_median']:.2f} ms/step)", flush=True)
+        except Exception as exc:  # the baseline failing must not lose the engine's numbers
+            entry["transformers"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            print(f"   transformers generate failed: {exc}", flush=True)
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
+    for f in args.flags:
+        flags = "eager" if f == "eager" else json.loads(f)
+        try:
+            row = run_engine(model, prompts, args.new_tokens, flags, args.repeats, not args.no_warm_start, device)
+        except Exception as exc:
+            import traceback
+
+            row = {"flags": flags, "error": traceback.format_exc()[-3000:]}
+            print(f"   engine {f} failed: {exc}", flush=True)
+            entry["engines"].append(row)
+            save()
+            continue
+        tokens = row.pop("tokens")
+        if hf_tokens is not None:
+            row["agreement_with_transformers"] = agreement(tokens, hf_tokens)
+            hf_tps = entry["transformers"].get("tok_per_s_median")
+            if hf_tps:
+                row["ratio_vs_transformers"] = row["tok_per_s_median"] / hf_tps
+        row["ratio_ms_per_step_vs_bound"] = row["ms_per_step_median"] / entry["bound"]["bound_ms_per_step"]
+        entry["engines"].append(row)
+        print(f"   engine {f}: cold start {row['cold_start_s']:.1f} s (compile {row['compile_s']:.1f}, capture "
+              f"{row['capture_s']:.2f}), warm start {row.get('warm_start_s', float('nan')):.1f} s, "
+              f"{row['tok_per_s_median']:.0f} tok/s, {row['ms_per_step_median']:.3f} ms/step, "
+              f"x{row.get('ratio_vs_transformers', float('nan')):.2f} vs transformers", flush=True)
+        save()
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return entry
+
+
+def print_table(result: dict) -> None:
+    print()
+    head = f"{'model':<12} {'what':<44} {'cold s':>7} {'warm s':>7} {'tok/s':>9} {'ms/step':>8} {'x HF':>6} {'x bound':>7}"
+    print(head)
+    print("-" * len(head))
+    for run in result["runs"]:
+        bound = run["bound"]["bound_ms_per_step"]
+        hf = run.get("transformers") or {}
+        if "tok_per_s_median" in hf:
+            print(f"{run['model']:<12} {'transformers static generate':<44} {hf['first_call_s']:>7.1f} {'':>7} "
+                  f"{hf['tok_per_s_median']:>9.0f} {hf['ms_per_step_median']:>8.3f} {1.0:>6.2f} "
+                  f"{hf['ms_per_step_median'] / bound:>7.2f}")
+        for row in run["engines"]:
+            what = "engine " + (json.dumps(row["flags"]) if row["flags"] != "eager" else "eager")
+            if "error" in row:
+                print(f"{run['model']:<12} {what[:44]:<44} failed")
+                continue
+            print(f"{run['model']:<12} {what[:44]:<44} {row['cold_start_s']:>7.1f} {row.get('warm_start_s', float('nan')):>7.1f} "
+                  f"{row['tok_per_s_median']:>9.0f} {row['ms_per_step_median']:>8.3f} "
+                  f"{row.get('ratio_vs_transformers', float('nan')):>6.2f} {row['ratio_ms_per_step_vs_bound']:>7.2f}")
+        print(f"{run['model']:<12} {'bandwidth bound':<44} {'':>7} {'':>7} "
+              f"{run['batch'] / bound * 1e3:>9.0f} {bound:>8.3f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cache_root = None if args.keep_caches else _fresh_caches()
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" and not args.smoke else torch.float32
+    result = {"benchmark": "rollout", "command": " ".join([sys.executable, *sys.argv]),
+              "device": device_name(device), "versions": versions(), "random_weights": True,
+              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "inductor_cache": "fresh temporary directories" if cache_root else "user's caches",
+              "runs": []}
+    out_path = args.out
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, out_path)
+
+    t0 = time.perf_counter()
+    bench_model(args, args.model, args.batch, device, dtype, result, save)
+    if args.with_8b:
+        bench_model(args, "qwen3-8b", args.batch_8b, device, dtype, result, save)
+    result["wall_s"] = time.perf_counter() - t0
+    save()
+    print_table(result)
+    print(f"\nwrote {out_path} ({result['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
