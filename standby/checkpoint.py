@@ -235,8 +235,9 @@ def save_checkpoint(
     ``rng_states``: from :func:`capture_rng_state`; None captures them now. ``data_state``:
     ``PromptBatcher.state_dict()``. ``config_dict``: ``GRPOConfig.to_dict()``. ``metrics_tail``:
     the last few metrics records (JSON-able). ``extra``: more trainer state (tensors and plain
-    data only). An existing checkpoint of the same step is replaced. Afterwards only the newest
-    ``keep_last`` checkpoints remain.
+    data only). An existing checkpoint of the same step is replaced, and checkpoints of *later*
+    steps (left by a run that this one resumed from an earlier checkpoint) are deleted. Afterwards
+    only the newest ``keep_last`` checkpoints remain.
     """
     if keep_last < 1:
         raise ValueError("keep_last must be >= 1")
@@ -277,6 +278,11 @@ def save_checkpoint(
         _fsync_dir(tmp)
         _hook("fsynced")
         final = d / name
+        # Checkpoints of later steps belong to a run that was resumed from an earlier point (their
+        # metrics were truncated too); they would shadow this one, so they go first.
+        for later_step, later in list_checkpoints(d):
+            if later_step > step:
+                _remove_checkpoint(later)
         if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
             trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{int(step):08d}-old-", dir=d))
             os.rename(final, trash / name)
@@ -292,8 +298,16 @@ def save_checkpoint(
     write_bytes_atomic(d / LATEST_FILE, (name + "\n").encode())
     _hook("latest")
     for _, old in list_checkpoints(d)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_checkpoint(old)
     return final
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Rename to a temp name first (atomic), so a kill mid-delete never leaves a half checkpoint
+    that looks complete."""
+    trash = path.parent / f"{TMP_PREFIX}{path.name[len('step-'):]}-del-{os.getpid()}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:

@@ -47,7 +47,14 @@ _DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 @dataclass
 class ModelConfig:
-    """The policy: a preset name (random weights) or a local Hugging Face model directory."""
+    """The policy: a preset name (random weights) or a local Hugging Face model directory.
+
+    ``init_std`` (presets only; ignored for a directory): redraw every weight matrix of the
+    random preset from N(0, init_std) with :meth:`reinit_preset_weights`. Hugging Face's default
+    init (std 0.02) gives the tied-embedding tiny preset logits bounded by about +-1.3, a nearly
+    uniform policy that no LoRA adapter can sharpen much; 0.15 (the tiny default config) gives
+    it a peaked, learnable output distribution.
+    """
 
     name_or_path: str = "tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -56,6 +63,26 @@ class ModelConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(_DEFAULT_TARGETS))
     gradient_checkpointing: bool = True
     offload_activations: bool = False
+    init_std: Optional[float] = None
+
+    def reinit_preset_weights(self, model, seed: int = 0) -> bool:
+        """Apply ``init_std`` to a freshly built preset (before ``add_lora``): every 2-D parameter
+        from N(0, init_std), biases from N(0, init_std / 3), with a generator seeded by ``seed``.
+        Returns whether anything changed (False for a directory or ``init_std`` null)."""
+        import torch
+
+        from compilepass.standby.models import PRESETS
+
+        if self.init_std is None or self.name_or_path not in PRESETS:
+            return False
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    p.copy_((torch.randn(p.shape, generator=gen) * self.init_std).to(p.dtype))
+                elif name.endswith(".bias"):
+                    p.copy_((torch.randn(p.shape, generator=gen) * self.init_std / 3).to(p.dtype))
+        return True
 
     @property
     def torch_dtype(self):
@@ -68,6 +95,7 @@ class ModelConfig:
         _require(self.lora_rank >= 1, "model.lora_rank", f"must be >= 1 (got {self.lora_rank})")
         _require(self.lora_alpha > 0, "model.lora_alpha", f"must be > 0 (got {self.lora_alpha})")
         _require(len(self.lora_targets) > 0, "model.lora_targets", "must name at least one module")
+        _require(self.init_std is None or self.init_std > 0, "model.init_std", f"must be > 0 or null (got {self.init_std})")
 
 
 @dataclass
@@ -157,6 +185,39 @@ class OptimConfig:
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "optim.max_grad_norm",
                  f"must be > 0 or null (got {self.max_grad_norm})")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {self.warmup_steps})")
+
+    def make_optimizer(self, params):
+        """``torch.optim.AdamW`` over ``params`` (pass only the trainable LoRA parameters)."""
+        import torch
+
+        return torch.optim.AdamW(list(params), lr=self.lr, betas=(self.betas[0], self.betas[1]), eps=self.eps,
+                                 weight_decay=self.weight_decay)
+
+    def make_scheduler(self, optimizer, max_steps: int):
+        """A ``LambdaLR``: linear warmup over ``warmup_steps``, then constant / cosine / linear decay
+        to 0 at ``max_steps``. Call ``scheduler.step()`` once per optimizer step. Its state_dict
+        is plain data (the multiplier is an :class:`LRSchedule` object of numbers)."""
+        import torch
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(self.scheduler, self.warmup_steps, max_steps))
+
+
+class LRSchedule:
+    """The learning-rate multiplier of step ``s`` (picklable; ``LambdaLR`` saves its ``__dict__``)."""
+
+    def __init__(self, kind: str, warmup_steps: int, max_steps: int):
+        self.kind, self.warmup_steps, self.max_steps = kind, int(warmup_steps), int(max_steps)
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+        if self.kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -289,7 +350,7 @@ def _tiny_config() -> GRPOConfig:
     """The tiny random-weight preset learning the built-in ``repeat`` task on CPU in a few minutes."""
     return GRPOConfig(
         model=ModelConfig(name_or_path="tiny", dtype="float32", lora_rank=8, lora_alpha=16,
-                          gradient_checkpointing=False),
+                          gradient_checkpointing=False, init_std=0.15),
         generation=GenerationConfig(num_generations=8, max_prompt_len=32, max_completion_len=8,
                                     temperature=1.0),
         loss=LossConfig(loss_type="grpo"),

@@ -243,3 +243,14 @@ def test_progress_bar_formats_and_runs(tmp_path):
     with ProgressBar(3, enabled=False) as bar:
         bar.update(1, {})
     assert peak_memory_gib() > 0
+
+
+def test_saving_after_resuming_from_an_earlier_step_drops_later_checkpoints(tmp_path):
+    model, opt, sched = make_trainer()
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, model=model, optimizer=opt, scheduler=sched, keep_last=5)
+    load_checkpoint(tmp_path / "step-00000002", model, opt, sched)  # resume: run.resume=<path>
+    save_checkpoint(tmp_path, 3, model=model, optimizer=opt, scheduler=sched, keep_last=5)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    assert find_latest(tmp_path) == tmp_path / "step-00000003"
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())

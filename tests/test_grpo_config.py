@@ -196,3 +196,48 @@ def test_jsonl_dataset_needs_a_reward():
         load_config(None, ["data.dataset=prompts.jsonl", "reward.functions=[]"])
     c = load_config(None, ["data.dataset=prompts.jsonl", "reward.functions=[mymod:score]"])
     assert c.reward.functions == [RewardSpec("mymod:score", 1.0)]  # resolved later, by RewardSet
+
+
+def test_optimizer_and_scheduler_builders():
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    for kind, at_end in (("constant", 1.0), ("linear", 0.0), ("cosine", 0.0)):
+        c = load_config(None, [f"optim.scheduler={kind}", "optim.warmup_steps=2", "optim.lr=0.1", "optim.betas=[0.8, 0.9]"])
+        opt = c.optim.make_optimizer([p])
+        assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+        sched = c.optim.make_scheduler(opt, max_steps=10)
+        lrs = [opt.param_groups[0]["lr"]]
+        for _ in range(10):
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.1)  # warmup
+        assert lrs[10] == pytest.approx(0.1 * at_end, abs=1e-12)
+        if kind == "cosine":
+            assert lrs[6] == pytest.approx(0.05)  # half way through the decay
+    import io
+
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    sched2 = c.optim.make_scheduler(c.optim.make_optimizer([p]), max_steps=10)
+    sched2.load_state_dict(state)
+    assert sched2.last_epoch == 10
+
+
+def test_reinit_preset_weights():
+    import torch
+
+    from compilepass.standby.models import build_model
+
+    c = default_config("tiny")
+    assert c.model.init_std == 0.15
+    m = build_model("tiny", dtype=torch.float32)
+    assert c.model.reinit_preset_weights(m, seed=0)
+    w = m.model.layers[0].mlp.up_proj.weight
+    assert 0.13 < w.std().item() < 0.17
+    assert not load_config(None, ["model.init_std=null"]).model.reinit_preset_weights(m)
+    with pytest.raises(ConfigError, match="'model.init_std' must be > 0 or null"):
+        load_config(None, ["model.init_std=0"])
