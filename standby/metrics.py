@@ -3,7 +3,7 @@
 ``MetricsLogger(output_dir, resume_step=S)`` first drops every line of an existing
 ``metrics.jsonl`` whose step is > S (and a torn last line from a killed process), so after a
 resume from the step-S checkpoint the file holds each step exactly once. A fresh run passes
-``resume_step=0``. Each ``log(step, metrics)`` appends one JSON object ``{"step": ..., "time":
+``resume_step=None`` (the default), which empties an existing file. Each ``log(step, metrics)`` appends one JSON object ``{"step": ..., "time":
 ..., **metrics}`` and flushes and fsyncs it.
 """
 
@@ -16,7 +16,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from compilepass.atomic import write_bytes_atomic
 from compilepass.errors import ConfigError
@@ -65,19 +65,20 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 class MetricsLogger:
     """Append-only step metrics under ``output_dir``.
 
-    ``resume_step``: lines with ``step > resume_step`` are removed first (0 for a fresh run).
+    ``resume_step``: lines with ``step > resume_step`` are removed first; None (a fresh run)
+    removes every line.
     ``tensorboard``: also write scalars to ``output_dir/tensorboard`` with
     ``torch.utils.tensorboard.SummaryWriter`` (ConfigError when the tensorboard package is missing).
     ``keep_tail``: how many recent records :meth:`tail` can return.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, *, tensorboard: bool = False, resume_step: int = 0,
-                 keep_tail: int = 20):
+    def __init__(self, output_dir: str | os.PathLike, *, tensorboard: bool = False,
+                 resume_step: int | None = None, keep_tail: int = 20):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / METRICS_FILE
         records = read_metrics(self.path)
-        kept = [r for r in records if r["step"] <= resume_step]
+        kept = [] if resume_step is None else [r for r in records if r["step"] <= resume_step]
         if self.path.exists() and (len(kept) != len(records) or self._has_trailing_garbage(len(records))):
             data = "".join(json.dumps(r) + "\n" for r in kept).encode()
             write_bytes_atomic(self.path, data)
@@ -92,7 +93,7 @@ class MetricsLogger:
                 self._file.close()
                 raise ConfigError("run.tensorboard is true but the tensorboard package is not installed "
                                   "(pip install tensorboard, or set run.tensorboard=false)") from None
-            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=resume_step + 1)
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
 
     def _has_trailing_garbage(self, n_good: int) -> bool:
         with open(self.path, "r", encoding="utf-8", errors="replace") as f:

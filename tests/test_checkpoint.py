@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import signal
 import subprocess
@@ -18,7 +17,6 @@ import pytest
 import torch
 
 from compilepass.errors import CompilepassError, ConfigError
-from compilepass.standby import checkpoint as ckpt_mod
 from compilepass.standby.checkpoint import (
     CheckpointError, capture_rng_state, cleanup_partial, find_latest, list_checkpoints, load_checkpoint,
     restore_rng_state, save_checkpoint,
@@ -199,7 +197,7 @@ def test_sigkill_during_save_keeps_a_loadable_checkpoint(tmp_path, stage, expect
 
 
 def test_metrics_append_and_truncate_on_resume(tmp_path):
-    with MetricsLogger(tmp_path) as m:
+    with MetricsLogger(tmp_path, resume_step=None) as m:
         for step in range(1, 6):
             m.log(step, {"reward": torch.tensor(step / 10), "kl": 0.0, "nan": float("nan")})
         assert [r["step"] for r in m.tail(2)] == [4, 5]
@@ -216,7 +214,10 @@ def test_metrics_append_and_truncate_on_resume(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
     assert json.loads(lines[-1])["reward"] == 0.9
 
-    with MetricsLogger(tmp_path, resume_step=0):  # a fresh run starts an empty log
+    with MetricsLogger(tmp_path, resume_step=0) as m:  # resumed before any step: step 0 may be logged
+        m.log(0, {"reward": 0.0})
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0]
+    with MetricsLogger(tmp_path):  # a fresh run starts an empty log
         pass
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 

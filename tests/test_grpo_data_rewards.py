@@ -3,7 +3,6 @@ reward functions and RewardSet's error reporting."""
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import textwrap
