@@ -7,7 +7,7 @@ physical memory to the trainer and ``wake()`` maps it back at the same addresses
 
 Decode runs ``Decoder.decode_step`` compiled by ``torch.compile`` (Inductor's own CUDA graphs
 off) and, on CUDA, captured by us into one ``torch.cuda.CUDAGraph`` per batch-size bucket
-(1, 2, 4, ..., max_batch) over static token / position buffers. A graph reads the weights and the
+(2, 4, 8, ..., max_batch) over static token / position buffers. A graph reads the weights and the
 KV cache at fixed addresses, so it stays valid across sleep/wake cycles (the region's addresses
 never move) and optimizer steps (parameters are updated in place). It does not survive a
 parameter being *replaced* (``param.data = ...``, re-loading a state dict by assignment, moving
@@ -72,10 +72,16 @@ class RolloutOutput:
 
 
 def default_buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, ... below ``max_batch``, and ``max_batch`` itself."""
+    """2, 4, 8, ... below ``max_batch``, and ``max_batch`` itself ([1] when max_batch is 1).
+
+    No bucket 1: dynamo specializes size-1 dimensions, so batch 1 would cost a compile of its own,
+    while padding it to 2 costs next to nothing (decode reads the weights once either way).
+    """
     if max_batch < 1:
         raise ValueError("max_batch must be >= 1")
-    out = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
+    if max_batch == 1:
+        return [1]
+    out = [1 << i for i in range(1, max_batch.bit_length()) if (1 << i) < max_batch]
     return out + [max_batch]
 
 
@@ -213,15 +219,16 @@ class RolloutEngine:
     - ``compile_options``: Inductor options for the decode step; None = torch's defaults,
       ``"auto"`` = compilepass's tuned flags when available, ``False`` = eager (no compile).
       ``triton.cudagraphs`` is forced off when the engine captures graphs itself.
-    - ``batch_buckets``: batch sizes with a compiled step and a graph (default 1, 2, 4, ...,
-      max_batch); a batch runs in the smallest bucket that holds it (padded).
+    - ``batch_buckets``: batch sizes with a compiled step and a graph (default 2, 4, 8, ...,
+      max_batch; see :func:`default_buckets`); a batch runs in the smallest bucket that holds it
+      (padded).
     - ``use_cuda_graphs``: capture one CUDA graph per bucket (CUDA only; ignored on CPU).
     - ``kv_region``: put the cache in a :class:`KVRegion` (sleep/wake release/restore its
       memory); False allocates ordinary tensors (sleep/wake then only flip the state).
     - ``warmup``: compile (and capture) every bucket now (default); else on first use.
     - ``dynamic_batch``: compile the step once with a symbolic batch dimension for every bucket
-      >= 2 (plus once for bucket 1, which dynamo specializes) instead of once per bucket: cold
-      start is one compile, not len(buckets). If that compile fails, the engine falls back to
+      >= 2 (a bucket 1, if asked for, is compiled on its own: dynamo specializes size 1) instead
+      of once per bucket: cold start is one compile, not len(buckets). If that compile fails, the engine falls back to
       one static compile per bucket (logged).
 
     Construction compiles and captures everything (``cold_start_s``); the region is awake after.

@@ -74,7 +74,7 @@ def test_more_prompts_than_max_batch_are_split():
     out = engine.generate(ps, max_new_tokens=6, temperature=0)
     assert out.completion_ids.shape == (7, 6)
     for b, p in enumerate(ps):
-        single = engine.generate([p], max_new_tokens=6, temperature=0)  # bucket 1
+        single = engine.generate([p], max_new_tokens=6, temperature=0)  # batch 1, padded to bucket 2
         assert torch.equal(out.completion_ids[b], single.completion_ids[0]), b
 
 
@@ -221,8 +221,8 @@ def test_bad_requests_raise():
         engine.generate([[]], max_new_tokens=2)
     with pytest.raises(ValueError, match="token id"):
         engine.generate([[1, 999]], max_new_tokens=2)
-    assert default_buckets(1) == [1] and default_buckets(6) == [1, 2, 4, 6]
-    assert default_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert default_buckets(1) == [1] and default_buckets(2) == [2] and default_buckets(6) == [2, 4, 6]
+    assert default_buckets(32) == [2, 4, 8, 16, 32]
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "per-bucket"])
@@ -238,12 +238,12 @@ def test_compiled_decode_matches_eager(monkeypatch, dynamic):
     model, eager = shared("tiny")
     torch._dynamo.utils.counters.clear()
     compiled = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, dynamic_batch=dynamic)
-    assert compiled.buckets == [1, 2, 4] and compiled._warm == {1, 2, 4}
+    assert compiled.buckets == [2, 4] and compiled._warm == {2, 4}
     assert compiled.dynamic_batch == dynamic
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs == (2 if dynamic else 3)  # dynamo specializes batch 1
+    assert graphs == (1 if dynamic else 2)
     ps = prompts()
-    for subset in (ps, ps[:2], ps[:1]):  # bucket 4 (one row padded), 2, 1
+    for subset in (ps, ps[:2], ps[:1]):  # bucket 4 (one row padded), 2, 2 (one row padded)
         a = compiled.generate(subset, max_new_tokens=NEW, temperature=0)
         b = eager.generate(subset, max_new_tokens=NEW, temperature=0)
         assert torch.equal(a.completion_ids, b.completion_ids)
@@ -257,7 +257,7 @@ def test_cuda_graphs_survive_sleep_wake_and_optimizer_steps():
     torch.manual_seed(0)
     model = make_model("tiny-llama", lora=True).cuda()
     engine = RolloutEngine(model, max_batch=8, max_len=48, compile_options={})
-    assert sorted(engine._graphs) == [1, 2, 4, 8]
+    assert sorted(engine._graphs) == [2, 4, 8]
     ps = prompts()
     ref = engine.generate(ps, max_new_tokens=NEW, temperature=0)
     for b, p in enumerate(ps):
