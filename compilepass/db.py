@@ -483,7 +483,12 @@ def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str 
     if engine not in ENGINES:
         raise NotRecordable(f"unknown engine {engine!r}")
 
-    env, wl = r["environment"], r["workload"]
+    env, wl = dict(r["environment"]), r["workload"]
+    if str(wl.get("device", "auto")).startswith("cpu") and env.get("compute_capability"):
+        # measured on the CPU of a GPU machine: the key is the CPU's (as select() builds it for a CPU model)
+        import platform
+
+        env.update(device_name="cpu:" + (platform.processor() or platform.machine()), compute_capability=None)
     from .workloads import WorkloadSpec
 
     spec = WorkloadSpec.from_dict(wl)
@@ -544,6 +549,7 @@ def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str 
             "compilepass_version": __version__,
             "command": command,
             "study_name": r["study_name"],
+            "environment": r["environment"],
             "note": note,
         },
     }
