@@ -363,20 +363,23 @@ class RolloutEngine:
                 torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
         return self._step(tokens, positions)
 
-    def _first_call(self, bucket: int, times: int) -> None:
-        """Compile (first call) for ``bucket``; on a failed dynamic compile, fall back to static."""
+    def _first_calls(self, buckets: Sequence[int], times: int) -> None:
+        """Run (so compile, autotune, pick kernels) each bucket ``times`` times; if the dynamic-batch
+        compile fails, switch to one static compile per bucket and start over."""
         try:
-            for _ in range(times):
-                self._run_step(bucket)
+            for b in buckets:
+                for _ in range(times):
+                    self._run_step(b)
         except Exception as exc:
             if not self.dynamic_batch:
                 raise
             log.warning("dynamic-batch compile of the decode step failed (%s: %s); compiling one static "
-                        "graph per bucket instead", type(exc).__name__, str(exc).splitlines()[0][:300])
+                        "graph per bucket instead", type(exc).__name__, (str(exc).splitlines() or [""])[0][:300])
             self.dynamic_batch = False
             self._step = self._make_step()
-            for _ in range(times):
-                self._run_step(bucket)
+            for b in buckets:
+                for _ in range(times):
+                    self._run_step(b)
 
     @contextlib.contextmanager
     def _compile_limits(self):
@@ -398,11 +401,14 @@ class RolloutEngine:
         with _eval_mode(self.model), torch.no_grad(), self._compile_limits():
             if not self.use_cuda_graphs:
                 t0 = time.perf_counter()
-                for b in todo:
-                    if self._inductor_cudagraphs:
-                        torch.compiler.cudagraph_mark_step_begin()
-                    self._first_call(b, 2 if self._inductor_cudagraphs else 1)
-                    self._warm.add(b)
+                if self._inductor_cudagraphs:  # cudagraph trees record on the 2nd call, replay from the 3rd
+                    for b in todo:
+                        for _ in range(3):
+                            torch.compiler.cudagraph_mark_step_begin()
+                            self._run_step(b)
+                else:
+                    self._first_calls(todo, 1)
+                self._warm.update(todo)
                 _sync(self.device)
                 self.compile_s += time.perf_counter() - t0
                 return
@@ -412,8 +418,7 @@ class RolloutEngine:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             t0 = time.perf_counter()
             with torch.cuda.stream(stream):
-                for b in todo:  # compile, autotune, cuBLAS workspaces: all outside capture
-                    self._first_call(b, 2)
+                self._first_calls(todo, 2)  # compile, autotune, cuBLAS workspaces: all outside capture
             torch.cuda.current_stream(self.device).wait_stream(stream)
             _sync(self.device)
             t1 = time.perf_counter()
