@@ -260,6 +260,27 @@ def test_compiled_decode_matches_eager(monkeypatch, dynamic):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "no recompiles while generating"
 
 
+def test_bench_rollout_smoke(tmp_path):
+    """benchmarks/bench_rollout.py --smoke: the benchmark's logic end to end on CPU."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py"
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rollout.json"
+    assert bench.main(["--smoke", "--skip-hf", "--repeats", "1", "--keep-caches", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    run = result["runs"][0]
+    assert run["model"] == "tiny" and run["bound"]["bound_ms_per_step"] > 0
+    engine = run["engines"][0]
+    assert "error" not in engine, engine.get("error")
+    assert engine["repeats"][0]["tokens"] == 4 * 16 and engine["same_tokens_after_sleep_wake"]
+    assert result["versions"]["torch"] == torch.__version__
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the CUDA KV region need a GPU")
 def test_cuda_graphs_survive_sleep_wake_and_optimizer_steps():
