@@ -35,7 +35,6 @@ and a "throughput" entry (compile time allowed to grow) is not offered to a "bal
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as _dt
 import fcntl
 import hashlib

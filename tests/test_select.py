@@ -7,7 +7,6 @@ import importlib
 import logging
 import os
 
-import pytest
 import torch
 
 import compilepass
@@ -108,7 +107,6 @@ def test_hf_model_on_cpu_uses_a_cpu_key():
     # the running machine has a GPU, but the model sits on the CPU: the CPU entry applies (same arch "cpu")
     sel = compilepass.select(model, batch=4, env=h100_env(), entries=e)
     assert sel.flags == {"epilogue_fusion": False} and sel.match_level in (2, 4)
-    from peft import PeftModel  # noqa: F401  (peft-wrapped models resolve through get_base_model)
     from compilepass.standby.models import add_lora
 
     sel = compilepass.select(add_lora(model, rank=2), batch=4, env=h100_env(), entries=e)
