@@ -14,7 +14,15 @@ parameter being *replaced* (``param.data = ...``, re-loading a state dict by ass
 the model): build a new engine then.
 
 Sampling (temperature, top-k, top-p, stop tokens) runs eagerly between graph replays with a
-``torch.Generator`` on the device, so a seed reproduces the tokens exactly.
+``torch.Generator`` on the device, so a seed reproduces the tokens exactly. Usage in a GRPO loop::
+
+    engine = RolloutEngine(policy, max_batch=64, max_len=prompt_len + completion_len)
+    for step in range(steps):
+        engine.wake()
+        out = engine.generate(prompts, max_new_tokens=256, temperature=1.0, eos_token_id=eos, seed=step)
+        engine.sleep()                 # the KV memory goes to the trainer
+        loss = grpo_loss(policy, out)  # the same modules, LoRA params updated in place
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ __all__ = ["RolloutEngine", "RolloutOutput", "default_buckets", "sample_tokens"]
 
 #: How often (in decode steps) generate() syncs to see whether every sequence has stopped.
 STOP_CHECK_EVERY = 8
-#: torch.compile backend of the decode step ("inductor"; tests swap in "aot_eager" for speed).
+#: torch.compile backend of the decode step ("inductor"; tests swap in dynamo's "eager" for speed).
 _COMPILE_BACKEND = "inductor"
 
 
@@ -228,8 +236,8 @@ class RolloutEngine:
     - ``warmup``: compile (and capture) every bucket now (default); else on first use.
     - ``dynamic_batch``: compile the step once with a symbolic batch dimension for every bucket
       >= 2 (a bucket 1, if asked for, is compiled on its own: dynamo specializes size 1) instead
-      of once per bucket: cold start is one compile, not len(buckets). If that compile fails, the engine falls back to
-      one static compile per bucket (logged).
+      of once per bucket: cold start is one compile, not len(buckets). If that compile fails,
+      the engine falls back to one static compile per bucket (logged).
 
     Construction compiles and captures everything (``cold_start_s``); the region is awake after.
     """
@@ -454,7 +462,8 @@ class RolloutEngine:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for ``len(tokens)`` sequences (cache rows ``[:B]``), padded to its bucket:
         tokens [B], positions [B] -> logits [B, vocab]. The result may be overwritten by the next
-        call (it is the graph's static output): clone it to keep it."""
+        call (it is the graph's static output): clone it to keep it. Call it with the model in
+        eval mode (graphs are captured in eval mode; ``generate`` switches by itself)."""
         self._check_awake()
         B = tokens.shape[0]
         bucket = self.bucket_for(B)
