@@ -164,7 +164,8 @@ def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start,
     sync(device)
     cold = time.perf_counter() - t0
     row = {"flags": flags, "cold_start_s": cold, "compile_s": engine.compile_s, "capture_s": engine.capture_s,
-           "buckets": engine.buckets, "graphs": sorted(engine._graphs), "dynamic_batch": engine.dynamic_batch,
+           "buckets": engine.buckets, "graphs": sorted(engine._graphs), "graph_error": engine.graph_error,
+           "dynamic_batch": engine.dynamic_batch,
            "kv_region_bytes": engine.region.nbytes if engine.region is not None else None}
     first = engine.generate(prompts, max_new_tokens=new_tokens, temperature=0)
     row["first_generate_s"] = first.total_s

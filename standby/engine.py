@@ -304,6 +304,7 @@ class RolloutEngine:
         self._pool = None
         self.compile_s = 0.0
         self.capture_s = 0.0
+        self.graph_error: Optional[str] = None  # why a capture failed, if one did
         if warmup:
             self.warmup()
         self.cold_start_s = time.perf_counter() - t0
@@ -434,10 +435,17 @@ class RolloutEngine:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with suppress_gc_during_capture():
-                for b in todo:
+                for i, b in enumerate(todo):
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self._pool):
-                        out = self._run_step(b)
+                    try:
+                        with torch.cuda.graph(graph, pool=self._pool):
+                            out = self._run_step(b)
+                    except Exception as exc:  # keep generating, without graphs for the rest
+                        self.graph_error = f"{type(exc).__name__}: {exc}"[:2000]
+                        log.warning("CUDA-graph capture of bucket %d failed (%s); buckets %s run the compiled "
+                                    "step without a graph", b, self.graph_error.splitlines()[0][:300], todo[i:])
+                        self._warm.update(todo[i:])
+                        break
                     self._graphs[b], self._graph_out[b] = graph, out
                     self._warm.add(b)
             _sync(self.device)
