@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-8b", type=int, default=64)
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="device copy bandwidth, bytes/s")
     p.add_argument("--keep-caches", action="store_true", help="use the existing Inductor/Triton caches")
+    p.add_argument("--per-bucket-compile", action="store_true",
+                   help="engine: one static compile per batch bucket instead of one dynamic-batch compile")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="skip optional stages (warm starts, qwen3-8b) once this much wall time has passed")
     p.add_argument("--smoke", action="store_true",
@@ -149,7 +151,8 @@ def run_hf(model, prompts, new_tokens: int, repeats: int, device) -> dict:
             "ms_per_step_median": med / n * 1e3}
 
 
-def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start, device) -> dict:
+def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start, device,
+               dynamic_batch: bool = True) -> dict:
     import torch
 
     from compilepass.standby.engine import RolloutEngine
@@ -160,7 +163,8 @@ def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start,
     gc.collect()
     sync(device)
     t0 = time.perf_counter()
-    engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options)
+    engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options,
+                               dynamic_batch=dynamic_batch)
     sync(device)
     cold = time.perf_counter() - t0
     row = {"flags": flags, "cold_start_s": cold, "compile_s": engine.compile_s, "capture_s": engine.capture_s,
@@ -195,7 +199,8 @@ def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start,
     if options is not False and warm_start():
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options)
+        engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options,
+                                   dynamic_batch=dynamic_batch)
         sync(device)
         row["warm_start_s"] = time.perf_counter() - t0
         engine.close()
@@ -261,7 +266,8 @@ def bench_model(args, name: str, batch: int, device, dtype, result: dict, save) 
                     return False
                 return True
 
-            row = run_engine(model, prompts, args.new_tokens, flags, args.repeats, warm_start, device)
+            row = run_engine(model, prompts, args.new_tokens, flags, args.repeats, warm_start, device,
+                             dynamic_batch=not args.per_bucket_compile)
         except Exception as exc:
             import traceback
 
