@@ -164,7 +164,7 @@ def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start,
     sync(device)
     t0 = time.perf_counter()
     engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options,
-                               dynamic_batch=dynamic_batch)
+                           dynamic_batch=dynamic_batch)
     sync(device)
     cold = time.perf_counter() - t0
     row = {"flags": flags, "cold_start_s": cold, "compile_s": engine.compile_s, "capture_s": engine.capture_s,
@@ -200,7 +200,7 @@ def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start,
         torch._dynamo.reset()
         t0 = time.perf_counter()
         engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options,
-                                   dynamic_batch=dynamic_batch)
+                               dynamic_batch=dynamic_batch)
         sync(device)
         row["warm_start_s"] = time.perf_counter() - t0
         engine.close()
