@@ -91,6 +91,35 @@ def _add_db(sub) -> None:
     q.set_defaults(func=cmd_db_import)
 
 
+def _add_grpo(sub) -> None:
+    p = sub.add_parser("grpo", help="GRPO fine-tuning with standby memory (the native engine)")
+    p.add_argument("--config", default=None, help="a YAML or TOML run config (see compilepass.standby.grpo_config)")
+    p.add_argument("--preset", default=None, help="a built-in config (tiny) to start from; --config merges on top")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. optim.lr=1e-4 run.max_steps=20")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_grpo)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks of the standby runtime")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    q = bsub.add_parser("context", help="the longest completion one GRPO step fits on this GPU (doubling, then bisection)")
+    q.add_argument("--model", required=True, help="a preset name or a local Hugging Face directory")
+    q.add_argument("--standby", choices=["on", "off"], default="on",
+                   help="on: the KV region sleeps during training; off: it stays mapped")
+    q.add_argument("--generations", type=int, default=2, help="completions per prompt (G)")
+    q.add_argument("--lora-rank", type=int, default=32)
+    q.add_argument("--min-len", type=int, default=256)
+    q.add_argument("--max-len", type=int, default=65536)
+    q.add_argument("--resolution", type=int, default=None, help="bisection stops at this many tokens (default min-len/4)")
+    q.add_argument("--prompt-len", type=int, default=16)
+    q.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    q.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke tests; measures nothing about GPUs)")
+    q.add_argument("--out", default=None, help="write the result as JSON here")
+    q.set_defaults(func=cmd_bench_context)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compilepass", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -98,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_info(sub)
     _add_db(sub)
+    _add_grpo(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -412,6 +443,52 @@ def cmd_db_import(args) -> int:
     conflicts = add_entries(into, [entry])
     extra = f" (replaced an entry with the same key: {conflicts[0]['kept']} kept)" if conflicts else ""
     print(f"entry {entry['id']} ({entry['verdict']}, {entry['policy']}) written to {into}{extra}")
+    return 0
+
+
+# -- compilepass grpo / bench -----------------------------------------------------------------------
+
+
+def cmd_grpo(args) -> int:
+    from compilepass.standby.grpo import run_grpo
+    from compilepass.standby.grpo_config import default_config, load_config
+
+    if args.config is None and args.preset is None:
+        raise CompilepassError("grpo needs --config FILE or --preset NAME (e.g. --preset tiny)")
+    base = default_config(args.preset) if args.preset else None
+    config = load_config(args.config, args.overrides, base=base)
+    try:
+        summary = run_grpo(config, progress=False if args.no_progress else "auto")
+    except KeyboardInterrupt:
+        print("compilepass: interrupted; the same command resumes from the last checkpoint in "
+              f"{config.run.output_dir} (run.resume=auto)", file=sys.stderr)
+        return 130
+    last = summary.metrics[-1] if summary.metrics else {}
+    reward = f", reward {last['reward']:.4f}" if "reward" in last else ""
+    print(f"grpo: steps {summary.start_step + 1}..{summary.final_step} done in {summary.wall_s:.1f}s{reward}; "
+          f"metrics in {Path(config.run.output_dir) / 'metrics.jsonl'}, last checkpoint {summary.last_checkpoint}")
+    return 0
+
+
+def cmd_bench_context(args) -> int:
+    from .atomic import write_json_atomic
+    from compilepass.standby.bench_context import max_context
+
+    def on_trial(t):
+        what = (f"fits, peak {t.peak_mem_gib:.2f} GiB" if t.ok else f"does not fit ({t.error})")
+        print(f"  completion_len {t.completion_len}: {what} [{t.step_s:.1f}s]", file=sys.stderr)
+
+    result = max_context(args.model, standby=args.standby == "on", generations=args.generations,
+                         lora_rank=args.lora_rank, min_len=args.min_len, max_len=args.max_len,
+                         resolution=args.resolution, prompt_len=args.prompt_len, dtype=args.dtype,
+                         allow_cpu=args.allow_cpu, on_trial=on_trial)
+    out = result.to_dict()
+    if args.out:
+        write_json_atomic(args.out, out)
+    peak = f"{result.peak_mem_gib:.2f} GiB" if result.peak_mem_gib is not None else "-"
+    print(f"max_completion_len {result.max_completion_len} (G={result.generations}, standby "
+          f"{'on' if result.standby else 'off'}, {result.model} on {result.device}); peak memory {peak}")
+    print(json.dumps({"max_completion_len": result.max_completion_len, "peak_mem_gib": result.peak_mem_gib}))
     return 0
 
 

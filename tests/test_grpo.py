@@ -1,0 +1,237 @@
+"""The standby GRPO loop (CPU): learning, exact resume after SIGKILL, reward / config / OOM errors,
+and the `bench context` smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from compilepass import cli
+from compilepass.standby.grpo import GRPOTrainer, TrainingOutOfMemoryError, group_advantages, run_grpo, step_seed
+from compilepass.standby.grpo_config import default_config, load_config
+from compilepass.standby.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+COMPARED = ("reward", "reward_std", "rewards/repeat_letter", "loss", "kl", "zero_std_groups", "completion_len",
+            "grad_norm", "lr")
+
+
+def _config(tmp_path, *overrides, name="run"):
+    return load_config(None, [f"run.output_dir={tmp_path / name}", *overrides], base=default_config("tiny"))
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.pop("COMPILEPASS_SIMULATE_OOM", None)
+    env.update(extra)
+    return env
+
+
+def _cli(args, **env):
+    return [sys.executable, "-m", "compilepass.cli", *args]
+
+
+# ------------------------------------------------------------------------------------- unit
+
+
+def test_group_advantages_and_zero_std():
+    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 2.0])
+    adv, zero = group_advantages(r, 3, scale=True)
+    assert zero == 1
+    assert torch.allclose(adv[:3], torch.zeros(3))
+    assert torch.allclose(adv[3:], torch.tensor([-1.0, 0.0, 1.0]) / (1.0 + 1e-4))
+    adv, _ = group_advantages(r, 3, scale=False)
+    assert torch.allclose(adv[3:], torch.tensor([-1.0, 0.0, 1.0]))
+    assert step_seed(0, 1) != step_seed(0, 2) and step_seed(0, 1) == step_seed(0, 1)
+
+
+# ------------------------------------------------------------------------------------ (a) learning
+
+
+def test_tiny_preset_learns_repeat(tmp_path):
+    """The built-in tiny config (50 steps, fixed seed) at least doubles its reward."""
+    t0 = time.perf_counter()
+    summary = run_grpo(_config(tmp_path), progress=False)
+    wall = time.perf_counter() - t0
+    rewards = summary.reward_means()
+    assert len(rewards) == 50
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"learning: first-5 mean {first:.3f}, last-5 mean {last:.3f}, {wall:.1f}s")
+    assert last >= 2 * first, (first, last, rewards)
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, 51))
+    for key in ("reward", "reward_std", "rewards/repeat_letter", "zero_std_groups", "kl", "clip_ratio_region_mean",
+                "loss", "completion_len", "tokens_per_s", "step_s", "peak_mem_gib", "lr"):
+        assert key in recs[-1], key
+    assert (tmp_path / "run" / "step-00000050").is_dir()
+
+
+# ------------------------------------------------------------------------------ (b) kill -9 resume
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    steps = 14
+    common = ["grpo", "--preset", "tiny", "--no-progress", f"run.max_steps={steps}", "run.save_every=1",
+              "run.keep_last=2", "data.prompts_per_step=4", "generation.num_generations=4"]
+    killed = tmp_path / "killed"
+    cmd = _cli(common + [f"run.output_dir={killed}"])
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    deadline = time.time() + 240
+    target = killed / "step-00000003"
+    while not target.is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from compilepass.standby.checkpoint import find_latest
+
+    k = int(find_latest(killed).name.split("-")[1])
+    assert 3 <= k < steps, k
+    resumed = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    full = tmp_path / "full"
+    ref = subprocess.run(_cli(common + [f"run.output_dir={full}"]), env=_env(), capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+
+    a = read_metrics(killed / "metrics.jsonl")
+    b = read_metrics(full / "metrics.jsonl")
+    assert [r["step"] for r in a] == list(range(1, steps + 1))  # each step exactly once
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b):
+        for key in COMPARED:
+            assert ra[key] == pytest.approx(rb[key], abs=1e-6, rel=1e-6), (ra["step"], key, k)
+    print(f"resume: killed after step {k}, steps {k + 1}..{steps} match")
+
+
+# ------------------------------------------------------------------------------- (c) reward error
+
+
+def test_reward_error_names_sample_and_saves_state(tmp_path):
+    from compilepass.standby.data import PromptBatcher, load_dataset
+
+    cfg = default_config("tiny")
+    batch = PromptBatcher(load_dataset(cfg.data.dataset, seed=cfg.data.seed, builtin_size=cfg.data.builtin_size),
+                          cfg.data.prompts_per_step, shuffle=True, seed=cfg.data.seed).next_batch()
+    bad = batch[0].prompt
+    mod = tmp_path / "mods"
+    mod.mkdir()
+    (mod / "my_rewards.py").write_text(
+        "def picky(prompts, completions, answers, **kw):\n"
+        f"    if any(p == {bad!r} for p in prompts):\n"
+        "        raise ValueError('cannot score this one')\n"
+        "    return [0.0] * len(completions)\n")
+    out = tmp_path / "run"
+    r = subprocess.run(_cli(["grpo", "--preset", "tiny", "--no-progress", f"run.output_dir={out}", "run.max_steps=3",
+                             "reward.functions=[repeat_letter, 'my_rewards:picky']"]),
+                       env=_env(PYTHONPATH=os.pathsep.join([str(mod), str(REPO)])), capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("compilepass: error:")]
+    assert len(lines) == 1, r.stderr
+    assert "'my_rewards:picky'" in lines[0] and "sample 0" in lines[0] and "Repeat the letter" in lines[0]
+    assert "ValueError: cannot score this one" in lines[0]
+    assert "Traceback" not in r.stderr
+    assert (out / "step-00000000").is_dir()  # the state as of the start of step 1
+
+
+# ------------------------------------------------------------------------------ (d) config errors
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--preset", "tiny", "generation.num_generations=1"], "generation.num_generations"),
+    (["--preset", "tiny", "optim.learning_rate=1"], "unknown key 'optim.learning_rate'"),
+    (["--preset", "tiny", "lr=1"], "section.key=value"),
+    (["--config", "does/not/exist.yaml"], "not found"),
+    ([], "--config FILE or --preset"),
+    (["--preset", "huge"], "unknown default config"),
+])
+def test_config_errors_one_line_exit_2(tmp_path, capsys, args, expect):
+    rc = cli.main(["grpo", *args, f"run.output_dir={tmp_path / 'x'}"] if args else ["grpo"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("compilepass: error:") and expect in err[0], err
+
+
+def test_config_file_error_one_line(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {name_or_path: tiny}\nloss: {loss_type: ppo}\n")
+    rc = cli.main(["grpo", "--config", str(f)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "loss.loss_type" in err[0], err
+
+
+def test_resume_refuses_changed_config(tmp_path):
+    run_grpo(_config(tmp_path, "run.max_steps=1", "data.prompts_per_step=2", "generation.num_generations=2"),
+             progress=False)
+    from compilepass.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.lr"):
+        GRPOTrainer(_config(tmp_path, "run.max_steps=2", "data.prompts_per_step=2", "generation.num_generations=2",
+                            "optim.lr=0.1"))
+
+
+# ------------------------------------------------------------------------------------ (e) OOM
+
+
+def test_oom_in_training_saves_state_and_explains(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPILEPASS_SIMULATE_OOM", "train:2")
+    cfg = _config(tmp_path, "run.max_steps=3", "run.save_every=0", "data.prompts_per_step=2",
+                  "generation.num_generations=2")
+    with pytest.raises(TrainingOutOfMemoryError) as ei:
+        run_grpo(cfg, progress=False)
+    msg = str(ei.value)
+    assert "training at step 2" in msg and "1.50 GiB" in msg and "peak" in msg
+    assert "max_completion_len" in msg and "prompts_per_step" in msg and "gradient_checkpointing" in msg
+    assert (tmp_path / "run" / "step-00000001").is_dir()
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_oom_in_generation_cli_one_line(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run(_cli(["grpo", "--preset", "tiny", "--no-progress", f"run.output_dir={out}", "run.max_steps=2",
+                             "data.prompts_per_step=2", "generation.num_generations=2"]),
+                       env=_env(COMPILEPASS_SIMULATE_OOM="generate"), capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("compilepass: error:")]
+    assert len(lines) == 1 and "out of memory during generation at step 1" in lines[0], r.stderr
+    assert "state saved" in lines[0] and "Traceback" not in r.stderr
+    assert (out / "step-00000000").is_dir()
+
+
+# ------------------------------------------------------------------------------ (f) bench context
+
+
+def test_bench_context_cpu_smoke(tmp_path, capsys):
+    from compilepass.standby.bench_context import max_context
+
+    res = max_context("tiny", allow_cpu=True, min_len=4, max_len=8, lora_rank=4)
+    assert res.max_completion_len == 8
+    assert res.peak_mem_gib is not None and res.peak_mem_gib > 0
+    assert [t.completion_len for t in res.trials] == [4, 8] and all(t.ok for t in res.trials)
+
+    out = tmp_path / "ctx.json"
+    rc = cli.main(["bench", "context", "--model", "tiny", "--allow-cpu", "--min-len", "4", "--max-len", "4",
+                   "--lora-rank", "4", "--standby", "off", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["max_completion_len"] == 4 and data["standby"] is False and data["peak_mem_gib"] > 0
+
+
+def test_bench_context_refuses_cpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    rc = cli.main(["bench", "context", "--model", "tiny"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--allow-cpu" in err[0]
