@@ -235,7 +235,7 @@ def test_bad_requests_raise():
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "per-bucket"])
-def test_compiled_decode_matches_eager(monkeypatch, dynamic):
+def test_compiled_decode_matches_eager(monkeypatch, request, dynamic):
     """The engine's compiled path (fullgraph dynamo; one symbolic-batch compile or one per bucket).
     Inductor is replaced by dynamo's eager backend to keep the test fast on CPU; test_decode.py compiles with
     Inductor."""
@@ -245,6 +245,8 @@ def test_compiled_decode_matches_eager(monkeypatch, dynamic):
 
     monkeypatch.setattr(engine_mod, "_COMPILE_BACKEND", "eager")
     model, eager = shared("tiny")
+    torch._dynamo.reset()  # dynamo's cache for decode_step is per code object: start (and end) clean
+    request.addfinalizer(torch._dynamo.reset)
     torch._dynamo.utils.counters.clear()
     compiled = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, dynamic_batch=dynamic)
     assert compiled.buckets == [2, 4] and compiled._warm == {2, 4}
