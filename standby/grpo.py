@@ -471,6 +471,10 @@ class GRPOTrainer:
 
             measured = f"peak resident {peak_memory_gib():.2f} GiB"
         need = f"tried to allocate {tried.group(1)} more, {measured}" if tried else measured
+        if getattr(err, "needed", None):  # StandbyMemoryError: waking the KV region failed
+            free = getattr(err, "free", None)
+            need = (f"waking the KV region needs {_fmt_gib(err.needed)}"
+                    + (f", {_fmt_gib(free)} free" if free is not None else "") + f"; {measured}")
         saved = self._save_after_failure(st)
         where = f"state saved in {saved}" if saved is not None else "the state could NOT be saved"
         hints = (f"lower generation.max_completion_len (now {c.generation.max_completion_len}) or "
@@ -488,6 +492,7 @@ class GRPOTrainer:
 
     def train_step(self, step: int) -> dict:
         """Run step ``step`` (1-based) and return its metrics (not logged, not checkpointed)."""
+        from compilepass.standby.memory import StandbyMemoryError
         from compilepass.standby.metrics import peak_memory_gib
         from compilepass.standby.rewards import RewardError
 
@@ -501,7 +506,7 @@ class GRPOTrainer:
         prompt_ids = [ids for ids in self._tokenize(examples) for _ in range(G)]
         try:
             out = self._generate(step, prompt_ids)
-        except torch.OutOfMemoryError as e:
+        except (torch.OutOfMemoryError, StandbyMemoryError) as e:
             raise self._oom("generate", st, e) from None
         mask = self._apply_stop_strings(out.completion_ids, out.completion_mask)
         ids_cpu = out.completion_ids.cpu()
@@ -540,10 +545,18 @@ class GRPOTrainer:
             "reward_s": t_rew - t_gen,
             "train_s": t_end - t_rew,
             "step_s": t_end - t0,
-            "peak_mem_gib": peak_memory_gib(self.device),
+            "peak_mem_gib": self._peak_gib(peak_memory_gib),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
         return rec
+
+    def _peak_gib(self, peak_memory_gib) -> float:
+        """This step's peak: on CUDA the allocator's peak plus the KV region's bytes (mapped with the
+        driver, outside the allocator; awake during generation); on CPU the process's peak RSS."""
+        if self.device.type != "cuda":
+            return peak_memory_gib()
+        region = self.engine.region.nbytes if self.engine.region is not None else 0
+        return (torch.cuda.max_memory_allocated(self.device) + region) / 2**30
 
     # -- the loop ----------------------------------------------------------------------------------
 

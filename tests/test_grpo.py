@@ -58,21 +58,23 @@ def test_group_advantages_and_zero_std():
 
 
 def test_tiny_preset_learns_repeat(tmp_path):
-    """The built-in tiny config (50 steps, fixed seed) at least doubles its reward."""
+    """The built-in tiny config with a fixed seed at least doubles its reward. Its first 30 steps
+    (of 50; the schedule is constant, so they are the same steps) keep the test near a minute:
+    measured first-5 mean 0.147, last-5 (steps 26-30) 0.749; at 50 steps 0.742."""
     t0 = time.perf_counter()
-    summary = run_grpo(_config(tmp_path), progress=False)
+    summary = run_grpo(_config(tmp_path, "run.max_steps=30"), progress=False)
     wall = time.perf_counter() - t0
     rewards = summary.reward_means()
-    assert len(rewards) == 50
+    assert len(rewards) == 30
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"learning: first-5 mean {first:.3f}, last-5 mean {last:.3f}, {wall:.1f}s")
     assert last >= 2 * first, (first, last, rewards)
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in recs] == list(range(1, 51))
+    assert [r["step"] for r in recs] == list(range(1, 31))
     for key in ("reward", "reward_std", "rewards/repeat_letter", "zero_std_groups", "kl", "clip_ratio_region_mean",
                 "loss", "completion_len", "tokens_per_s", "step_s", "peak_mem_gib", "lr"):
         assert key in recs[-1], key
-    assert (tmp_path / "run" / "step-00000050").is_dir()
+    assert (tmp_path / "run" / "step-00000030").is_dir()
 
 
 # ------------------------------------------------------------------------------ (b) kill -9 resume
