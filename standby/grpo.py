@@ -40,11 +40,9 @@ Inductor's compile time would dominate the run (tens of seconds versus ~0.1 s pe
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence

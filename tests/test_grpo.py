@@ -36,7 +36,7 @@ def _env(**extra):
     return env
 
 
-def _cli(args, **env):
+def _cli(args):
     return [sys.executable, "-m", "compilepass.cli", *args]
 
 
@@ -237,3 +237,40 @@ def test_bench_context_refuses_cpu(capsys):
     rc = cli.main(["bench", "context", "--model", "tiny"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--allow-cpu" in err[0]
+
+
+def test_kl_iterations_checkpointing_and_stop_strings(tmp_path):
+    """beta > 0 (reference log-probs with the adapter disabled), num_iterations > 1 (old log-probs
+    from a no-grad pass), gradient checkpointing, unscaled advantages and a stop string."""
+    cfg = _config(tmp_path, "run.max_steps=3", "data.prompts_per_step=2", "generation.num_generations=4",
+                  "loss.beta=0.05", "loss.num_iterations=2", "loss.scale_rewards=false",
+                  "model.gradient_checkpointing=true", "generation.stop=['a']", "optim.lr=0.01")
+    summary = run_grpo(cfg, progress=False)
+    recs = summary.metrics
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(r["kl"] >= 0 for r in recs) and recs[-1]["kl"] > 0  # the adapter moved away from the reference
+    assert all(r["completion_len"] <= 8 for r in recs)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+
+
+def test_policy_logprobs_match_engine(tmp_path):
+    """The training-side log-probs (body + selective log-softmax) equal the engine's sampling log-probs."""
+    trainer = GRPOTrainer(_config(tmp_path, "run.max_steps=1", "data.prompts_per_step=2",
+                                  "generation.num_generations=2", "generation.temperature=0.7"))
+    try:
+        from compilepass.standby.grpo import policy_logprobs
+
+        prompts = [[72, 105, 33], [65, 66, 67, 68, 69]]
+        trainer.engine.wake()
+        out = trainer.engine.generate(prompts, max_new_tokens=6, temperature=0.7, seed=3)
+        trainer.engine.sleep()
+        with torch.no_grad():
+            lp = policy_logprobs(trainer.model, prompts, out.completion_ids, out.completion_mask, 0.7, 0)
+        torch.testing.assert_close(lp, out.logprobs, atol=1e-4, rtol=1e-4)
+
+        trainer.config.generation.stop = ["ab"]  # cut after the first stop string, stop included
+        ids = torch.tensor([list(b"xxabyy"), list(b"zzzzzz")])
+        mask = trainer._apply_stop_strings(ids, torch.ones_like(ids))
+        assert mask.sum(1).tolist() == [4, 6]
+    finally:
+        trainer.close()
