@@ -213,6 +213,9 @@ class GRPOTrainer:
         self.progress = progress
         self.on_step = on_step
         self.output_dir = Path(c.run.output_dir)
+        if c.generation.engine != "native":
+            raise ConfigError(f"'generation.engine' {c.generation.engine!r} is not supported by the standby GRPO loop "
+                              f"yet; use generation.engine=native")
         self.device = self._resolve_device(c.run.device)
         self.tokenizer = load_tokenizer(c.model.name_or_path)
         self.dataset = load_dataset(c.data.dataset, seed=c.data.seed, builtin_size=c.data.builtin_size)
