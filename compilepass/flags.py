@@ -10,7 +10,7 @@ torch's own defaults, and applies :data:`KNOWN_BAD` gates for the running torch 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 from packaging.specifiers import SpecifierSet

@@ -28,12 +28,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from .env import EnvironmentKey, current_environment
 from .errors import ConfigError, StorageError
 from .flags import FlagSpace
-from .trial import TrialResult, TrialSpec, run_trial
+from .trial import TrialSpec, run_trial
 from .verify import VerifyResult, VerifySpec, verify
 from .workloads import WorkloadSpec
 

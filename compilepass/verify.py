@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from .atomic import write_json_atomic
-from .stats import RatioCI, paired_ratio_ci, summarize
+from .stats import RatioCI, paired_ratio_ci
 from .trial import failure_status, run_isolated
 from .workloads import WorkloadSpec
 

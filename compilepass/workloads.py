@@ -14,7 +14,7 @@ A runner's ``first_calls`` runs the compiled code until it is compiled and captu
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 WORKLOAD_KINDS = ("rollout", "train", "mlp")

@@ -8,7 +8,6 @@ the LoRA layers themselves, so generation always sees the adapter's current weig
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 

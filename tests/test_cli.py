@@ -2,26 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-
-def run_cli(*args, env=None, timeout=120):
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "compilepass.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("compilepass: error: ")
-    for needle in needles:
-        assert needle in lines[0]
+from cli_helpers import assert_one_line_error, run_cli
 
 
 def test_missing_model_path(tmp_path):

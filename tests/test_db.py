@@ -20,6 +20,8 @@ from compilepass.db import (DatabaseError, ModelSignature, NotRecordable, Query,
 from compilepass.standby.models import PRESETS
 from compilepass.workloads import WorkloadSpec
 
+from cli_helpers import assert_one_line_error, run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -348,22 +350,6 @@ def test_user_entry_overrides_shipped(tmp_path, monkeypatch):
 
 
 # -- CLI --------------------------------------------------------------------------------------------
-
-
-def run_cli(*args, env=None, timeout=120):
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "compilepass.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("compilepass: error: ")
-    for needle in needles:
-        assert needle in lines[0]
 
 
 def test_cli_db_user_errors(tmp_path):
