@@ -138,3 +138,13 @@ def test_verification_refuses_noise_between_identical_configs():
     winner, decision, rows = decide([{"flags": same, "throughput": 2.0, "compile_s": 1.0, "compile_ratio": 1.0}],
                                     result)
     assert winner is None and decision.startswith("keep defaults"), decision
+
+
+@pytest.mark.slow
+def test_train_workload_compiles_forward_and_backward_with_lora():
+    spec = WorkloadSpec(kind="train", model="tiny", batch=2, seq_len=16, lora_rank=4, device="cpu")
+    result = run_trial(TrialSpec(spec, {}, repeats=1, timeout_s=400))
+    assert result.status == "ok", result.error_tail
+    # forward and backward are two compiled graphs, both cold
+    assert result.cache["fxgraph_cache_miss"] >= 2 and result.cache["fxgraph_cache_hit"] == 0
+    assert result.details["workload"]["lora_rank"] == 4 and result.throughput > 0
