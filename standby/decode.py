@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from compilepass.errors import StorageError
+from compilepass.errors import ConfigError, StorageError
 from compilepass.standby.models import ModelShape
 
 
@@ -136,7 +136,8 @@ class Decoder:
                 s.num_layers, s.num_kv_heads, s.head_dim):
             raise ValueError("the KV cache was built for a different model shape")
         if getattr(causal_lm.config, "use_sliding_window", False):
-            raise NotImplementedError("sliding-window attention is not supported by the native decoder")
+            raise ConfigError("sliding-window attention is not supported by the native decoder yet; "
+                              "use a model without use_sliding_window")
         self.n_rep = s.num_heads // s.num_kv_heads
         self.scale = s.head_dim ** -0.5
         self._cache_pos = torch.arange(cache.max_len, device=cache.k[0].device)
