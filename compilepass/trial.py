@@ -23,31 +23,20 @@ from pathlib import Path
 from typing import Optional
 
 from .atomic import write_json_atomic
-from .workloads import WorkloadSpec
+from .workloads import HasWorkloadSpec, WorkloadSpec
 
 STATUSES = ("ok", "failed", "oom", "timeout", "cache_hit")
 _TAIL_CHARS = 4000
 
 
 @dataclass
-class TrialSpec:
+class TrialSpec(HasWorkloadSpec):
     workload: WorkloadSpec
     flags: dict = field(default_factory=dict)
     repeats: int = 10
     warmup_units: int = 1
     timeout_s: float = 600.0
     extra_env: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["workload"] = self.workload.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrialSpec":
-        d = dict(d)
-        d["workload"] = WorkloadSpec.from_dict(d["workload"])
-        return cls(**d)
 
 
 @dataclass

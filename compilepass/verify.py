@@ -19,28 +19,17 @@ from typing import Optional
 from .atomic import write_json_atomic
 from .stats import RatioCI, paired_ratio_ci
 from .trial import failure_status, run_isolated
-from .workloads import WorkloadSpec
+from .workloads import HasWorkloadSpec, WorkloadSpec
 
 
 @dataclass
-class VerifySpec:
+class VerifySpec(HasWorkloadSpec):
     workload: WorkloadSpec
     defaults: dict
     candidates: list  # list of flag dicts
     rounds: int = 12
     warmup_units: int = 1
     timeout_s: float = 1800.0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["workload"] = self.workload.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VerifySpec":
-        d = dict(d)
-        d["workload"] = WorkloadSpec.from_dict(d["workload"])
-        return cls(**d)
 
 
 @dataclass

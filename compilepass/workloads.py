@@ -71,6 +71,22 @@ class WorkloadSpec:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
+class HasWorkloadSpec:
+    """JSON round trip for dataclasses whose ``workload`` field is a :class:`WorkloadSpec`
+    (the payloads handed to isolated child processes)."""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["workload"] = self.workload.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = dict(d)
+        d["workload"] = WorkloadSpec.from_dict(d["workload"])
+        return cls(**d)
+
+
 def synchronize(device: str) -> None:
     import torch
 
@@ -99,7 +115,8 @@ class Runner:
 
 
 class Workload(abc.ABC):
-    spec: WorkloadSpec
+    def __init__(self, spec: WorkloadSpec):
+        self.spec = spec
 
     @abc.abstractmethod
     def prepare(self) -> None:
@@ -138,9 +155,6 @@ def _uses_cudagraphs(options: Optional[dict]) -> bool:
 
 class RolloutWorkload(Workload):
     """Batched decode with the native engine's decode step: one token per sequence per step."""
-
-    def __init__(self, spec: WorkloadSpec):
-        self.spec = spec
 
     def prepare(self) -> None:
         import torch
@@ -197,9 +211,6 @@ class RolloutWorkload(Workload):
 class TrainWorkload(Workload):
     """Forward + backward of the model with a LoRA adapter (the GRPO policy update's compute)."""
 
-    def __init__(self, spec: WorkloadSpec):
-        self.spec = spec
-
     def prepare(self) -> None:
         import torch
 
@@ -248,9 +259,6 @@ class TrainWorkload(Workload):
 
 class MLPWorkload(Workload):
     """A two-layer MLP block: a real compile that takes seconds, not minutes."""
-
-    def __init__(self, spec: WorkloadSpec):
-        self.spec = spec
 
     def prepare(self) -> None:
         import torch
