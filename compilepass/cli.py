@@ -114,6 +114,14 @@ def _add_bench(sub) -> None:
     q.add_argument("--resolution", type=int, default=None, help="bisection stops at this many tokens (default min-len/4)")
     q.add_argument("--prompt-len", type=int, default=16)
     q.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    q.add_argument("--generate-tokens", type=int, default=None,
+                   help="decode only this many tokens for real (KV region still sized for the full length), "
+                        "fill the rest with random ids before training (default: generate all)")
+    q.add_argument("--offload-activations", action="store_true",
+                   help="offload checkpointed activations to pinned CPU memory during training")
+    q.add_argument("--compile", choices=["auto", "eager", "default"], default=None,
+                   help="the engine's decode step: tuned flags (auto; the CUDA default), eager (no compile; "
+                        "the CPU default), or torch's default options")
     q.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke tests; measures nothing about GPUs)")
     q.add_argument("--out", default=None, help="write the result as JSON here")
     q.set_defaults(func=cmd_bench_context)
@@ -475,12 +483,17 @@ def cmd_bench_context(args) -> int:
 
     def on_trial(t):
         what = (f"fits, peak {t.peak_mem_gib:.2f} GiB" if t.ok else f"does not fit ({t.error})")
-        print(f"  completion_len {t.completion_len}: {what} [{t.step_s:.1f}s]", file=sys.stderr)
+        print(f"  completion_len {t.completion_len}: {what} [{t.step_s:.1f}s]", file=sys.stderr, flush=True)
 
+    if args.generate_tokens is not None and args.generate_tokens < 1:
+        raise CompilepassError(f"--generate-tokens must be >= 1 (got {args.generate_tokens})")
+    compile_options = {None: None, "auto": "auto", "eager": False, "default": {}}[args.compile]
     result = max_context(args.model, standby=args.standby == "on", generations=args.generations,
                          lora_rank=args.lora_rank, min_len=args.min_len, max_len=args.max_len,
                          resolution=args.resolution, prompt_len=args.prompt_len, dtype=args.dtype,
-                         allow_cpu=args.allow_cpu, on_trial=on_trial)
+                         allow_cpu=args.allow_cpu, compile_options=compile_options,
+                         generate_tokens=args.generate_tokens, offload_activations=args.offload_activations,
+                         on_trial=on_trial)
     out = result.to_dict()
     if args.out:
         write_json_atomic(args.out, out)

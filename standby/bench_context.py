@@ -11,6 +11,14 @@ LoRA adapter; gradient checkpointing on). A step "fits" when it raises no out-of
 trainer); ``standby=False``: the KV region stays mapped during training (what a trainer without
 standby memory pays).
 
+``generate_tokens=K`` (default None: all L): decode only the first K tokens for real — with the
+KV region already sized and mapped for all L, so generation's memory peak is the same — and fill
+the rest of each completion with random token ids before the training step on all L tokens
+(training memory does not depend on the token values). A decode step of a 32B model costs about
+20 ms on an H100, so a full search with real L-token generations takes hours; each trial records
+``generated_tokens``. ``offload_activations=True``: reentrant checkpointing with the checkpointed
+activations offloaded to pinned CPU memory (:mod:`compilepass.standby.offload`).
+
 Peak memory per trial (GiB): on CUDA the torch allocator's peak of each phase plus the KV
 region's bytes while it is mapped (the region is mapped with the CUDA driver, outside the
 allocator, so ``torch.cuda.max_memory_allocated`` does not see it): ``max(gen peak + region,
@@ -22,6 +30,7 @@ tests with tiny lengths).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -46,6 +55,9 @@ class ContextTrial:
     train_peak_gib: Optional[float] = None
     kv_region_gib: float = 0.0
     step_s: Optional[float] = None
+    generate_s: Optional[float] = None
+    train_s: Optional[float] = None
+    generated_tokens: Optional[int] = None
     error: Optional[str] = None
 
 
@@ -57,6 +69,8 @@ class ContextBenchResult:
     generations: int
     lora_rank: int
     prompt_len: int
+    generate_tokens: Optional[int]  # None: every trial generated all L tokens
+    offload_activations: bool
     max_completion_len: int  # the largest length that fit; 0 when even min_len did not
     peak_mem_gib: Optional[float]  # of the trial at max_completion_len
     device_total_gib: Optional[float]
@@ -72,7 +86,8 @@ def _gib(n: float) -> float:
 
 
 def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: int = 16, standby: bool = True,
-              compile_options=False, lr: float = 1e-5, seed: int = 0) -> ContextTrial:
+              compile_options=False, lr: float = 1e-5, seed: int = 0, generate_tokens: Optional[int] = None,
+              offload_activations: bool = False) -> ContextTrial:
     """One GRPO step at ``completion_len`` on ``model`` (a peft model); out of memory -> ok=False."""
     from compilepass.kernels import grpo_loss
     from compilepass.standby.engine import RolloutEngine
@@ -97,8 +112,19 @@ def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: i
         vocab = engine.shape.vocab_size
         gen = torch.Generator().manual_seed(seed)
         prompt = torch.randint(3, vocab, (prompt_len,), generator=gen).tolist()
-        out = engine.generate([prompt] * generations, max_new_tokens=completion_len, temperature=1.0,
+        n_gen = completion_len if generate_tokens is None else max(1, min(int(generate_tokens), completion_len))
+        t_gen = time.perf_counter()
+        out = engine.generate([prompt] * generations, max_new_tokens=n_gen, temperature=1.0,
                               eos_token_id=None, seed=seed)
+        completion_ids, completion_mask = out.completion_ids, out.completion_mask
+        if n_gen < completion_len:  # see the module docstring: the rest is random ids
+            fill = torch.randint(3, vocab, (generations, completion_len - n_gen), generator=gen).to(device)
+            completion_ids = torch.cat([completion_ids, fill], 1)
+            completion_mask = torch.ones_like(completion_ids)
+        trial.generated_tokens = n_gen
+        if cuda:
+            torch.cuda.synchronize(device)
+        trial.generate_s = time.perf_counter() - t_gen
         gen_peak = torch.cuda.max_memory_allocated(device) if cuda else 0
         if standby:
             engine.sleep()
@@ -108,14 +134,23 @@ def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: i
         optimizer = torch.optim.AdamW(params, lr=lr)
         rewards = torch.arange(generations, dtype=torch.float32)
         adv, _ = group_advantages(rewards, generations)
-        logp = policy_logprobs(model, [prompt] * generations, out.completion_ids, out.completion_mask, 1.0, 0)
-        loss, _ = grpo_loss(logp, logp.detach(), None, adv.to(device), out.completion_mask)
+        t_train = time.perf_counter()
+        offload = contextlib.nullcontext()
+        if offload_activations:
+            from compilepass.standby.offload import ActivationOffload
+
+            offload = ActivationOffload(model.parameters(), device=device)
+        with offload:
+            logp = policy_logprobs(model, [prompt] * generations, completion_ids, completion_mask, 1.0, 0)
+        loss, _ = grpo_loss(logp, logp.detach(), None, adv.to(device), completion_mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(device)
+        trial.train_s = time.perf_counter() - t_train
+        if cuda:
             train_peak = torch.cuda.max_memory_allocated(device)
             trial.gen_peak_gib = _gib(gen_peak + region)
             trial.train_peak_gib = _gib(train_peak + (0 if standby else region))
@@ -147,7 +182,8 @@ def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: i
 def max_context(model: str = "tiny", *, standby: bool = True, generations: int = 2, lora_rank: int = 32,
                 min_len: int = 256, max_len: int = 65536, resolution: Optional[int] = None, prompt_len: int = 16,
                 dtype: Optional[str] = None, device: Optional[str] = None, allow_cpu: bool = False,
-                compile_options=None, on_trial: Optional[Callable[[ContextTrial], None]] = None) -> ContextBenchResult:
+                compile_options=None, generate_tokens: Optional[int] = None, offload_activations: bool = False,
+                on_trial: Optional[Callable[[ContextTrial], None]] = None) -> ContextBenchResult:
     """Search the largest completion length (per generation) for which one GRPO step fits.
 
     Doubling from ``min_len`` while steps fit (capped at ``max_len``), then bisection to
@@ -174,7 +210,7 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
     base = build_model(model, dtype=tdtype, device=dev, seed=0)
     peft_model = add_lora(base, rank=lora_rank, alpha=2 * lora_rank, seed=0)
     causal_lm = peft_model.get_base_model()
-    enable_checkpointing(causal_lm)
+    enable_checkpointing(causal_lm, reentrant=offload_activations)
     peft_model.train()
     resolution = resolution or max(1, min_len // 4)
 
@@ -184,7 +220,8 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
     def fits(n: int) -> bool:
         if n not in cache:
             t = run_trial(peft_model, n, generations=generations, prompt_len=prompt_len, standby=standby,
-                          compile_options=compile_options)
+                          compile_options=compile_options, generate_tokens=generate_tokens,
+                          offload_activations=offload_activations)
             cache[n] = t
             trials.append(t)
             if on_trial is not None:
@@ -215,5 +252,6 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
     best = cache.get(lo)
     return ContextBenchResult(model=model, device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                               standby=standby, generations=generations, lora_rank=lora_rank, prompt_len=prompt_len,
+                              generate_tokens=generate_tokens, offload_activations=offload_activations,
                               max_completion_len=lo, peak_mem_gib=best.peak_mem_gib if best else None,
                               device_total_gib=total, trials=trials, wall_s=time.perf_counter() - t0)

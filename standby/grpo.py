@@ -40,6 +40,7 @@ Inductor's compile time would dominate the run (tens of seconds versus ~0.1 s pe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -63,7 +64,7 @@ SIMULATE_OOM_ENV = "COMPILEPASS_SIMULATE_OOM"
 #: Config keys that do not change a run's results: a resume may change them freely.
 #: (``run.max_steps`` changes the cosine/linear schedule's horizon: a change is warned about.)
 _FREE_KEYS = {"run.output_dir", "run.log_every", "run.save_every", "run.keep_last", "run.tensorboard",
-              "run.resume", "run.max_steps", "generation.gpu_memory_utilization"}
+              "run.resume", "run.max_steps", "generation.gpu_memory_utilization", "generation.standby"}
 #: Config keys whose change is warned about on resume but not refused (numerics differ slightly).
 _WARN_KEYS = {"run.max_steps", "run.device", "generation.engine", "model.gradient_checkpointing",
               "model.offload_activations"}
@@ -96,14 +97,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     return adv.reshape(-1), zero
 
 
-def enable_checkpointing(causal_lm) -> None:
-    """Gradient (activation) checkpointing of every decoder layer, non-reentrant (so the inputs
-    need no ``requires_grad``; ``enable_input_require_grads`` is added for the reentrant fallback)."""
+def enable_checkpointing(causal_lm, reentrant: bool = False) -> None:
+    """Gradient (activation) checkpointing of every decoder layer. Non-reentrant by default (the
+    inputs need no ``requires_grad``); ``reentrant=True`` for activation offload, whose hooks see
+    only what a reentrant checkpoint saves (see :mod:`compilepass.standby.offload`).
+    ``enable_input_require_grads`` makes the reentrant form see a graph to differentiate."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_*
-        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": bool(reentrant)})
         if hasattr(causal_lm, "enable_input_require_grads"):
             causal_lm.enable_input_require_grads()
 
@@ -249,9 +252,7 @@ class GRPOTrainer:
         self.causal_lm = _causal_lm(self.model)
         self._disable_dropout()
         if c.model.gradient_checkpointing:
-            enable_checkpointing(self.causal_lm)
-        if c.model.offload_activations:
-            log.warning("model.offload_activations is not implemented by the native loop yet; ignored")
+            enable_checkpointing(self.causal_lm, reentrant=c.model.offload_activations)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = c.optim.make_optimizer(self.params)
@@ -270,7 +271,8 @@ class GRPOTrainer:
             log.info("resumed from %s (step %d)", state.path, state.step)
 
         self.engine = self._build_engine(compile_options)
-        self.engine.sleep()  # training owns the memory until the first generation
+        if c.generation.standby:
+            self.engine.sleep()  # training owns the memory until the first generation
         self._metrics_logger = None
         self.last_checkpoint: Optional[Path] = self.resumed_from
 
@@ -420,8 +422,17 @@ class GRPOTrainer:
                                        top_k=g.top_k, top_p=g.top_p, eos_token_id=eos,
                                        stop_token_ids=g.stop_token_ids or None, seed=step_seed(c.run.seed, step))
         finally:
-            self.engine.sleep()
+            if g.standby:
+                self.engine.sleep()
         return out
+
+    def _activation_offload(self):
+        """The offload hooks for the training forward (model.offload_activations), else a no-op."""
+        if not self.config.model.offload_activations:
+            return contextlib.nullcontext()
+        from compilepass.standby.offload import ActivationOffload
+
+        return ActivationOffload(self.model.parameters(), device=self.device)
 
     def _train(self, step: int, prompt_ids, completion_ids, mask, advantages) -> dict:
         from compilepass.kernels import grpo_loss
@@ -441,7 +452,8 @@ class GRPOTrainer:
         sums: dict[str, float] = {}
         grad_norm = float("nan")
         for _ in range(lc.num_iterations):
-            logp = policy_logprobs(self.model, prompt_ids, completion_ids, mask, temp, pad)
+            with self._activation_offload():
+                logp = policy_logprobs(self.model, prompt_ids, completion_ids, mask, temp, pad)
             loss, m = grpo_loss(logp, old if old is not None else logp.detach(), ref, advantages, mask,
                                 epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, beta=lc.beta,
                                 loss_type=lc.loss_type, max_completion_length=c.generation.max_completion_len,

@@ -105,6 +105,8 @@ class GenerationConfig:
     ``top_k = 0`` and ``top_p = 1.0`` disable those filters. ``stop`` holds stop strings,
     ``stop_token_ids`` extra stop tokens (EOS always stops). ``gpu_memory_utilization`` is the
     fraction of device memory the engine may plan for (weights + KV cache + activations).
+    ``standby`` (default true): the KV region sleeps while training runs, so training gets its
+    memory; false keeps it mapped (what a stack without standby memory pays; for comparisons).
     """
 
     engine: Literal["native", "vllm"] = "native"
@@ -117,6 +119,7 @@ class GenerationConfig:
     gpu_memory_utilization: float = 0.95
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    standby: bool = True
 
     def _validate(self) -> None:
         _require(self.num_generations >= 2, "generation.num_generations",

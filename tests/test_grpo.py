@@ -231,6 +231,21 @@ def test_bench_context_cpu_smoke(tmp_path, capsys):
     assert data["max_completion_len"] == 4 and data["standby"] is False and data["peak_mem_gib"] > 0
 
 
+def test_bench_context_partial_generation_and_offload(tmp_path):
+    """--generate-tokens K decodes K tokens and trains on all L; --offload-activations runs the
+    reentrant-checkpoint path (a no-op offload on CPU); bad K is one clear error."""
+    out = tmp_path / "ctx.json"
+    rc = cli.main(["bench", "context", "--model", "tiny", "--allow-cpu", "--min-len", "6", "--max-len", "6",
+                   "--lora-rank", "4", "--generate-tokens", "2", "--offload-activations", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["generate_tokens"] == 2 and data["offload_activations"] is True
+    (trial,) = data["trials"]
+    assert trial["ok"] and trial["completion_len"] == 6 and trial["generated_tokens"] == 2
+    assert trial["generate_s"] > 0 and trial["train_s"] > 0
+    assert cli.main(["bench", "context", "--model", "tiny", "--allow-cpu", "--generate-tokens", "0"]) == 2
+
+
 def test_bench_context_refuses_cpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available")
