@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compilepass.errors import ModelNotFoundError, StorageError
+from compilepass.errors import ConfigError, ModelNotFoundError, StorageError
 from compilepass.standby.decode import Decoder, StaticKVCache, greedy_generate
 from compilepass.standby.models import PRESETS, ModelShape, add_lora, build_model
 
@@ -46,17 +46,22 @@ def hf_greedy(model, ids_1d: torch.Tensor, n: int) -> torch.Tensor:
     return out[0, ids.shape[1]:]
 
 
-def make_decoder(model, batch: int = len(LENGTHS), max_len: int = 32) -> Decoder:
+def make_decoder(model, batch: int = len(LENGTHS), max_len: int = 32, **kwargs) -> Decoder:
     shape = ModelShape.from_hf_config(model.config)
-    return Decoder(model, StaticKVCache(shape, batch, max_len, torch.float32))
+    return Decoder(model, StaticKVCache(shape, batch, max_len, torch.float32), **kwargs)
 
 
+VARIANTS = {"matmul": {}, "fused": {"fused_projections": True}, "sdpa": {"attention": "sdpa"},
+            "fused+sdpa_gqa": {"fused_projections": True, "attention": "sdpa_gqa"}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_greedy_matches_transformers_generate(name, lora):
+def test_greedy_matches_transformers_generate(name, lora, variant):
     model = make_model(name, lora)
     ids, lengths = prompts(model.config.vocab_size)
-    out = greedy_generate(make_decoder(model), ids, lengths, NEW_TOKENS)
+    out = greedy_generate(make_decoder(model, **VARIANTS[variant]), ids, lengths, NEW_TOKENS)
     assert out.shape == (len(LENGTHS), NEW_TOKENS)
     assert len(out.unique()) > NEW_TOKENS // 2, "degenerate model: the comparison would prove little"
     for b, n in enumerate(LENGTHS):
@@ -184,3 +189,100 @@ def test_compiled_decode_step_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     out = greedy_generate(decoder, ids, lengths, NEW_TOKENS, step_fn=step)
     assert torch.equal(out, greedy_generate(decoder, ids, lengths, NEW_TOKENS))
+
+
+def _inside(t: torch.Tensor, big: torch.Tensor) -> bool:
+    lo = big.data_ptr()
+    return lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= lo + big.numel() * big.element_size()
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_fused_projections_keep_one_copy(name, tmp_path):
+    """The fused path re-points q/k/v (+ bias) and gate/up parameters into one tensor each: same
+    parameter objects, same values, same logits; LoRA stays trainable and savable."""
+    model = make_model(name, lora=True)
+    ids, lengths = prompts(model.config.vocab_size)
+    plain = make_decoder(model)
+    ref_logits = plain.prefill(ids, lengths)
+    ref_tokens = greedy_generate(plain, ids, lengths, NEW_TOKENS)
+    params_before = {n: p for n, p in model.named_parameters()}
+    values_before = {n: p.detach().clone() for n, p in params_before.items()}
+
+    fused = make_decoder(model, fused_projections=True)
+    assert dict(model.named_parameters()) == params_before, "the same parameter objects"
+    for n, p in model.named_parameters():
+        assert torch.equal(p, values_before[n]), n
+    layer = fused.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, gu = fused.fused.qkv[0], fused.fused.gate_up[0]
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert _inside(proj.base_layer.weight, qkv.weight)
+        if name == "tiny-qwen2":
+            assert _inside(proj.base_layer.bias, qkv.bias)
+    for proj in (mlp.gate_proj, mlp.up_proj):
+        assert _inside(proj.base_layer.weight, gu.weight)
+    assert make_decoder(model, fused_projections=True).fused is fused.fused, "fusing twice reuses the fusion"
+
+    torch.testing.assert_close(fused.prefill(ids, lengths), ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(greedy_generate(fused, ids, lengths, NEW_TOKENS), ref_tokens)
+
+    # the peft adapter still saves (LoRA tensors only) and the HF model still trains through the views
+    model.save_pretrained(tmp_path / "adapter")
+    assert any(f.name.startswith("adapter_model") for f in (tmp_path / "adapter").iterdir())
+    model.train()
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    opt = torch.optim.SGD(lora_params, lr=0.5)
+    batch = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    model(input_ids=batch, labels=batch).loss.backward()
+    assert all(p.grad is not None for p in lora_params)
+    opt.step()
+    model.eval()
+    after = greedy_generate(fused, ids, lengths, NEW_TOKENS)
+    assert not torch.equal(after, ref_tokens), "the LoRA update is seen with no sync"
+    assert torch.equal(after, greedy_generate(make_decoder(model), ids, lengths, NEW_TOKENS))
+    for b, n in enumerate(LENGTHS):
+        assert after[b].tolist() == hf_greedy(model, ids[b, :n], NEW_TOKENS).tolist()
+
+    # an in-place change of a base weight lands in the fused tensor
+    with torch.no_grad():
+        attn.k_proj.base_layer.weight.mul_(-1.0)
+    assert torch.equal(qkv.weight[qkv.rows[1]:qkv.rows[2]], attn.k_proj.base_layer.weight)
+    torch.testing.assert_close(fused.prefill(ids, lengths), make_decoder(model).prefill(ids, lengths),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projections_full_finetune_and_broken_fusion():
+    """Without LoRA the trainer updates the view parameters themselves; moving the model breaks the
+    fusion, which is detected instead of decoding with stale weights."""
+    model = make_model("tiny")
+    ids, lengths = prompts(256)
+    fused = make_decoder(model, fused_projections=True)
+    before = greedy_generate(fused, ids, lengths, NEW_TOKENS)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    model.eval()
+    assert fused.fused.is_intact()
+    after = greedy_generate(fused, ids, lengths, NEW_TOKENS)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, greedy_generate(make_decoder(model), ids, lengths, NEW_TOKENS))
+
+    model.to(torch.float64)  # every parameter gets new storage
+    assert not fused.fused.is_intact()
+    with pytest.raises(RuntimeError, match="fused"):
+        fused.prefill(ids, lengths)
+
+
+def test_fused_projections_follow_disabled_adapters():
+    model = make_model("tiny", lora=True)
+    ids, lengths = prompts(256)
+    fused = make_decoder(model, fused_projections=True)
+    with_lora = greedy_generate(fused, ids, lengths, NEW_TOKENS)
+    with model.disable_adapter():
+        without = greedy_generate(fused, ids, lengths, NEW_TOKENS)
+        assert torch.equal(without, greedy_generate(make_decoder(model), ids, lengths, NEW_TOKENS))
+    assert not torch.equal(with_lora, without)
+    with pytest.raises(ConfigError, match="attention"):
+        make_decoder(model, attention="flash")
