@@ -41,12 +41,14 @@ from compilepass.standby.models import ModelShape
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RolloutEngine", "RolloutOutput", "default_buckets", "sample_tokens"]
+__all__ = ["RolloutEngine", "RolloutOutput", "default_buckets", "sample_tokens", "sampler_key"]
 
 #: How often (in decode steps) generate() syncs to see whether every sequence has stopped.
 STOP_CHECK_EVERY = 8
 #: torch.compile backend of the decode step ("inductor"; tests swap in dynamo's "eager" for speed).
 _COMPILE_BACKEND = "inductor"
+#: Stop ids a graph-captured sampler checks (a fixed-size buffer); more fall back to eager sampling.
+MAX_GRAPH_STOPS = 32
 
 
 @dataclass
@@ -107,14 +109,29 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     reproducible with ``generator``). The log-prob is ``log_softmax(logits / temperature)`` at
     the drawn token, top-k / top-p not applied.
     """
-    x = logits.float()
     if temperature == 0:
-        tokens = x.argmax(-1)
-        logprobs = x.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(x, -1)
-        return tokens, logprobs
+        return _greedy_pick(logits)
     if temperature < 0:
         raise ValueError("temperature must be >= 0")
-    x = x / temperature
+    if top_p < 1.0 and not 0.0 < top_p <= 1.0:
+        raise ValueError("top_p must be in (0, 1]")
+    # a 0-dim device tensor, as in the graph-captured sampler (one code path, bitwise the same numbers)
+    temp = torch.full((), float(temperature), dtype=torch.float32, device=logits.device)
+    noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
+    return _race_pick(logits, temp, noise, top_k, top_p)
+
+
+def _greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = logits.float()
+    tokens = x.argmax(-1)
+    return tokens, x.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(x, -1)
+
+
+def _race_pick(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor, top_k: int = 0,
+               top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exponential race over ``softmax(filter(logits / temperature))`` with ``noise`` ~ Exp(1)
+    [B, V] float32 (drawn by the caller); ``temperature`` a 0-dim float32 tensor."""
+    x = logits.float() / temperature
     logprobs_all = x.log_softmax(-1)
     filtered = x
     V = x.shape[-1]
@@ -122,17 +139,58 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if top_p < 1.0:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
         sorted_logits, order = filtered.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
         sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
         filtered = torch.empty_like(filtered).scatter_(-1, order, sorted_logits)
     probs = filtered.softmax(-1)
-    noise = torch.empty_like(probs).exponential_(generator=generator)
     tokens = (probs / noise).argmax(-1)
     return tokens, logprobs_all.gather(-1, tokens[:, None])[:, 0]
+
+
+def _record(tokens, logprobs, ids, mask, lps, finished, stops, step, tokens_buf, pad) -> None:
+    """One generated column, in place on the loop's static buffers (all [B] / [B, L] views): write
+    column ``step`` (a [1] long tensor) of ids / mask / logprobs for the sequences still alive,
+    mark those that hit a stop id (``stops``: fixed size, padded with -1), set the next input
+    tokens (pad for finished sequences) and advance ``step``. No host sync, no data-dependent
+    shapes: the graph-captured sampler runs it inside the decode step's CUDA graph."""
+    alive = ~finished
+    ids.index_copy_(1, step, torch.where(alive, tokens, pad)[:, None])
+    mask.index_copy_(1, step, alive.long()[:, None])
+    lps.index_copy_(1, step, torch.where(alive, logprobs, 0.0)[:, None])
+    finished.logical_or_(alive & (tokens[:, None] == stops[None, :]).any(-1))
+    tokens_buf.copy_(torch.where(finished, pad, tokens))
+    step.add_(1)
+
+
+def _post_greedy(logits, temperature, noise, ids, mask, lps, finished, stops, step, tokens_buf, pad):
+    tokens, lp = _greedy_pick(logits)
+    _record(tokens, lp, ids, mask, lps, finished, stops, step, tokens_buf, pad)
+
+
+def _post_sample(logits, temperature, noise, ids, mask, lps, finished, stops, step, tokens_buf, pad):
+    tokens, lp = _race_pick(logits, temperature, noise)
+    _record(tokens, lp, ids, mask, lps, finished, stops, step, tokens_buf, pad)
+
+
+def _post_filtered(top_k: int, top_p: float):
+    def post(logits, temperature, noise, ids, mask, lps, finished, stops, step, tokens_buf, pad):
+        tokens, lp = _race_pick(logits, temperature, noise, top_k, top_p)
+        _record(tokens, lp, ids, mask, lps, finished, stops, step, tokens_buf, pad)
+    return post
+
+
+def sampler_key(temperature: float, top_k: int, top_p: float, vocab: int) -> tuple:
+    """Which captured sampler a request uses: ("greedy",), ("sample",) (temperature only; any
+    temperature shares it) or ("filtered", top_k, top_p)."""
+    if temperature == 0:
+        return ("greedy",)
+    k = top_k if 0 < top_k < vocab else 0
+    p = float(top_p) if top_p < 1.0 else 1.0
+    if k == 0 and p == 1.0:
+        return ("sample",)
+    return ("filtered", k, p)
 
 
 # -------------------------------------------------------------------------------------- helpers
@@ -239,6 +297,17 @@ class RolloutEngine:
       of once per bucket: cold start is one compile, not len(buckets). If that compile fails,
       the engine falls back to one static compile per bucket (logged).
 
+    - ``fused_projections``: q/k/v and gate/up run as one GEMM each, over fused weight tensors that
+      the model's own parameters are re-pointed into (still one copy; see
+      :func:`~compilepass.standby.decode.fuse_projections`). Default off.
+    - ``attention``: decode attention, "matmul" (default), "sdpa" or "sdpa_gqa" (see ``Decoder``).
+    - ``graph_sampling``: sampling (argmax / exponential race with noise drawn inside the graph
+      from the engine's own generator, top-k / top-p), the sampled token's log-prob and the
+      stop / pad bookkeeping run inside the decode step's CUDA graph: a decode step is one graph
+      replay, the [B, V] logits never leave it. Default off. ``sampling_modes``: the samplers
+      captured at warm-up ("greedy", "sample" = temperature only); others (top-k / top-p
+      settings) are captured on first use.
+
     Construction compiles and captures everything (``cold_start_s``); the region is awake after.
     """
 
@@ -247,7 +316,8 @@ class RolloutEngine:
                  compile_options: Union[None, str, dict, bool] = None,
                  batch_buckets: Optional[Sequence[int]] = None, use_cuda_graphs: bool = True,
                  kv_region: bool = True, pad_token_id: Optional[int] = None, warmup: bool = True,
-                 dynamic_batch: bool = True):
+                 dynamic_batch: bool = True, fused_projections: bool = False, attention: str = "matmul",
+                 graph_sampling: bool = False, sampling_modes: Sequence[str] = ("greedy", "sample")):
         t0 = time.perf_counter()
         param = next(model.parameters())
         self.model = model
@@ -285,7 +355,8 @@ class RolloutEngine:
             self.region = None
             self.cache = StaticKVCache(s, self.max_batch, self.max_len, self.dtype, self.device)
         self._awake = True
-        self.decoder = Decoder(model, self.cache)
+        self.decoder = Decoder(model, self.cache, fused_projections=fused_projections, attention=attention)
+        self.fused_projections, self.attention = bool(fused_projections), attention
 
         self.compile_options = _resolve_options(model, compile_options, self.max_batch, self.dtype)
         self.use_cuda_graphs = bool(use_cuda_graphs) and self.device.type == "cuda"
@@ -300,11 +371,33 @@ class RolloutEngine:
         self._positions = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         self._graphs: dict[int, "torch.cuda.CUDAGraph"] = {}
         self._graph_out: dict[int, torch.Tensor] = {}
+        self._no_logits_graph: set[int] = set()
         self._warm: set[int] = set()
         self._pool = None
         self.compile_s = 0.0
         self.capture_s = 0.0
         self.graph_error: Optional[str] = None  # why a capture failed, if one did
+        self.graph_sampling = bool(graph_sampling)
+        modes = [m for m in sampling_modes]
+        for m in modes:
+            if m not in ("greedy", "sample"):
+                raise ValueError(f"sampling_modes holds 'greedy' / 'sample', got {m!r}")
+        self.sampling_modes = modes
+        self._sample_graphs: dict[tuple, "torch.cuda.CUDAGraph"] = {}  # (bucket, sampler key) -> graph
+        self._sample_ready: set[tuple] = set()  # (bucket, key) warmed (and captured, on CUDA)
+        self._post_fns: dict[tuple, Callable] = {}
+        if self.graph_sampling:
+            L = self.max_len
+            dev = self.device
+            self._gen = torch.Generator(device=dev)
+            self._s_ids = torch.zeros((self.max_batch, L), dtype=torch.long, device=dev)
+            self._s_mask = torch.zeros((self.max_batch, L), dtype=torch.long, device=dev)
+            self._s_lp = torch.zeros((self.max_batch, L), dtype=torch.float32, device=dev)
+            self._s_finished = torch.zeros(self.max_batch, dtype=torch.bool, device=dev)
+            self._s_stops = torch.full((MAX_GRAPH_STOPS,), -1, dtype=torch.long, device=dev)
+            self._s_step = torch.zeros(1, dtype=torch.long, device=dev)
+            self._s_temp = torch.ones((), dtype=torch.float32, device=dev)
+            self._s_pad = torch.full((), self.pad_token_id, dtype=torch.long, device=dev)
         if warmup:
             self.warmup()
         self.cold_start_s = time.perf_counter() - t0
@@ -402,11 +495,18 @@ class RolloutEngine:
 
     def warmup(self, buckets: Optional[Sequence[int]] = None) -> None:
         """Compile the decode step for each bucket and, on CUDA, capture its graph (largest first,
-        all in one memory pool, inside the gc capture patch)."""
+        all in one memory pool, inside the gc capture patch). With ``graph_sampling`` the graphs
+        captured are the step + sampler graphs of ``sampling_modes`` (the logits-only graph that
+        :meth:`decode` replays is then captured on its first use)."""
         self._check_awake()
-        todo = [b for b in sorted(buckets or self.buckets, reverse=True) if b not in self._warm]
-        if not todo:
-            return
+        wanted = sorted(buckets or self.buckets, reverse=True)
+        todo = [b for b in wanted if b not in self._warm]
+        if todo:
+            self._compile_and_capture(todo)
+        if self.graph_sampling:
+            self._prepare_samplers([(b, (m,)) for b in wanted for m in self.sampling_modes])
+
+    def _compile_and_capture(self, todo: list[int]) -> None:
         with _eval_mode(self.model), torch.no_grad(), self._compile_limits():
             if not self.use_cuda_graphs:
                 t0 = time.perf_counter()
@@ -421,8 +521,6 @@ class RolloutEngine:
                 _sync(self.device)
                 self.compile_s += time.perf_counter() - t0
                 return
-            from compilepass.gc_patch import suppress_gc_during_capture
-
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             t0 = time.perf_counter()
@@ -430,24 +528,133 @@ class RolloutEngine:
                 self._first_calls(todo, 2)  # compile, autotune, cuBLAS workspaces: all outside capture
             torch.cuda.current_stream(self.device).wait_stream(stream)
             _sync(self.device)
+            self.compile_s += time.perf_counter() - t0
+            self._warm.update(todo)
+            if not self.graph_sampling:
+                self._capture_logits(todo)
+
+    def _capture_logits(self, todo: list[int]) -> None:
+        """Capture the logits-only decode graph of each bucket in ``todo`` (compiled already)."""
+        from compilepass.gc_patch import suppress_gc_during_capture
+
+        t1 = time.perf_counter()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with _eval_mode(self.model), torch.no_grad(), suppress_gc_during_capture():
+            for i, b in enumerate(todo):
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, pool=self._pool):
+                        out = self._run_step(b)
+                except Exception as exc:  # keep generating, without graphs for the rest
+                    self.graph_error = f"{type(exc).__name__}: {exc}"[:2000]
+                    log.warning("CUDA-graph capture of bucket %d failed (%s); buckets %s run the compiled "
+                                "step without a graph", b, self.graph_error.splitlines()[0][:300], todo[i:])
+                    self._no_logits_graph.update(todo[i:])
+                    break
+                self._graphs[b], self._graph_out[b] = graph, out
+        _sync(self.device)
+        self.capture_s += time.perf_counter() - t1
+
+    # -- the graph-captured sampler (graph_sampling=True) ---------------------------------------
+
+    def _post_fn(self, key: tuple) -> Callable:
+        """The sampler + bookkeeping for ``key`` (see :func:`sampler_key`): compiled (Inductor, torch's
+        default options) for "greedy" and "sample" when the step is compiled, eager otherwise."""
+        fn = self._post_fns.get(key)
+        if fn is None:
+            if key[0] == "filtered":
+                fn = _post_filtered(key[1], key[2])
+            else:
+                fn = _post_greedy if key[0] == "greedy" else _post_sample
+                if self._options is not None:
+                    fn = torch.compile(fn, backend=_COMPILE_BACKEND, fullgraph=True,
+                                       dynamic=None if self.dynamic_batch else False)
+            self._post_fns[key] = fn
+        return fn
+
+    def _post(self, bucket: int, key: tuple, logits: torch.Tensor) -> None:
+        """Sample from ``logits`` [bucket, V] and record the column (all on static buffers)."""
+        noise = None
+        if key[0] != "greedy":
+            noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(
+                generator=self._gen)
+        b = bucket
+        args = (logits, self._s_temp, noise, self._s_ids[:b], self._s_mask[:b], self._s_lp[:b],
+                self._s_finished[:b], self._s_stops, self._s_step, self._tokens[:b], self._s_pad)
+        fn = self._post_fn(key)
+        if self.dynamic_batch and b >= 2 and key[0] != "filtered" and self._options is not None:
+            for t in args:
+                if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b and t is not self._s_stops:
+                    torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
+        fn(*args)
+
+    def _sample_body(self, bucket: int, key: tuple) -> None:
+        """One whole decode step: model step on the static token / position buffers, positions + 1,
+        sample, record. What a sampler graph holds."""
+        logits = self._run_step(bucket)
+        self._positions[:bucket].add_(1)  # the step above has read them (same stream)
+        self._post(bucket, key, logits)
+
+    def _prepare_samplers(self, keys: Sequence[tuple]) -> None:
+        """Warm (compile) and, on CUDA, capture the step + sampler graph of each (bucket, key)."""
+        todo = [rk for rk in dict.fromkeys(keys) if rk not in self._sample_ready]
+        if not todo:
+            return
+        for b in sorted({b for b, _ in todo}, reverse=True):
+            if b not in self._warm:
+                self._compile_and_capture([b])
+        for _, key in todo:
+            self._post_fn(key)
+
+        def reset(b):  # warm-up runs execute for real: keep positions and the column index in range
+            self._positions[:b].zero_()
+            self._s_step.zero_()
+
+        if not self.use_cuda_graphs:
+            t0 = time.perf_counter()
+            if self._options is not None:  # compile the samplers now, not in the first generate
+                with _eval_mode(self.model), torch.no_grad(), self._compile_limits():
+                    for b, key in todo:
+                        reset(b)
+                        self._sample_body(b, key)
+            self._sample_ready.update(todo)
+            self.compile_s += time.perf_counter() - t0
+            return
+        from compilepass.gc_patch import suppress_gc_during_capture
+
+        with _eval_mode(self.model), torch.no_grad(), self._compile_limits():
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            t0 = time.perf_counter()
+            with torch.cuda.stream(stream):
+                for b, key in todo:
+                    for _ in range(2):
+                        reset(b)
+                        self._sample_body(b, key)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            _sync(self.device)
             t1 = time.perf_counter()
             self.compile_s += t1 - t0
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with suppress_gc_during_capture():
-                for i, b in enumerate(todo):
+                for b, key in todo:
+                    reset(b)
                     graph = torch.cuda.CUDAGraph()
                     try:
+                        if key[0] != "greedy":
+                            graph.register_generator_state(self._gen)  # graph-safe RNG on our generator
                         with torch.cuda.graph(graph, pool=self._pool):
-                            out = self._run_step(b)
-                    except Exception as exc:  # keep generating, without graphs for the rest
+                            self._sample_body(b, key)
+                    except Exception as exc:  # keep generating: this sampler runs eagerly per step
                         self.graph_error = f"{type(exc).__name__}: {exc}"[:2000]
-                        log.warning("CUDA-graph capture of bucket %d failed (%s); buckets %s run the compiled "
-                                    "step without a graph", b, self.graph_error.splitlines()[0][:300], todo[i:])
-                        self._warm.update(todo[i:])
-                        break
-                    self._graphs[b], self._graph_out[b] = graph, out
-                    self._warm.add(b)
+                        log.warning("CUDA-graph capture of the sampler %s for bucket %d failed (%s); it runs "
+                                    "without a graph", key, b, self.graph_error.splitlines()[0][:300])
+                        _sync(self.device)
+                    else:
+                        self._sample_graphs[(b, key)] = graph
+                    self._sample_ready.add((b, key))
             _sync(self.device)
             self.capture_s += time.perf_counter() - t1
 
@@ -476,7 +683,9 @@ class RolloutEngine:
         B = tokens.shape[0]
         bucket = self.bucket_for(B)
         if bucket not in self._warm:
-            self.warmup([bucket])
+            self._compile_and_capture([bucket])
+        if (self.use_cuda_graphs and bucket not in self._graphs and bucket not in self._no_logits_graph):
+            self._capture_logits([bucket])  # graph_sampling: the logits-only graph on first use
         self._tokens[:B].copy_(tokens)
         self._positions[:B].copy_(positions)
         if B < bucket:
@@ -526,9 +735,21 @@ class RolloutEngine:
             if ids is None:
                 continue
             stops.extend([int(ids)] if isinstance(ids, int) else [int(t) for t in ids])
-        stop_t = torch.tensor(sorted(set(stops)), dtype=torch.long, device=self.device) if stops else None
-        generator = None
-        if seed is not None:
+        stops = sorted(set(stops))
+        stop_t = torch.tensor(stops, dtype=torch.long, device=self.device) if stops else None
+        self.decoder.check_weights()
+        graphed = self.graph_sampling and len(stops) <= MAX_GRAPH_STOPS
+        generator = key = None
+        if graphed:
+            key = sampler_key(temperature, top_k, top_p, self.shape.vocab_size)
+            # the engine's own generator (registered with its graphs); no seed: one drawn from torch's
+            # global generator, so torch.manual_seed still reproduces a run
+            self._gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+            self._s_temp.fill_(float(temperature) if temperature > 0 else 1.0)
+            self._s_stops.fill_(-1)
+            if stop_t is not None:
+                self._s_stops[:len(stops)].copy_(stop_t)
+        elif seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
         parts = []
@@ -537,8 +758,11 @@ class RolloutEngine:
         with _eval_mode(self.model), torch.no_grad():
             for start in range(0, len(prompts), self.max_batch):
                 chunk = prompts[start:start + self.max_batch]
-                part, p_s, d_s, n = self._generate_batch(chunk, max_new_tokens, temperature, top_k, top_p,
-                                                         stop_t, generator)
+                if graphed:
+                    part, p_s, d_s, n = self._generate_batch_graphed(chunk, max_new_tokens, key, stop_t is not None)
+                else:
+                    part, p_s, d_s, n = self._generate_batch(chunk, max_new_tokens, temperature, top_k, top_p,
+                                                             stop_t, generator)
                 parts.append(part)
                 prefill_s, decode_s, steps = prefill_s + p_s, decode_s + d_s, steps + n
 
@@ -556,19 +780,63 @@ class RolloutEngine:
             decode_steps=steps, tokens_per_s=n_tokens / total if total > 0 else float("nan"),
         )
 
+    def _prompt_tensors(self, prompts, bucket):
+        lengths_list = [len(p) for p in prompts] + [1] * (bucket - len(prompts))
+        T = max(lengths_list)
+        ids = torch.full((bucket, T), self.pad_token_id, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(self.device, non_blocking=True)
+        lengths = torch.tensor(lengths_list, dtype=torch.long).to(self.device, non_blocking=True)
+        return ids, lengths
+
+    def _generate_batch_graphed(self, prompts, max_new_tokens, key, has_stops):
+        """As ``_generate_batch``, but each decode step is one replay of the (bucket, key) graph
+        (step + sampler + bookkeeping on static buffers); the host only checks for an early stop."""
+        dev = self.device
+        B = len(prompts)
+        bucket = self.bucket_for(B)
+        self._prepare_samplers([(bucket, key)])
+        ids, lengths = self._prompt_tensors(prompts, bucket)
+        N = max_new_tokens
+
+        _sync(dev)
+        t0 = time.perf_counter()
+        logits = self.decoder.prefill(ids, lengths)
+        _sync(dev)
+        t1 = time.perf_counter()
+
+        self._s_ids[:bucket, :N].fill_(self.pad_token_id)
+        self._s_mask[:bucket, :N].zero_()
+        self._s_lp[:bucket, :N].zero_()
+        self._s_finished[:bucket].copy_(torch.arange(bucket, device=dev) >= B)  # padding rows never count
+        self._s_step.zero_()
+        self._positions[:bucket].copy_(lengths)
+        self._post(bucket, key, logits)  # column 0, from the prefill's logits
+        graph = self._sample_graphs.get((bucket, key))
+        steps = 0
+        for n in range(1, N):
+            if has_stops and n % STOP_CHECK_EVERY == 0 and bool(self._s_finished[:bucket].all()):
+                break
+            if graph is not None:
+                graph.replay()
+            else:
+                self._sample_body(bucket, key)
+            steps += 1
+        out_ids = self._s_ids[:B, :N].clone()
+        out_mask = self._s_mask[:B, :N].clone()
+        out_lp = self._s_lp[:B, :N].clone()
+        _sync(dev)
+        t2 = time.perf_counter()
+        return (out_ids, out_mask, out_lp, out_mask.sum(1)), t1 - t0, t2 - t1, steps
+
     def _generate_batch(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_t, generator):
         dev = self.device
         B = len(prompts)
         bucket = self.bucket_for(B)
         if bucket not in self._warm:
-            self.warmup([bucket])
-        lengths_list = [len(p) for p in prompts] + [1] * (bucket - B)
-        T = max(lengths_list)
-        ids = torch.full((bucket, T), self.pad_token_id, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(dev, non_blocking=True)
-        lengths = torch.tensor(lengths_list, dtype=torch.long).to(dev, non_blocking=True)
+            self._compile_and_capture([bucket])
+        ids, lengths = self._prompt_tensors(prompts, bucket)
 
         _sync(dev)
         t0 = time.perf_counter()

@@ -42,11 +42,28 @@ def make_model(name: str, lora: bool = False, seed: int = 0):
     return model
 
 
+#: The engine's speed options (benchmarks/bench_rollout.py --variants); every one must decode the same.
+VARIANTS = {
+    "baseline": {},
+    "fused": {"fused_projections": True},
+    "sdpa": {"attention": "sdpa"},
+    "sdpa_gqa": {"attention": "sdpa_gqa"},
+    "graph_sampling": {"graph_sampling": True},
+    "all": {"fused_projections": True, "attention": "sdpa", "graph_sampling": True},
+}
+
+
 @functools.lru_cache(maxsize=None)
-def shared(name: str = "tiny", lora: bool = False):
-    """(model, engine) built once per module for the tests that do not change the weights."""
-    model = make_model(name, lora)
-    return model, RolloutEngine(model, max_batch=4, max_len=48, compile_options=False)
+def shared_model(name: str = "tiny", lora: bool = False):
+    return make_model(name, lora)
+
+
+@functools.lru_cache(maxsize=None)
+def shared(name: str = "tiny", lora: bool = False, variant: str = "baseline"):
+    """(model, engine) built once per module for the tests that do not change the weights (one model
+    per (name, lora): a fused variant re-points its parameters, which the others then read as is)."""
+    model = shared_model(name, lora)
+    return model, RolloutEngine(model, max_batch=4, max_len=48, compile_options=False, **VARIANTS[variant])
 
 
 def prompts(n: int = len(PROMPT_LENGTHS), vocab: int = 256, seed: int = 123) -> list[list[int]]:
@@ -62,10 +79,11 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama", "tiny-qwen2"])  # qwen3 (tied), llama, qwen2 (bias)
-def test_greedy_matches_transformers_generate(name, lora):
-    model, engine = shared(name, lora)
+def test_greedy_matches_transformers_generate(name, lora, variant):
+    model, engine = shared(name, lora, variant)
     ps = prompts()
     out = engine.generate(ps, max_new_tokens=NEW, temperature=0)
     assert out.completion_ids.shape == (len(ps), NEW)
@@ -200,9 +218,11 @@ def test_sleep_wake_round_trips_and_is_idempotent():
                        ref.completion_ids)
 
 
-def test_optimizer_step_is_seen_without_sync():
+@pytest.mark.parametrize("variant", ["baseline", "all"])
+def test_optimizer_step_is_seen_without_sync(variant):
     model = make_model("tiny-llama", lora=True)
-    engine = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False)  # built before training
+    engine = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False,  # built before training
+                           **VARIANTS[variant])
     ps = prompts()
     before = engine.generate(ps, max_new_tokens=NEW, temperature=0)
 
@@ -234,8 +254,9 @@ def test_bad_requests_raise():
     assert default_buckets(32) == [2, 4, 8, 16, 32]
 
 
+@pytest.mark.parametrize("graph_sampling", [False, True], ids=["host-sampling", "graph-sampling"])
 @pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "per-bucket"])
-def test_compiled_decode_matches_eager(monkeypatch, request, dynamic):
+def test_compiled_decode_matches_eager(monkeypatch, request, dynamic, graph_sampling):
     """The engine's compiled path (fullgraph dynamo; one symbolic-batch compile or one per bucket).
     Inductor is replaced by dynamo's eager backend to keep the test fast on CPU; test_decode.py compiles with
     Inductor."""
@@ -248,18 +269,57 @@ def test_compiled_decode_matches_eager(monkeypatch, request, dynamic):
     torch._dynamo.reset()  # dynamo's cache for decode_step is per code object: start (and end) clean
     request.addfinalizer(torch._dynamo.reset)
     torch._dynamo.utils.counters.clear()
-    compiled = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, dynamic_batch=dynamic)
+    compiled = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, dynamic_batch=dynamic,
+                             graph_sampling=graph_sampling)
     assert compiled.buckets == [2, 4] and compiled._warm == {2, 4}
     assert compiled.dynamic_batch == dynamic
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs == (1 if dynamic else 2)
+    per_fn = 1 if dynamic else 2
+    # the step, and with graph_sampling the greedy and temperature samplers, compiled at construction
+    assert graphs == per_fn * (3 if graph_sampling else 1)
     ps = prompts()
-    for subset in (ps, ps[:2], ps[:1]):  # bucket 4 (one row padded), 2, 2 (one row padded)
-        a = compiled.generate(subset, max_new_tokens=NEW, temperature=0)
-        b = eager.generate(subset, max_new_tokens=NEW, temperature=0)
-        assert torch.equal(a.completion_ids, b.completion_ids)
-        torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-4)
+    kws = [dict(temperature=0)]
+    if graph_sampling:  # the compiled samplers trace with fullgraph=True
+        kws += [dict(temperature=0.9, seed=4), dict(temperature=0.5, seed=1)]
+    for kw in kws:
+        for subset in (ps, ps[:2], ps[:1]):  # bucket 4 (one row padded), 2, 2 (one row padded)
+            a = compiled.generate(subset, max_new_tokens=NEW, **kw)
+            b = eager.generate(subset, max_new_tokens=NEW, **kw)
+            assert torch.equal(a.completion_ids, b.completion_ids)
+            torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "no recompiles while generating"
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2"])
+def test_graph_sampling_matches_host_sampling(name):
+    """The sampler inside the step (static buffers, one code path per decode step) gives the very
+    tokens, masks and log-probs of the host-side loop: same RNG stream, same stop handling."""
+    model = make_model(name, lora=True)
+    host = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False)
+    graph = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False, graph_sampling=True)
+    ps = prompts(7)  # two chunks: buckets 4 and 4 (one row padded)
+    free = host.generate(ps, max_new_tokens=NEW, temperature=0)
+    eos, stop = int(free.completion_ids[0, 3]), int(free.completion_ids[1, 5])
+    firsts = sorted({int(t) for t in free.completion_ids[:, 0]})
+    cases = [dict(temperature=0), dict(temperature=0.7, seed=3), dict(temperature=1.0, top_p=0.9, seed=5),
+             dict(temperature=0.8, top_k=20, seed=1), dict(temperature=1.2, top_k=5, top_p=0.8, seed=9),
+             dict(temperature=0, eos_token_id=eos, stop_token_ids=[stop]),
+             dict(temperature=1.0, seed=2, eos_token_id=[eos, 5]),
+             dict(temperature=0, eos_token_id=firsts, max_new_tokens=40),  # all stop at once: early exit
+             dict(temperature=0, stop_token_ids=list(range(100, 140)) + [eos])]  # > MAX_GRAPH_STOPS: host path
+    for kw in cases:
+        kw = {"max_new_tokens": NEW, **kw}
+        a, b = host.generate(ps, **kw), graph.generate(ps, **kw)
+        for field in ("completion_ids", "completion_mask", "logprobs", "completion_lengths"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), (kw, field)
+        assert a.decode_steps == b.decode_steps, kw
+    assert {k for _, k in graph._sample_ready} >= {("greedy",), ("sample",), ("filtered", 0, 0.9)}
+    # unseeded sampling follows torch's global seed
+    torch.manual_seed(11)
+    x = graph.generate(ps, max_new_tokens=NEW, temperature=1.0)
+    torch.manual_seed(11)
+    y = graph.generate(ps, max_new_tokens=NEW, temperature=1.0)
+    assert torch.equal(x.completion_ids, y.completion_ids)
 
 
 def test_bench_rollout_smoke(tmp_path):
