@@ -14,6 +14,9 @@
 
 One copy of the weights: :class:`~compilepass.standby.engine.RolloutEngine` decodes with the peft
 model's own modules; its KV cache lives in a standby region that sleeps while training runs.
+``generation.engine=vllm`` uses :class:`~compilepass.standby.vllm_engine.VllmEngine` instead: vLLM
+in this process, the trainer's base weights views of vLLM's, the LoRA tensors pushed into vLLM's
+LoRA buffers before each generation, only the KV cache released by ``sleep()``.
 
 Reproducibility: every source of randomness is either derived from ``(run.seed, step)`` (the
 sampling generator) or checkpointed (adapter, optimizer, scheduler, data position, RNG states);
@@ -217,9 +220,10 @@ class GRPOTrainer:
         self.progress = progress
         self.on_step = on_step
         self.output_dir = Path(c.run.output_dir)
-        if c.generation.engine != "native":
-            raise ConfigError(f"'generation.engine' {c.generation.engine!r} is not supported by the standby GRPO loop "
-                              f"yet; use generation.engine=native")
+        if c.generation.engine == "vllm":  # vLLM missing or a refused version: one line, before any work
+            from compilepass.standby.vllm_engine import check_vllm
+
+            check_vllm()
         self.device = self._resolve_device(c.run.device)
         # Before any thread pool exists where possible: worker threads inherit the calling thread's FP mode.
         self._flush_denormal = self.device.type == "cpu" and torch.set_flush_denormal(True)
@@ -348,6 +352,13 @@ class GRPOTrainer:
         if compile_options == "default":
             compile_options = "auto" if self.device.type == "cuda" else False
         pad = self.tokenizer.pad_token_id
+        if c.generation.engine == "vllm":
+            from compilepass.standby.vllm_engine import VllmEngine
+
+            # vLLM loads the weights, then the trainer's base parameters become views of vLLM's tensors.
+            return VllmEngine(self.model, max_batch=max_batch, max_len=max_len, compile_options=compile_options,
+                              pad_token_id=pad if pad is not None and pad < self.engine_vocab() else 0,
+                              seed=c.run.seed, gpu_memory_utilization=c.generation.gpu_memory_utilization)
         return RolloutEngine(self.model, max_batch=max_batch, max_len=max_len, compile_options=compile_options,
                              pad_token_id=pad if pad is not None and pad < self.engine_vocab() else 0)
 
