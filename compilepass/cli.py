@@ -119,6 +119,8 @@ def _add_bench(sub) -> None:
                         "fill the rest with random ids before training (default: generate all)")
     q.add_argument("--offload-activations", action="store_true",
                    help="offload checkpointed activations to pinned CPU memory during training")
+    q.add_argument("--mlp-chunk-tokens", type=int, default=4096,
+                   help="run each MLP over this many tokens at a time while training (0: off)")
     q.add_argument("--compile", choices=["auto", "eager", "default"], default=None,
                    help="the engine's decode step: tuned flags (auto; the CUDA default), eager (no compile; "
                         "the CPU default), or torch's default options")
@@ -487,13 +489,15 @@ def cmd_bench_context(args) -> int:
 
     if args.generate_tokens is not None and args.generate_tokens < 1:
         raise CompilepassError(f"--generate-tokens must be >= 1 (got {args.generate_tokens})")
+    if args.mlp_chunk_tokens < 0:
+        raise CompilepassError(f"--mlp-chunk-tokens must be >= 0 (got {args.mlp_chunk_tokens})")
     compile_options = {None: None, "auto": "auto", "eager": False, "default": {}}[args.compile]
     result = max_context(args.model, standby=args.standby == "on", generations=args.generations,
                          lora_rank=args.lora_rank, min_len=args.min_len, max_len=args.max_len,
                          resolution=args.resolution, prompt_len=args.prompt_len, dtype=args.dtype,
                          allow_cpu=args.allow_cpu, compile_options=compile_options,
                          generate_tokens=args.generate_tokens, offload_activations=args.offload_activations,
-                         on_trial=on_trial)
+                         mlp_chunk_tokens=args.mlp_chunk_tokens, on_trial=on_trial)
     out = result.to_dict()
     if args.out:
         write_json_atomic(args.out, out)

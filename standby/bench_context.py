@@ -18,6 +18,8 @@ the rest of each completion with random token ids before the training step on al
 20 ms on an H100, so a full search with real L-token generations takes hours; each trial records
 ``generated_tokens``. ``offload_activations=True``: reentrant checkpointing with the checkpointed
 activations offloaded to pinned CPU memory (:mod:`compilepass.standby.offload`).
+``mlp_chunk_tokens`` (default 4096; 0 = off): the MLPs run over that many tokens at a time while
+training, and LoRA layers compute in the model's dtype (:mod:`compilepass.standby.train_memory`).
 
 Peak memory per trial (GiB): on CUDA the torch allocator's peak of each phase plus the KV
 region's bytes while it is mapped (the region is mapped with the CUDA driver, outside the
@@ -71,6 +73,7 @@ class ContextBenchResult:
     prompt_len: int
     generate_tokens: Optional[int]  # None: every trial generated all L tokens
     offload_activations: bool
+    mlp_chunk_tokens: int  # 0: MLP tiling off
     max_completion_len: int  # the largest length that fit; 0 when even min_len did not
     peak_mem_gib: Optional[float]  # of the trial at max_completion_len
     device_total_gib: Optional[float]
@@ -93,6 +96,7 @@ def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: i
     from compilepass.standby.engine import RolloutEngine
     from compilepass.standby.grpo import group_advantages, policy_logprobs
     from compilepass.standby.metrics import peak_memory_gib
+    from compilepass.standby.train_memory import lora_mixed_precision
 
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -140,10 +144,11 @@ def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: i
             from compilepass.standby.offload import ActivationOffload
 
             offload = ActivationOffload(model.parameters(), device=device)
-        with offload:
-            logp = policy_logprobs(model, [prompt] * generations, completion_ids, completion_mask, 1.0, 0)
-        loss, _ = grpo_loss(logp, logp.detach(), None, adv.to(device), completion_mask)
-        loss.backward()
+        with lora_mixed_precision(model):
+            with offload:
+                logp = policy_logprobs(model, [prompt] * generations, completion_ids, completion_mask, 1.0, 0)
+            loss, _ = grpo_loss(logp, logp.detach(), None, adv.to(device), completion_mask)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,7 +188,7 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
                 min_len: int = 256, max_len: int = 65536, resolution: Optional[int] = None, prompt_len: int = 16,
                 dtype: Optional[str] = None, device: Optional[str] = None, allow_cpu: bool = False,
                 compile_options=None, generate_tokens: Optional[int] = None, offload_activations: bool = False,
-                on_trial: Optional[Callable[[ContextTrial], None]] = None) -> ContextBenchResult:
+                mlp_chunk_tokens: int = 4096, on_trial: Optional[Callable[[ContextTrial], None]] = None) -> ContextBenchResult:
     """Search the largest completion length (per generation) for which one GRPO step fits.
 
     Doubling from ``min_len`` while steps fit (capped at ``max_len``), then bisection to
@@ -211,6 +216,10 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
     peft_model = add_lora(base, rank=lora_rank, alpha=2 * lora_rank, seed=0)
     causal_lm = peft_model.get_base_model()
     enable_checkpointing(causal_lm, reentrant=offload_activations)
+    if mlp_chunk_tokens:
+        from compilepass.standby.train_memory import tile_mlp
+
+        tile_mlp(causal_lm, mlp_chunk_tokens)
     peft_model.train()
     resolution = resolution or max(1, min_len // 4)
 
@@ -253,5 +262,5 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
     return ContextBenchResult(model=model, device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                               standby=standby, generations=generations, lora_rank=lora_rank, prompt_len=prompt_len,
                               generate_tokens=generate_tokens, offload_activations=offload_activations,
-                              max_completion_len=lo, peak_mem_gib=best.peak_mem_gib if best else None,
+                              mlp_chunk_tokens=mlp_chunk_tokens, max_completion_len=lo, peak_mem_gib=best.peak_mem_gib if best else None,
                               device_total_gib=total, trials=trials, wall_s=time.perf_counter() - t0)

@@ -257,6 +257,10 @@ class GRPOTrainer:
         self._disable_dropout()
         if c.model.gradient_checkpointing:
             enable_checkpointing(self.causal_lm, reentrant=c.model.offload_activations)
+        if c.model.mlp_chunk_tokens:
+            from compilepass.standby.train_memory import tile_mlp
+
+            tile_mlp(self.causal_lm, c.model.mlp_chunk_tokens)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = c.optim.make_optimizer(self.params)
@@ -447,6 +451,7 @@ class GRPOTrainer:
 
     def _train(self, step: int, prompt_ids, completion_ids, mask, advantages) -> dict:
         from compilepass.kernels import grpo_loss
+        from compilepass.standby.train_memory import lora_mixed_precision
 
         c, lc = self.config, self.config.loss
         _simulated_oom("train", step)
@@ -463,13 +468,15 @@ class GRPOTrainer:
         sums: dict[str, float] = {}
         grad_norm = float("nan")
         for _ in range(lc.num_iterations):
-            with self._activation_offload():
-                logp = policy_logprobs(self.model, prompt_ids, completion_ids, mask, temp, pad)
-            loss, m = grpo_loss(logp, old if old is not None else logp.detach(), ref, advantages, mask,
-                                epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, beta=lc.beta,
-                                loss_type=lc.loss_type, max_completion_length=c.generation.max_completion_len,
-                                num_items_in_batch=n_items)
-            loss.backward()
+            # forward and backward (which recomputes checkpointed layers) under one precision setting
+            with lora_mixed_precision(self.model):
+                with self._activation_offload():
+                    logp = policy_logprobs(self.model, prompt_ids, completion_ids, mask, temp, pad)
+                loss, m = grpo_loss(logp, old if old is not None else logp.detach(), ref, advantages, mask,
+                                    epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, beta=lc.beta,
+                                    loss_type=lc.loss_type, max_completion_length=c.generation.max_completion_len,
+                                    num_items_in_batch=n_items)
+                loss.backward()
             if c.optim.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.optim.max_grad_norm))
             else:

@@ -54,6 +54,11 @@ class ModelConfig:
     init (std 0.02) gives the tied-embedding tiny preset logits bounded by about +-1.3, a nearly
     uniform policy that no LoRA adapter can sharpen much; 0.15 (the tiny default config) gives
     it a peaked, learnable output distribution.
+
+    Training memory: ``gradient_checkpointing`` (per decoder layer); ``offload_activations``
+    moves the checkpointed activations to pinned CPU memory (:mod:`compilepass.standby.offload`);
+    ``mlp_chunk_tokens`` runs each MLP over that many tokens at a time while training
+    (:func:`compilepass.standby.train_memory.tile_mlp`; 0 turns it off).
     """
 
     name_or_path: str = "tiny"
@@ -63,6 +68,7 @@ class ModelConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(_DEFAULT_TARGETS))
     gradient_checkpointing: bool = True
     offload_activations: bool = False
+    mlp_chunk_tokens: int = 4096
     init_std: Optional[float] = None
 
     def reinit_preset_weights(self, model, seed: int = 0) -> bool:
@@ -96,6 +102,8 @@ class ModelConfig:
         _require(self.lora_alpha > 0, "model.lora_alpha", f"must be > 0 (got {self.lora_alpha})")
         _require(len(self.lora_targets) > 0, "model.lora_targets", "must name at least one module")
         _require(self.init_std is None or self.init_std > 0, "model.init_std", f"must be > 0 or null (got {self.init_std})")
+        _require(self.mlp_chunk_tokens >= 0, "model.mlp_chunk_tokens",
+                 f"must be >= 0, 0 turns MLP tiling off (got {self.mlp_chunk_tokens})")
 
 
 @dataclass

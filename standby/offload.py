@@ -18,8 +18,9 @@ Use it with *reentrant* checkpointing (``use_reentrant=True``): a reentrant chec
 inputs through ``save_for_backward``, which these hooks see; the non-reentrant implementation
 keeps them referenced from its own frame, out of reach of any hook (nothing would be freed).
 
-On a machine without CUDA nothing is offloaded (``active`` is False) unless ``force=True``,
-which copies CPU tensors to new CPU tensors — the same pack/unpack path, for tests.
+With ``device`` a CPU device (or no CUDA at all) nothing is offloaded (``active`` is False)
+unless ``force=True``, which copies CPU tensors to new CPU tensors — the same pack/unpack path,
+for tests.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def test_forced_offload_gives_identical_gradients_and_skips_parameters():
     model.zero_grad(set_to_none=True)
     x.grad = None
 
-    hooks = ActivationOffload(model.parameters(), min_bytes=0, force=True)
+    hooks = ActivationOffload(model.parameters(), min_bytes=0, force=True, device=torch.device("cpu"))
     with hooks:
         loss = model(x).square().sum()
     # the input, the hidden activations and the GELU output are offloaded; the weights are not
@@ -42,7 +42,7 @@ def test_forced_offload_gives_identical_gradients_and_skips_parameters():
 def test_min_bytes_keeps_small_tensors():
     model = _mlp()
     x = torch.randn(2, 64, requires_grad=True)
-    hooks = ActivationOffload(model.parameters(), min_bytes=1 << 30, force=True)
+    hooks = ActivationOffload(model.parameters(), min_bytes=1 << 30, force=True, device=torch.device("cpu"))
     with hooks:
         model(x).sum().backward()
     assert hooks.stats.offloaded_tensors == 0 and hooks.stats.kept_tensors > 0
@@ -74,7 +74,7 @@ def test_reentrant_checkpointed_peft_model_with_offload_matches():
     def run(offload):
         model.zero_grad(set_to_none=True)
         if offload:
-            hooks = ActivationOffload(model.parameters(), min_bytes=0, force=True)
+            hooks = ActivationOffload(model.parameters(), min_bytes=0, force=True, device=torch.device("cpu"))
             with hooks:
                 logp = policy_logprobs(model, prompts, ids, mask)
         else:
