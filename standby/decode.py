@@ -299,41 +299,81 @@ class Decoder:
         self._attend_decode = {"matmul": self._attend_one, "sdpa": self._attend,
                                "sdpa_gqa": self._attend_gqa}[attention]
         self.fused: FusedProjections | None = fuse_projections(model) if fused_projections else None
+        self._layer_fn = None  # compile_layers() sets it
+        self._layer_dynamic = False
 
     # -- the transformer body -------------------------------------------------------------------
 
     def _forward(self, x, position_ids, mask, write_kv, attend=None):
         """x [B, T, hidden]; position_ids [B, T]; mask [B, T, S] (True = attend). Returns hidden states."""
-        B, T, _ = x.shape
-        s = self.shape
         if attend is None:
             attend = self._attend
         cos, sin = self.rotary_emb(x, position_ids)
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            if self.fused is not None:
-                q, k, v = self.fused.qkv[i](h)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q = q.view(B, T, s.num_heads, s.head_dim)
-            k = k.view(B, T, s.num_kv_heads, s.head_dim)
-            v = v.view(B, T, s.num_kv_heads, s.head_dim)
-            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over head_dim, before rotary
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
-            k, v = write_kv(i, k, v)
-            y = attend(q, k, v, mask)  # [B, heads, T, D]
-            x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
-            h = layer.post_attention_layernorm(x)
-            if self.fused is not None:
-                mlp = layer.mlp
-                gate, up = self.fused.gate_up[i](h)
-                x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-            else:
-                x = x + layer.mlp(h)
+            x = self._layer(i, layer, *self._fused_of(i), x, cos, sin, mask, write_kv, attend)
         return self.norm(x)
+
+    def _fused_of(self, i: int):
+        if self.fused is None:
+            return None, None
+        return self.fused.qkv[i], self.fused.gate_up[i]
+
+    def _layer(self, i, layer, qkv, gate_up, x, cos, sin, mask, write_kv, attend):
+        """One decoder layer. ``qkv`` / ``gate_up``: the layer's ``FusedLinear`` (None: the modules)."""
+        B, T, _ = x.shape
+        s = self.shape
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        if qkv is not None:
+            q, k, v = qkv(h)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = q.view(B, T, s.num_heads, s.head_dim)
+        k = k.view(B, T, s.num_kv_heads, s.head_dim)
+        v = v.view(B, T, s.num_kv_heads, s.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over head_dim, before rotary
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        k, v = write_kv(i, k, v)
+        y = attend(q, k, v, mask)  # [B, heads, T, D]
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+        h = layer.post_attention_layernorm(x)
+        if gate_up is not None:
+            mlp = layer.mlp
+            gate, up = gate_up(h)
+            return x + mlp.down_proj(mlp.act_fn(gate) * up)
+        return x + layer.mlp(h)
+
+    def _decode_layer(self, layer, qkv, gate_up, x, cos, sin, mask, kc, vc, rows, positions):
+        """One layer of the decode step over its own K / V cache tensors: the unit that
+        ``compile_layers`` compiles once and runs for every layer."""
+        B = x.shape[0]
+
+        def write_kv(_, k, v):
+            # index_put_ at (row, :, position): Inductor writes B x KV x D elements in place
+            kc[rows, :, positions] = k[:, :, 0]
+            vc[rows, :, positions] = v[:, :, 0]
+            return kc[:B], vc[:B]
+
+        return self._layer(0, layer, qkv, gate_up, x, cos, sin, mask, write_kv, self._attend_decode)
+
+    def compile_layers(self, options: dict | None = None, dynamic_batch: bool = False, backend: str = "inductor",
+                       max_batch: int | None = None) -> None:
+        """Regional compilation: ``decode_step`` stays a Python loop over the layers, each layer runs
+        ONE compiled function (the layers share its graph: their weights and K / V tensors are its
+        inputs), so a cold compile traces one layer instead of all of them. Embedding, rotary
+        tables, final norm and lm_head run eagerly (inside the engine's CUDA graph they cost no
+        launches). ``dynamic_batch``: a symbolic batch dimension (>= 2) instead of one compile per
+        batch size. ``None`` options: torch's defaults."""
+        kwargs = dict(fullgraph=True, dynamic=None if dynamic_batch else False)
+        if backend == "inductor":
+            kwargs["options"] = options or None
+        else:
+            kwargs["backend"] = backend
+        self._layer_fn = torch.compile(self._decode_layer, **kwargs)
+        self._layer_dynamic = bool(dynamic_batch)
+        self._layer_max_batch = max_batch or self.cache.batch
 
     def _attend(self, q, k, v, mask):
         """GQA without repeating K/V: the n_rep query heads that share a KV head become n_rep * T
@@ -402,6 +442,16 @@ class Decoder:
             position_ids = positions[:, None]
             mask = (self._cache_pos[None, :] <= position_ids)[:, None, :]  # [B, 1, max_len]
             rows = torch.arange(B, device=tokens.device)
+            if self._layer_fn is not None:  # regional compilation: one compiled layer, called per layer
+                x = self.embed_tokens(tokens[:, None])
+                cos, sin = self.rotary_emb(x, position_ids)
+                if self._layer_dynamic and B >= 2:
+                    for t in (x, cos, sin, mask, rows, positions):
+                        torch._dynamo.mark_dynamic(t, 0, min=2, max=self._layer_max_batch)
+                for i, layer in enumerate(self.layers):
+                    x = self._layer_fn(layer, *self._fused_of(i), x, cos, sin, mask, self.cache.k[i],
+                                       self.cache.v[i], rows, positions)
+                return self.lm_head(self.norm(x)[:, 0])
 
             def write_kv(i, k, v):
                 # index_put_ at (row, :, position): Inductor writes B x KV x D elements in place

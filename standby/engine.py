@@ -307,6 +307,10 @@ class RolloutEngine:
       replay, the [B, V] logits never leave it. Default off. ``sampling_modes``: the samplers
       captured at warm-up ("greedy", "sample" = temperature only); others (top-k / top-p
       settings) are captured on first use.
+    - ``compile_scope``: "step" (default) compiles the whole decode step as one graph; "layer"
+      compiles one decoder layer once and runs it for every layer (regional compilation: a cold
+      start traces one layer, not all of them; cross-layer fusion is lost). Under CUDA graphs the
+      eager glue between layers costs no launch overhead.
 
     Construction compiles and captures everything (``cold_start_s``); the region is awake after.
     """
@@ -317,7 +321,8 @@ class RolloutEngine:
                  batch_buckets: Optional[Sequence[int]] = None, use_cuda_graphs: bool = True,
                  kv_region: bool = True, pad_token_id: Optional[int] = None, warmup: bool = True,
                  dynamic_batch: bool = True, fused_projections: bool = False, attention: str = "matmul",
-                 graph_sampling: bool = False, sampling_modes: Sequence[str] = ("greedy", "sample")):
+                 graph_sampling: bool = False, sampling_modes: Sequence[str] = ("greedy", "sample"),
+                 compile_scope: str = "step"):
         t0 = time.perf_counter()
         param = next(model.parameters())
         self.model = model
@@ -366,6 +371,9 @@ class RolloutEngine:
         self._inductor_cudagraphs = bool((options or {}).get("triton.cudagraphs", False))
         self._options = options
         self.dynamic_batch = bool(dynamic_batch) and options is not None and self.max_batch > 2
+        if compile_scope not in ("step", "layer"):
+            raise ValueError(f"compile_scope must be 'step' or 'layer', got {compile_scope!r}")
+        self.compile_scope = compile_scope
         self._step = self._make_step()
         self._tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
@@ -450,6 +458,10 @@ class RolloutEngine:
         from compilepass.workloads import inductor_options_for_torch
 
         options = inductor_options_for_torch(options)
+        if self.compile_scope == "layer":
+            self.decoder.compile_layers(options, dynamic_batch=self.dynamic_batch, backend=_COMPILE_BACKEND,
+                                        max_batch=self.max_batch)
+            return self.decoder.decode_step
         if _COMPILE_BACKEND != "inductor":  # tests: the engine's plumbing without Inductor's compile time
             return torch.compile(self.decoder.decode_step, backend=_COMPILE_BACKEND, fullgraph=True,
                                  dynamic=None if self.dynamic_batch else False)
@@ -742,6 +754,9 @@ class RolloutEngine:
         generator = key = None
         if graphed:
             key = sampler_key(temperature, top_k, top_p, self.shape.vocab_size)
+            # compile / capture what this call needs first: warm-up runs draw from the generator
+            sizes = {len(prompts[i:i + self.max_batch]) for i in range(0, len(prompts), self.max_batch)}
+            self._prepare_samplers([(self.bucket_for(n), key) for n in sorted(sizes, reverse=True)])
             # the engine's own generator (registered with its graphs); no seed: one drawn from torch's
             # global generator, so torch.manual_seed still reproduces a run
             self._gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))

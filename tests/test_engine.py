@@ -254,9 +254,11 @@ def test_bad_requests_raise():
     assert default_buckets(32) == [2, 4, 8, 16, 32]
 
 
+@pytest.mark.parametrize("scope,fused", [("step", False), ("layer", False), ("layer", True)],
+                         ids=["step", "layer", "layer-fused"])
 @pytest.mark.parametrize("graph_sampling", [False, True], ids=["host-sampling", "graph-sampling"])
 @pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "per-bucket"])
-def test_compiled_decode_matches_eager(monkeypatch, request, dynamic, graph_sampling):
+def test_compiled_decode_matches_eager(monkeypatch, request, dynamic, graph_sampling, scope, fused):
     """The engine's compiled path (fullgraph dynamo; one symbolic-batch compile or one per bucket).
     Inductor is replaced by dynamo's eager backend to keep the test fast on CPU; test_decode.py compiles with
     Inductor."""
@@ -269,13 +271,17 @@ def test_compiled_decode_matches_eager(monkeypatch, request, dynamic, graph_samp
     torch._dynamo.reset()  # dynamo's cache for decode_step is per code object: start (and end) clean
     request.addfinalizer(torch._dynamo.reset)
     torch._dynamo.utils.counters.clear()
+    if fused:
+        model = make_model("tiny", lora=True)  # a model of its own: fusing re-points its parameters
+        eager = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False)
     compiled = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, dynamic_batch=dynamic,
-                             graph_sampling=graph_sampling)
+                             graph_sampling=graph_sampling, compile_scope=scope, fused_projections=fused)
     assert compiled.buckets == [2, 4] and compiled._warm == {2, 4}
     assert compiled.dynamic_batch == dynamic
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     per_fn = 1 if dynamic else 2
-    # the step, and with graph_sampling the greedy and temperature samplers, compiled at construction
+    # the step (or the one layer function every layer shares), and with graph_sampling the greedy and
+    # temperature samplers, compiled at construction
     assert graphs == per_fn * (3 if graph_sampling else 1)
     ps = prompts()
     kws = [dict(temperature=0)]
