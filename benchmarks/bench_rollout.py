@@ -5,20 +5,32 @@ no EOS (every sequence runs max_new_tokens). Measures, per model:
 
 1. transformers ``model.generate(..., cache_implementation="static", do_sample=False,
    max_new_tokens=N, min_new_tokens=N)`` — it compiles itself: first call (compile) and warm calls;
-2. ``RolloutEngine`` once per flag set (``--flags``): cold start (construction = KV region +
-   compile + CUDA-graph capture of every batch bucket), warm start (a second engine after
-   ``torch._dynamo.reset()``, on-disk caches warm), one untimed generate, then ``--repeats`` timed
-   generates: tok/s (B*N / wall time of generate, prefill included, like the baseline) and ms per
-   decode step;
+2. ``RolloutEngine`` once per variant (``--variants``, each with every ``--flags`` set): cold
+   start (construction = KV region + compile + CUDA-graph capture of every batch bucket), one
+   untimed generate, then ``--repeats`` timed generates: tok/s (B*N / wall time of generate,
+   prefill included, like the baseline) and ms per decode step (decode time / steps: sampling
+   and Python overhead included); ``--warm-start`` adds a second construction after
+   ``torch._dynamo.reset()`` (on-disk caches warm);
 3. the memory-bandwidth bound of one decode step: (weights read + KV read) / ``--bandwidth``
    (3.0e12 B/s, measured device-to-device copy on the H100), KV read = the whole static cache
    (max_len positions; the step masks, it does not skip);
 4. ratios: ours / transformers (tok/s, same run) and ms-per-step / bound.
 
-Fresh Inductor and Triton cache directories are used (set before torch is imported) so that the
-cold start is a real compile; ``--keep-caches`` uses the user's caches instead.
+A variant is engine options joined by "+": ``baseline`` (none), ``fused`` (fused q/k/v and gate/up
+projections), ``sdpa`` / ``sdpa_gqa`` (decode attention), ``graph_sampling`` (sampler and
+bookkeeping inside the step's CUDA graph), ``layer`` (regional compilation), ``per_bucket`` (one
+static compile per bucket), ``eager`` (no compile); ``all`` = ``fused+sdpa+graph_sampling``.
+Variants without ``fused`` run first (fusing re-points the model's parameters for the rest of
+the process). ``--with-8b`` then runs qwen3-8b shapes at ``--batch-8b`` with the transformers
+baseline and the fastest 0.6b variant (or ``--variant-8b``).
 
-    python benchmarks/bench_rollout.py --out benchmarks/results/rollout_qwen3-0.6b_h100_<date>.json
+Fresh Inductor and Triton cache directories are used (set before torch is imported), so the first
+engine's cold start is a real compile. Later variants whose step graph was compiled before in this
+process (e.g. ``fused+graph_sampling`` after ``fused``) hit the FX-graph / AOT caches: each row
+records the cache hits during its construction (``compile_cache``) and the table marks such warm
+cold starts with ``~``. ``--keep-caches`` uses the user's caches instead.
+
+    python benchmarks/bench_rollout.py --with-8b --out benchmarks/results/rollout_variants_h100_<date>.json
     python benchmarks/bench_rollout.py --smoke --out /tmp/rollout_smoke.json   # CPU, tiny, seconds
 """
 
@@ -37,7 +49,34 @@ import time
 T0 = time.perf_counter()
 TUNED = {"combo_kernels": True, "coordinate_descent_tuning": True, "max_autotune": True,
          "max_autotune_pointwise": True, "triton.multi_kernel": 1}
-DEFAULT_FLAGS = ["{}", json.dumps(TUNED)]
+DEFAULT_FLAGS = ["{}"]
+#: engine options per variant token (see the module docstring)
+VARIANT_TOKENS = {
+    "baseline": {},
+    "fused": {"fused_projections": True},
+    "matmul": {"attention": "matmul"},
+    "sdpa": {"attention": "sdpa"},
+    "sdpa_gqa": {"attention": "sdpa_gqa"},
+    "graph_sampling": {"graph_sampling": True},
+    "gs": {"graph_sampling": True},
+    "layer": {"compile_scope": "layer"},
+    "per_bucket": {"dynamic_batch": False},
+    "eager": {},
+}
+ALL = "fused+sdpa+graph_sampling"
+DEFAULT_VARIANTS = "baseline,fused,fused+sdpa,fused+graph_sampling,all,all+layer"
+
+
+def variant_options(name: str) -> tuple[dict, bool]:
+    """(RolloutEngine keyword arguments, eager?) of a variant name such as ``fused+sdpa``."""
+    kwargs, eager = {}, False
+    for tok in name.replace("all", ALL).split("+"):
+        tok = tok.strip()
+        if tok not in VARIANT_TOKENS:
+            raise SystemExit(f"unknown variant token {tok!r} in {name!r}; known: {', '.join(VARIANT_TOKENS)}, all")
+        kwargs.update(VARIANT_TOKENS[tok])
+        eager = eager or tok == "eager"
+    return kwargs, eager
 
 
 def parse_args(argv=None):
@@ -48,30 +87,46 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--flags", nargs="*", default=None,
-                   help="compile option sets as JSON objects, or 'eager' for no compile "
-                        f"(default: {{}} and {json.dumps(TUNED)})")
-    p.add_argument("--repeats", type=int, default=5, help="timed engine generates per flag set")
+                   help="compile option sets as JSON objects (or 'tuned' for "
+                        f"{json.dumps(TUNED)}), or 'eager' for no compile (default: {{}})")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help=f"comma-separated engine variants (default: {DEFAULT_VARIANTS})")
+    p.add_argument("--repeats", type=int, default=5, help="timed engine generates per variant")
     p.add_argument("--hf-repeats", type=int, default=3, help="timed warm transformers generates")
     p.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
-    p.add_argument("--no-warm-start", action="store_true", help="skip the warm-start measurement")
+    p.add_argument("--warm-start", action="store_true",
+                   help="also measure a second construction after torch._dynamo.reset() (caches warm)")
+    p.add_argument("--no-warm-start", action="store_true", help=argparse.SUPPRESS)  # the default now
     p.add_argument("--with-8b", action="store_true", help="also qwen3-8b shapes at --batch-8b")
     p.add_argument("--batch-8b", type=int, default=64)
+    p.add_argument("--variant-8b", default=None,
+                   help="engine variant for qwen3-8b (default: the fastest variant of the first model)")
+    p.add_argument("--hf-repeats-8b", type=int, default=2)
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="device copy bandwidth, bytes/s")
     p.add_argument("--keep-caches", action="store_true", help="use the existing Inductor/Triton caches")
     p.add_argument("--per-bucket-compile", action="store_true",
                    help="engine: one static compile per batch bucket instead of one dynamic-batch compile")
-    p.add_argument("--budget-s", type=float, default=480.0,
-                   help="skip optional stages (warm starts, qwen3-8b) once this much wall time has passed")
+    p.add_argument("--budget-s", type=float, default=330.0,
+                   help="first model: skip the remaining variants (and warm starts) once this much wall time "
+                        "has passed, so that --with-8b still fits")
     p.add_argument("--smoke", action="store_true",
                    help="tiny preset, batch 4, prompt 16, 16 tokens, fp32 (CPU if no GPU), eager engine")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.batch, args.prompt_len, args.new_tokens = "tiny", 4, 16, 16
-        args.repeats, args.hf_repeats, args.with_8b = 2, 1, False
+        args.repeats, args.hf_repeats, args.hf_repeats_8b = 2, 1, 1
         if args.flags is None:
             args.flags = ["eager"]
     if args.flags is None:
         args.flags = list(DEFAULT_FLAGS)
+    args.flags = [json.dumps(TUNED) if f == "tuned" else f for f in args.flags]
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in names:
+        variant_options(v)  # unknown tokens: one clear error before any work
+    # fusing re-points the model's parameters for the rest of the process: unfused variants first
+    args.variant_list = sorted(names, key=lambda v: "fused" in v.replace("all", ALL).split("+"))
+    if args.variant_8b is not None:
+        variant_options(args.variant_8b)
     return args
 
 
@@ -151,7 +206,16 @@ def run_hf(model, prompts, new_tokens: int, repeats: int, device) -> dict:
             "ms_per_step_median": med / n * 1e3}
 
 
-def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start, device,
+def _cache_counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {"fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
+            "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
+            "aot_autograd_cache_hit": counters["aot_autograd"]["autograd_cache_hit"],
+            "aot_autograd_cache_miss": counters["aot_autograd"]["autograd_cache_miss"]}
+
+
+def run_engine(model, prompts, new_tokens: int, flags, engine_kwargs: dict, repeats: int, warm_start, device,
                dynamic_batch: bool = True) -> dict:
     import torch
 
@@ -160,16 +224,22 @@ def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start,
     B = len(prompts)
     max_len = max(len(p) for p in prompts) + new_tokens
     options = False if flags == "eager" else flags
+    kwargs = {"dynamic_batch": dynamic_batch, **engine_kwargs}
     gc.collect()
     sync(device)
+    before = _cache_counters()
     t0 = time.perf_counter()
-    engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options,
-                           dynamic_batch=dynamic_batch)
+    engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options, **kwargs)
     sync(device)
     cold = time.perf_counter() - t0
-    row = {"flags": flags, "cold_start_s": cold, "compile_s": engine.compile_s, "capture_s": engine.capture_s,
-           "buckets": engine.buckets, "graphs": sorted(engine._graphs), "graph_error": engine.graph_error,
-           "dynamic_batch": engine.dynamic_batch,
+    after = _cache_counters()
+    cache = {k: after[k] - before[k] for k in after}
+    row = {"flags": flags, "engine_kwargs": kwargs, "cold_start_s": cold, "compile_s": engine.compile_s,
+           "capture_s": engine.capture_s, "compile_cache": cache,
+           "cold_compile": None if options is False else cache["fxgraph_cache_hit"] + cache["aot_autograd_cache_hit"] == 0,
+           "buckets": engine.buckets, "graphs": sorted(engine._graphs),
+           "sampler_graphs": sorted(f"{b}:{k[0]}" for b, k in engine._sample_graphs),
+           "graph_error": engine.graph_error, "dynamic_batch": engine.dynamic_batch,
            "kv_region_bytes": engine.region.nbytes if engine.region is not None else None}
     first = engine.generate(prompts, max_new_tokens=new_tokens, temperature=0)
     row["first_generate_s"] = first.total_s
@@ -199,8 +269,7 @@ def run_engine(model, prompts, new_tokens: int, flags, repeats: int, warm_start,
     if options is not False and warm_start():
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options,
-                               dynamic_batch=dynamic_batch)
+        engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options, **kwargs)
         sync(device)
         row["warm_start_s"] = time.perf_counter() - t0
         engine.close()
@@ -221,7 +290,8 @@ def agreement(a, b) -> dict:
             "mean_equal_prefix": float(prefix.float().mean())}
 
 
-def bench_model(args, name: str, batch: int, device, dtype, result: dict, save) -> dict:
+def bench_model(args, name: str, batch: int, device, dtype, result: dict, save, variants: list[str],
+                hf_repeats: int, budget_check: bool = True) -> dict:
     import torch
 
     from compilepass.standby.models import ModelShape, build_model
@@ -242,7 +312,7 @@ def bench_model(args, name: str, batch: int, device, dtype, result: dict, save) 
     hf_tokens = None
     if not args.skip_hf:
         try:
-            hf = run_hf(model, prompts, args.new_tokens, args.hf_repeats, device)
+            hf = run_hf(model, prompts, args.new_tokens, hf_repeats, device)
             hf_tokens = hf.pop("tokens")
             entry["transformers"] = hf
             print(f"   transformers static generate: first call {hf['first_call_s']:.1f} s, "
@@ -255,45 +325,70 @@ def bench_model(args, name: str, batch: int, device, dtype, result: dict, save) 
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()
-    for f in args.flags:
-        flags = "eager" if f == "eager" else json.loads(f)
-        try:
-            def warm_start():
-                if args.no_warm_start:
-                    return False
-                if time.perf_counter() - T0 > args.budget_s:
-                    print(f"   (warm start skipped: past --budget-s {args.budget_s:.0f})", flush=True)
-                    return False
-                return True
+    base_tokens = None
+    for variant in variants:
+        engine_kwargs, eager_variant = variant_options(variant)
+        for f in (["eager"] if eager_variant else args.flags):
+            if budget_check and time.perf_counter() - T0 > args.budget_s:
+                print(f"   engine {variant} {f}: skipped (past --budget-s {args.budget_s:.0f})", flush=True)
+                entry["engines"].append({"variant": variant, "flags": f, "skipped": "past --budget-s"})
+                continue
+            flags = "eager" if f == "eager" else json.loads(f)
+            label = variant if f == "{}" else f"{variant} {f}"
+            try:
+                def warm_start():
+                    if not args.warm_start:
+                        return False
+                    if time.perf_counter() - T0 > args.budget_s:
+                        print(f"   (warm start skipped: past --budget-s {args.budget_s:.0f})", flush=True)
+                        return False
+                    return True
 
-            row = run_engine(model, prompts, args.new_tokens, flags, args.repeats, warm_start, device,
-                             dynamic_batch=not args.per_bucket_compile)
-        except Exception as exc:
-            import traceback
+                row = run_engine(model, prompts, args.new_tokens, flags, engine_kwargs, args.repeats, warm_start,
+                                 device, dynamic_batch=not args.per_bucket_compile)
+            except Exception as exc:
+                import traceback
 
-            row = {"flags": flags, "error": traceback.format_exc()[-3000:]}
-            print(f"   engine {f} failed: {exc}", flush=True)
+                row = {"variant": variant, "flags": flags, "error": traceback.format_exc()[-3000:]}
+                print(f"   engine {label} failed: {exc}", flush=True)
+                entry["engines"].append(row)
+                save()
+                continue
+            row = {"variant": variant, **row}
+            tokens = row.pop("tokens")
+            if hf_tokens is not None:
+                row["agreement_with_transformers"] = agreement(tokens, hf_tokens)
+                hf_tps = entry["transformers"].get("tok_per_s_median")
+                if hf_tps:
+                    row["ratio_vs_transformers"] = row["tok_per_s_median"] / hf_tps
+                    row["ratio_ms_per_step_vs_transformers"] = (
+                        entry["transformers"]["ms_per_step_median"] / row["ms_per_step_median"])
+            if base_tokens is None:
+                base_tokens, row["agreement_with_first_variant"] = tokens, None
+            else:
+                row["agreement_with_first_variant"] = agreement(tokens, base_tokens)
+            row["ratio_ms_per_step_vs_bound"] = row["ms_per_step_median"] / entry["bound"]["bound_ms_per_step"]
             entry["engines"].append(row)
+            cache = " (compile caches warm)" if row["cold_compile"] is False else ""
+            print(f"   engine {label}: cold start {row['cold_start_s']:.1f} s{cache} (compile {row['compile_s']:.1f}, "
+                  f"capture {row['capture_s']:.2f}), {row['tok_per_s_median']:.0f} tok/s, "
+                  f"{row['ms_per_step_median']:.3f} ms/step, "
+                  f"x{row.get('ratio_vs_transformers', float('nan')):.2f} vs transformers", flush=True)
             save()
-            continue
-        tokens = row.pop("tokens")
-        if hf_tokens is not None:
-            row["agreement_with_transformers"] = agreement(tokens, hf_tokens)
-            hf_tps = entry["transformers"].get("tok_per_s_median")
-            if hf_tps:
-                row["ratio_vs_transformers"] = row["tok_per_s_median"] / hf_tps
-        row["ratio_ms_per_step_vs_bound"] = row["ms_per_step_median"] / entry["bound"]["bound_ms_per_step"]
-        entry["engines"].append(row)
-        print(f"   engine {f}: cold start {row['cold_start_s']:.1f} s (compile {row['compile_s']:.1f}, capture "
-              f"{row['capture_s']:.2f}), warm start {row.get('warm_start_s', float('nan')):.1f} s, "
-              f"{row['tok_per_s_median']:.0f} tok/s, {row['ms_per_step_median']:.3f} ms/step, "
-              f"x{row.get('ratio_vs_transformers', float('nan')):.2f} vs transformers", flush=True)
-        save()
     del model
+    torch._dynamo.reset()  # compiled steps refer to the model's modules: let them go
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return entry
+
+
+def best_variant(entry: dict):
+    """The variant (with torch's default flags) of the lowest median ms/step in ``entry``."""
+    rows = [r for r in entry["engines"] if "ms_per_step_median" in r and r.get("flags") in ({}, "eager")]
+    if not rows:
+        return None
+    return min(rows, key=lambda r: r["ms_per_step_median"])["variant"]
 
 
 def print_table(result: dict) -> None:
@@ -309,11 +404,13 @@ def print_table(result: dict) -> None:
                   f"{hf['tok_per_s_median']:>9.0f} {hf['ms_per_step_median']:>8.3f} {1.0:>6.2f} "
                   f"{hf['ms_per_step_median'] / bound:>7.2f}")
         for row in run["engines"]:
-            what = "engine " + (json.dumps(row["flags"]) if row["flags"] != "eager" else "eager")
-            if "error" in row:
-                print(f"{run['model']:<12} {what[:44]:<44} failed")
+            flags = row.get("flags")
+            what = "engine " + row.get("variant", "") + ("" if flags in ({}, "{}", None) else " " + json.dumps(flags))
+            if "error" in row or "skipped" in row:
+                print(f"{run['model']:<12} {what[:44]:<44} {'failed' if 'error' in row else 'skipped'}")
                 continue
-            print(f"{run['model']:<12} {what[:44]:<44} {row['cold_start_s']:>7.1f} {row.get('warm_start_s', float('nan')):>7.1f} "
+            cold = f"{'~' if row.get('cold_compile') is False else ''}{row['cold_start_s']:.1f}"
+            print(f"{run['model']:<12} {what[:44]:<44} {cold:>7} {row.get('warm_start_s', float('nan')):>7.1f} "
                   f"{row['tok_per_s_median']:>9.0f} {row['ms_per_step_median']:>8.3f} "
                   f"{row.get('ratio_vs_transformers', float('nan')):>6.2f} {row['ratio_ms_per_step_vs_bound']:>7.2f}")
         print(f"{run['model']:<12} {'bandwidth bound':<44} {'':>7} {'':>7} "
@@ -341,11 +438,15 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=2)
         os.replace(tmp, out_path)
 
-    bench_model(args, args.model, args.batch, device, dtype, result, save)
+    first = bench_model(args, args.model, args.batch, device, dtype, result, save, args.variant_list, args.hf_repeats)
     if args.with_8b:
-        if time.perf_counter() - T0 > args.budget_s and args.model != "qwen3-8b":
-            print(f"   (qwen3-8b runs past --budget-s {args.budget_s:.0f}; running it anyway, as asked)", flush=True)
-        bench_model(args, "qwen3-8b", args.batch_8b, device, dtype, result, save)
+        variant = args.variant_8b or best_variant(first)
+        result["variant_8b"] = variant
+        if variant is None:
+            print("   (qwen3-8b skipped: no engine variant of the first model succeeded)", flush=True)
+        else:
+            bench_model(args, "tiny" if args.smoke else "qwen3-8b", args.batch_8b if not args.smoke else args.batch,
+                        device, dtype, result, save, [variant], args.hf_repeats_8b, budget_check=False)
     result["wall_s"] = time.perf_counter() - T0
     save()
     print_table(result)

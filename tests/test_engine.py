@@ -339,14 +339,22 @@ def test_bench_rollout_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "rollout.json"
-    assert bench.main(["--smoke", "--skip-hf", "--repeats", "1", "--keep-caches", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--skip-hf", "--repeats", "1", "--keep-caches", "--variants", "all,baseline",
+                       "--with-8b", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     run = result["runs"][0]
     assert run["model"] == "tiny" and run["bound"]["bound_ms_per_step"] > 0
-    engine = run["engines"][0]
-    assert "error" not in engine, engine.get("error")
-    assert engine["repeats"][0]["tokens"] == 4 * 16 and engine["same_tokens_after_sleep_wake"]
+    assert [e["variant"] for e in run["engines"]] == ["baseline", "all"], "unfused variants run first"
+    for engine in run["engines"]:
+        assert "error" not in engine, engine.get("error")
+        assert engine["repeats"][0]["tokens"] == 4 * 16 and engine["same_tokens_after_sleep_wake"]
+    assert run["engines"][1]["engine_kwargs"]["graph_sampling"] is True
+    assert run["engines"][1]["agreement_with_first_variant"]["token_equal_frac"] == 1.0
+    assert result["variant_8b"] in ("baseline", "all") and len(result["runs"]) == 2
+    assert [e["variant"] for e in result["runs"][1]["engines"]] == [result["variant_8b"]]
     assert result["versions"]["torch"] == torch.__version__
+    with pytest.raises(SystemExit, match="unknown variant"):
+        bench.parse_args(["--out", str(out), "--variants", "fused+flash"])
 
 
 @pytest.mark.gpu
