@@ -1,34 +1,79 @@
-"""Where does a compiled decode step spend its time? Kernel counts and the top kernels (GPU)."""
+"""Where does a decode step of the rollout engine spend its time? Kernel counts and the top kernels (GPU).
+
+Builds a ``RolloutEngine`` for one variant (the same names as ``bench_rollout.py --variants``), runs
+one untimed greedy generate, then profiles one more: kernels and GPU time per decode step (the
+prefill's kernels are included, amortized over the steps) and the top kernels. ``--no-graphs``
+profiles the compiled step without CUDA graphs (what the graphs replay, launch by launch).
+
+    python benchmarks/profile_decode.py --variant all --out /tmp/profile_all.json
+"""
 
 import argparse
+import importlib.util
 import json
+from pathlib import Path
 
 import torch
 
-from compilepass.workloads import RolloutWorkload, WorkloadSpec
+from compilepass.standby.engine import RolloutEngine
+from compilepass.standby.models import build_model
 
-p = argparse.ArgumentParser()
-p.add_argument("--model", default="qwen3-0.6b")
-p.add_argument("--out", required=True)
-p.add_argument("--flags", default='{"triton.cudagraphs": false}')
-args = p.parse_args()
-wl = RolloutWorkload(WorkloadSpec(kind="rollout", model=args.model, batch=32, prompt_len=128, new_tokens=16))
-wl.prepare()
-runner = wl.runner(json.loads(args.flags))
-runner.first_calls()
-runner.unit()
-steps = len(wl.positions)
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-    runner.unit()
-events = prof.key_averages()
-cuda_rows = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
-                   key=lambda e: -e.device_time_total)
-total_us = sum(e.device_time_total for e in cuda_rows)
-launches = sum(e.count for e in cuda_rows)
-out = {"steps": steps, "kernel_launches_per_step": launches / steps, "gpu_us_per_step": total_us / steps,
-       "top": [{"name": e.key[:120], "count_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
-               for e in cuda_rows[:25]]}
-json.dump(out, open(args.out, "w"), indent=2)
-print(f"kernels/step {out['kernel_launches_per_step']:.0f}  GPU us/step {out['gpu_us_per_step']:.0f}")
-for r in out["top"][:15]:
-    print(f"{r['us_per_step']:9.1f} us  x{r['count_per_step']:5.1f}  {r['name']}")
+
+def _variant_options(name: str):
+    path = Path(__file__).resolve().parent / "bench_rollout.py"
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.variant_options(name)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--variant", default="baseline")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--flags", default="{}", help="Inductor options as JSON")
+    p.add_argument("--no-graphs", action="store_true", help="run the compiled step without CUDA graphs")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    kwargs, eager = _variant_options(args.variant)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(args.model, dtype=dtype, device=device, seed=0)
+    vocab = model.config.vocab_size
+    prompts = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    engine = RolloutEngine(model, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens,
+                           compile_options=False if eager else json.loads(args.flags),
+                           use_cuda_graphs=not args.no_graphs, **kwargs)
+    engine.generate(prompts, max_new_tokens=args.new_tokens, temperature=0)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        out = engine.generate(prompts, max_new_tokens=args.new_tokens, temperature=0)
+    steps = max(out.decode_steps, 1)
+    events = prof.key_averages()
+    dev_type = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    rows = sorted((e for e in events if e.device_type == dev_type), key=lambda e: -e.device_time_total)
+    total_us = sum(e.device_time_total for e in rows)
+    launches = sum(e.count for e in rows)
+    result = {"model": args.model, "variant": args.variant, "engine_kwargs": kwargs, "graphs": not args.no_graphs,
+              "batch": args.batch, "decode_steps": out.decode_steps,
+              "ms_per_step_wall": out.decode_s / steps * 1e3, "cold_start_s": engine.cold_start_s,
+              "kernels_per_step": launches / steps, "gpu_us_per_step": total_us / steps,
+              "top": [{"name": e.key[:120], "count_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+                      for e in rows[:30]]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"{args.variant}: {result['ms_per_step_wall']:.3f} ms/step wall, kernels/step {result['kernels_per_step']:.0f}, "
+          f"GPU us/step {result['gpu_us_per_step']:.0f} (prefill included, amortized)")
+    for r in result["top"][:15]:
+        print(f"{r['us_per_step']:9.1f} us  x{r['count_per_step']:5.1f}  {r['name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
