@@ -391,3 +391,40 @@ def test_cuda_graphs_survive_sleep_wake_and_optimizer_steps():
     after = engine.generate(ps, max_new_tokens=NEW, temperature=0)
     assert not torch.equal(after.completion_ids, ref.completion_ids)
     assert torch.equal(after.completion_ids, eager.generate(ps, max_new_tokens=NEW, temperature=0).completion_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the CUDA KV region need a GPU")
+@pytest.mark.parametrize("scope", ["step", "layer"])
+def test_cuda_graph_sampling_variant(scope):
+    """Every speed option at once on CUDA: fused projections, SDPA decode attention, the sampler inside
+    the graph (graph-safe RNG on the engine's generator), against the same options run eagerly."""
+    model = make_model("tiny-qwen2", lora=True).cuda()
+    kw = dict(VARIANTS["all"])
+    engine = RolloutEngine(model, max_batch=8, max_len=48, compile_options={}, compile_scope=scope, **kw)
+    eager = RolloutEngine(model, max_batch=8, max_len=48, compile_options=False, use_cuda_graphs=False, **kw)
+    assert {b for b, _ in engine._sample_graphs} == {2, 4, 8} and not engine._graphs
+    assert engine.graph_error is None
+    ps = prompts(5)
+    ref = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    assert torch.equal(ref.completion_ids, eager.generate(ps, max_new_tokens=NEW, temperature=0).completion_ids)
+    for extra in ({}, {"top_p": 0.9}, {"top_k": 20}):
+        a = engine.generate(ps, max_new_tokens=NEW, temperature=1.0, seed=5, **extra)
+        b = engine.generate(ps, max_new_tokens=NEW, temperature=1.0, seed=5, **extra)
+        c = engine.generate(ps, max_new_tokens=NEW, temperature=1.0, seed=6, **extra)
+        assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+        assert not torch.equal(a.completion_ids, c.completion_ids)
+    engine.sleep()
+    engine.wake()
+    assert torch.equal(engine.generate(ps, max_new_tokens=NEW, temperature=0).completion_ids, ref.completion_ids)
+    logits = engine.decode(torch.tensor([1, 2, 3], device="cuda"), torch.tensor([0, 1, 2], device="cuda"))
+    assert logits.shape == (3, model.config.vocab_size) and 4 in engine._graphs  # captured on first use
+
+    model.train()
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=0.5)
+    batch = torch.randint(0, 256, (2, 16), device="cuda")
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    after = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    assert not torch.equal(after.completion_ids, ref.completion_ids)
+    assert torch.equal(after.completion_ids, eager.generate(ps, max_new_tokens=NEW, temperature=0).completion_ids)
