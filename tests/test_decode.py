@@ -251,13 +251,20 @@ def test_fused_projections_keep_one_copy(name, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_fused_projections_full_finetune_and_broken_fusion():
-    """Without LoRA the trainer updates the view parameters themselves; moving the model breaks the
-    fusion, which is detected instead of decoding with stale weights."""
+def test_fused_projections_full_finetune_and_broken_fusion(tmp_path):
+    """Without LoRA the trainer updates the view parameters themselves; the whole model still saves
+    and loads; moving the model breaks the fusion, which is detected instead of decoding with stale
+    weights."""
+    from transformers import AutoModelForCausalLM
+
     model = make_model("tiny")
     ids, lengths = prompts(256)
     fused = make_decoder(model, fused_projections=True)
     before = greedy_generate(fused, ids, lengths, NEW_TOKENS)
+    model.save_pretrained(tmp_path / "full")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
