@@ -14,7 +14,14 @@ parameter being *replaced* (``param.data = ...``, re-loading a state dict by ass
 the model): build a new engine then.
 
 Sampling (temperature, top-k, top-p, stop tokens) runs eagerly between graph replays with a
-``torch.Generator`` on the device, so a seed reproduces the tokens exactly. Usage in a GRPO loop::
+``torch.Generator`` on the device, so a seed reproduces the tokens exactly. Speed options, each
+off by default until measured side by side (``benchmarks/bench_rollout.py --variants``):
+``fused_projections`` (one GEMM for q/k/v and one for gate/up over fused weights the model's own
+parameters point into), ``attention`` ("matmul" | "sdpa" | "sdpa_gqa" for decode),
+``graph_sampling`` (sampler, log-prob and stop bookkeeping captured in the step's graph: one
+replay per decode step, nothing else launched; seeded through the engine's own generator) and
+``compile_scope="layer"`` (compile one layer, shared by all: a shorter cold start). Usage in a
+GRPO loop::
 
     engine = RolloutEngine(policy, max_batch=64, max_len=prompt_len + completion_len)
     for step in range(steps):
