@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,8 @@ def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="search Inductor options for a model and workload, verify the winner")
     p.add_argument("--model", required=True, help="a preset name (tiny, qwen3-0.6b, ...) or a local Hugging Face directory")
     p.add_argument("--workload", default="rollout", choices=["rollout", "train", "mlp"])
+    p.add_argument("--engine", default="native", choices=["native", "vllm"],
+                   help="rollout: measure the native decoder or vLLM's generation (engine start incl. torch.compile)")
     p.add_argument("--batch", type=int, default=None, help="sequences per batch (rollout default 8 on CPU, 32 on CUDA)")
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
@@ -146,7 +149,7 @@ def _workload_from_args(args):
 
     cuda = args.device.startswith("cuda") or (args.device == "auto" and _cuda_available())
     spec = WorkloadSpec(kind=args.workload, model=args.model, dtype=args.dtype, device=args.device,
-                        lora_rank=args.lora_rank, seed=args.seed)
+                        lora_rank=args.lora_rank, seed=args.seed, engine=args.engine)
     spec.batch = args.batch or (32 if cuda else 8)
     spec.prompt_len = args.prompt_len or (128 if cuda else 16)
     spec.new_tokens = args.new_tokens or (256 if cuda else 16)
@@ -225,7 +228,7 @@ def _record(result, args, console) -> None:
         console.print("not recorded in the tuning database: --no-verify declares no winner")
         return
     try:
-        entry = record_tune_result(result, policy=args.policy)
+        entry = record_tune_result(result, policy=args.policy, engine=args.engine)
     except NotRecordable as exc:
         console.print(str(exc))
         return
@@ -483,9 +486,15 @@ def cmd_bench_context(args) -> int:
     from .atomic import write_json_atomic
     from compilepass.standby.bench_context import max_context
 
+    done = []
+
     def on_trial(t):
         what = (f"fits, peak {t.peak_mem_gib:.2f} GiB" if t.ok else f"does not fit ({t.error})")
         print(f"  completion_len {t.completion_len}: {what} [{t.step_s:.1f}s]", file=sys.stderr, flush=True)
+        done.append(asdict(t))
+        if args.out:  # a search cut short (timeout, kill) keeps every finished trial
+            write_json_atomic(args.out, {"complete": False, "model": args.model, "standby": args.standby == "on",
+                                         "command": " ".join(sys.argv), "trials": done})
 
     if args.generate_tokens is not None and args.generate_tokens < 1:
         raise CompilepassError(f"--generate-tokens must be >= 1 (got {args.generate_tokens})")
@@ -498,7 +507,7 @@ def cmd_bench_context(args) -> int:
                          allow_cpu=args.allow_cpu, compile_options=compile_options,
                          generate_tokens=args.generate_tokens, offload_activations=args.offload_activations,
                          mlp_chunk_tokens=args.mlp_chunk_tokens, on_trial=on_trial)
-    out = result.to_dict()
+    out = {"complete": True, **result.to_dict(), "command": " ".join(sys.argv)}
     if args.out:
         write_json_atomic(args.out, out)
     peak = f"{result.peak_mem_gib:.2f} GiB" if result.peak_mem_gib is not None else "-"

@@ -239,6 +239,7 @@ def test_bench_context_partial_generation_and_offload(tmp_path):
                    "--lora-rank", "4", "--generate-tokens", "2", "--offload-activations", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
+    assert data["complete"] is True and data["command"]
     assert data["generate_tokens"] == 2 and data["offload_activations"] is True
     (trial,) = data["trials"]
     assert trial["ok"] and trial["completion_len"] == 6 and trial["generated_tokens"] == 2
