@@ -228,7 +228,7 @@ def _record(result, args, console) -> None:
         console.print("not recorded in the tuning database: --no-verify declares no winner")
         return
     try:
-        entry = record_tune_result(result, policy=args.policy, engine=args.engine)
+        entry = record_tune_result(result, policy=args.policy, engine=getattr(args, "engine", "native"))
     except NotRecordable as exc:
         console.print(str(exc))
         return

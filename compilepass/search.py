@@ -116,7 +116,9 @@ def cache_dir() -> Path:
 
 
 def study_name_for(env: EnvironmentKey, workload: WorkloadSpec, engine: str = "native") -> str:
-    key = json.dumps({"env": [env.torch, env.triton, env.vllm, env.device_name], "workload": workload.to_dict(),
+    w = workload.to_dict()
+    w.pop("engine", None)  # named once, below (native study names stay what they were)
+    key = json.dumps({"env": [env.torch, env.triton, env.vllm, env.device_name], "workload": w,
                       "engine": engine}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     model = Path(workload.model).name if os.sep in workload.model else workload.model
@@ -256,7 +258,7 @@ def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentK
 
     url = config.storage or default_storage_url()
     storage = open_storage(url, config.heartbeat_s)
-    name = config.study_name or study_name_for(env, config.workload)
+    name = config.study_name or study_name_for(env, config.workload, config.workload.engine)
     sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True,
                                          n_startup_trials=max(4, min(8, config.trials // 2)))
     try:
@@ -415,7 +417,7 @@ class Tuner:
         self.env = current_environment()
         device_kind = "cuda" if config.workload.resolved_device().startswith("cuda") else "cpu"
         self.space = FlagSpace(device_kind=device_kind, env=self.env, include=config.include_flags,
-                               exclude=config.exclude_flags)
+                               exclude=config.exclude_flags, engine=config.workload.engine)
         if not self.space.specs:
             raise ConfigError("the flag space is empty for this device and torch; nothing to tune")
         self.study, self.storage_url = create_or_load_study(config, self.space, self.env)

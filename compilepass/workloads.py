@@ -32,6 +32,7 @@ class WorkloadSpec:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
     seed: int = 0
+    engine: str = "native"  # rollout only: "vllm" measures vLLM's generation (compilepass.vllm_workload)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +67,14 @@ class WorkloadSpec:
 
         if self.kind not in WORKLOAD_KINDS:
             raise ConfigError(f"unknown workload {self.kind!r}; choose one of {', '.join(WORKLOAD_KINDS)}")
+        if self.engine not in ("native", "vllm"):
+            raise ConfigError(f"unknown engine {self.engine!r}; choose native or vllm")
+        if self.engine == "vllm" and self.kind != "rollout":
+            raise ConfigError(f"--engine vllm measures generation: use --workload rollout (got {self.kind})")
+        if self.engine == "vllm":
+            from .vllm_workload import preflight
+
+            preflight(self)  # vLLM importable and not refused, the model's shape runnable by it
         for name in ("batch", "prompt_len", "new_tokens", "seq_len", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -295,4 +304,8 @@ class MLPWorkload(Workload):
 
 def make_workload(spec: WorkloadSpec) -> Workload:
     spec.validate()
+    if spec.engine == "vllm":
+        from .vllm_workload import VllmRolloutWorkload
+
+        return VllmRolloutWorkload(spec)
     return {"rollout": RolloutWorkload, "train": TrainWorkload, "mlp": MLPWorkload}[spec.kind](spec)

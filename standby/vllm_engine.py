@@ -58,6 +58,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -71,7 +72,8 @@ from compilepass.standby.models import ModelShape
 log = logging.getLogger(__name__)
 
 __all__ = ["VllmEngine", "VllmUnsupportedError", "VllmEngineError", "VllmGate", "VLLM_GATES", "check_vllm", "plain_cpu_linears",
-           "share_weights", "weights_shared", "vllm_model_runner", "CPU_ATTENTION_HEAD_SIZES"]
+           "share_weights", "weights_shared", "vllm_model_runner", "CPU_ATTENTION_HEAD_SIZES",
+           "cpu_head_size_error"]
 
 #: Head sizes vLLM's CPU attention backend accepts (``CPUAttentionBackend.get_supported_head_sizes``
 #: in vLLM 0.32); read from the installed vLLM when it has the method.
@@ -245,6 +247,19 @@ def _env(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def cpu_head_size_error(head_dim: int) -> str:
+    """Why vLLM's CPU attention cannot run a model with ``head_dim`` ("" when it can)."""
+    sizes = CPU_ATTENTION_HEAD_SIZES
+    with contextlib.suppress(Exception):
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = tuple(CPUAttentionBackend.get_supported_head_sizes())
+    if head_dim in sizes:
+        return ""
+    return (f"vLLM's CPU attention supports head sizes {list(sizes)}; this model has head_dim {head_dim} "
+            f"(use the native engine, or a model with a supported head size)")
 
 
 # ------------------------------------------------------------------------------ shared weights
@@ -497,16 +512,8 @@ class VllmEngine:
             raise ConfigError(f"the model is on {self.device} but the installed vLLM runs on "
                               f"{'CPU' if on_cpu else current_platform.device_type}: move the model or install the "
                               f"matching vLLM build")
-        if on_cpu:
-            sizes = CPU_ATTENTION_HEAD_SIZES
-            with contextlib.suppress(Exception):
-                from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-                sizes = tuple(CPUAttentionBackend.get_supported_head_sizes())
-            if self.shape.head_dim not in sizes:
-                raise ConfigError(f"vLLM's CPU attention supports head sizes {list(sizes)}; this model has head_dim "
-                                  f"{self.shape.head_dim} (use generation.engine=native, or a model with a supported "
-                                  f"head size)")
+        if on_cpu and cpu_head_size_error(self.shape.head_dim):
+            raise ConfigError(cpu_head_size_error(self.shape.head_dim))
         self.sleep_supported = not on_cpu
         sleep_mode = self.sleep_supported if sleep_mode is None else bool(sleep_mode)
         if sleep_mode and on_cpu:
@@ -516,6 +523,7 @@ class VllmEngine:
         lora = _peft_adapter_info(model)
         self.lora_info = lora
         self._tmp = Path(tempfile.mkdtemp(prefix="compilepass-vllm-"))
+        weakref.finalize(self, shutil.rmtree, str(self._tmp), True)
         try:
             if model_path is None:
                 weights_dir = self._tmp / "base"
