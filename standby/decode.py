@@ -8,6 +8,11 @@ layers), generation always reflects the current weights: no copy, no merge, no s
 
 ``decode_step`` has fixed shapes, no ``.item()`` and no branching on tensor values, writes the cache
 in place at fixed addresses, and so compiles with ``fullgraph=True`` and can be captured by CUDA graphs.
+
+Options: ``fused_projections`` runs q/k/v and gate/up as one GEMM each over fused weight tensors
+that the model's own parameters are re-pointed into (``fuse_projections``: still one copy; LoRA
+deltas read from the peft modules at every call); ``attention`` picks the decode attention;
+``compile_layers`` compiles one layer for all layers (regional compilation).
 """
 
 from __future__ import annotations
