@@ -156,6 +156,13 @@ def _lora_terms(module) -> list:
     return terms
 
 
+def _lora_input(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as peft casts it for ``module``'s LoRA A (its ``_cast_input_dtype``: to A's dtype unless
+    input casting is disabled)."""
+    cast = getattr(module, "_cast_input_dtype", None)
+    return cast(x, dtype) if cast is not None else x.to(dtype)
+
+
 class FusedLinear:
     """Several Linear layers that read one input, as one GEMM over one weight tensor.
 
@@ -216,18 +223,17 @@ class FusedLinear:
                 isinstance(t[0][2], torch.nn.Identity) or not t[0][2].training for t in terms)
             if single:  # one GEMM for every member's A: a per-call cat of the small A matrices
                 a_w = torch.cat([t[0][0].weight for t in terms])
-                xa = x.to(a_w.dtype)
-                a = F.linear(xa, a_w)
+                a = F.linear(_lora_input(self.modules[0], x, a_w.dtype), a_w)
                 lo = 0
                 for (A, B, _, s) in (t[0] for t in terms):
                     r = A.weight.shape[0]
                     deltas.append(B(a[..., lo:lo + r]) * s)
                     lo += r
             else:
-                for t, n in zip(terms, self.splits):
+                for m, t, n in zip(self.modules, terms, self.splits):
                     d = None
                     for (A, B, drop, s) in t:
-                        term = B(A(drop(x.to(A.weight.dtype)))) * s
+                        term = B(A(drop(_lora_input(m, x, A.weight.dtype)))) * s
                         d = term if d is None else d + term
                     deltas.append(d if d is not None else y.new_zeros(*y.shape[:-1], n))
             y = (y + torch.cat(deltas, dim=-1)).to(dtype)
