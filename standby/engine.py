@@ -448,6 +448,7 @@ class RolloutEngine:
         _sync(self.device)
         self._graphs.clear()
         self._graph_out.clear()
+        self._sample_graphs.clear()
         if self.region is not None:
             self.region.close()
         self._awake = False
