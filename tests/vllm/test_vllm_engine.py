@@ -1,0 +1,326 @@
+"""The vLLM engine with real vLLM (CPU build): shared weights, our compilation config, LoRA pushed
+as tensors, the GRPO loop and ``compilepass tune --engine vllm``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compilepass.standby.models import add_lora, build_model
+from compilepass.standby.vllm_engine import (VLLM_GATES, VllmEngine, check_vllm, share_weights, weights_shared)
+
+from vllm_helpers import VOCAB
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = [[72, 101, 108, 108, 111], [3, 4, 5], [200, 17, 99, 42, 42, 42, 8], [64]]
+ON_CUDA = torch.cuda.is_available()
+
+
+def _policy_logprobs(model, prompts, out, temperature=1.0):
+    from compilepass.standby.grpo import policy_logprobs
+
+    with torch.no_grad():
+        return policy_logprobs(model, prompts, out.completion_ids, out.completion_mask, temperature)
+
+
+def _inductor_counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return dict(counters["inductor"])
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_dir):
+    """An engine without LoRA, compiled (vLLM's CPU torch.compile path) with our compilation config."""
+    from compilepass.select import vllm_compilation_config
+
+    model = build_model(str(tiny_dir), dtype=torch.float32, device="cpu")
+    before = _inductor_counters()
+    options = {"aggressive_fusion": True, "shape_padding": False}
+    expected = vllm_compilation_config(model, options=options, set_env=False)
+    engine = VllmEngine(model, max_batch=4, max_len=32, compile_options=options, model_path=tiny_dir,
+                        llm_kwargs={"max_logprobs": VOCAB})  # full-vocabulary prompt log-probs below
+    engine.generate(PROMPTS, max_new_tokens=2, temperature=0.0)  # compile now, if vLLM deferred it
+    after = _inductor_counters()
+    yield model, engine, expected, {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def with_lora(tiny_dir):
+    """An engine over a peft model whose LoRA B starts random (the adapter changes the output)."""
+    base = build_model(str(tiny_dir), dtype=torch.float32, device="cpu")
+    model = add_lora(base, rank=8, alpha=16, init_random=True, init_std=0.1, seed=3)
+    engine = VllmEngine(model, max_batch=4, max_len=32, compile_options=False)
+    yield model, engine
+    engine.close()
+
+
+# ------------------------------------------------------------------------------- the version gate
+
+
+def test_installed_vllm_passes_every_gate_and_gates_cite_sources():
+    vllm = check_vllm()
+    assert hasattr(vllm.LLM, "release_kv_cache_memory")
+    for gate in VLLM_GATES:
+        assert not gate.applies(vllm, vllm.__version__), gate.name
+        assert gate.source.startswith("https://github.com/vllm-project/vllm/"), gate.name
+    # the prefix-cache gate is a version range: it refuses what it names and nothing newer
+    gate = next(g for g in VLLM_GATES if g.name == "v1-sleep-prefix-cache")
+    assert gate.applies(vllm, "0.8.5") and not gate.applies(vllm, "0.10.0")
+
+
+# --------------------------------------------------------------------- shared weights: one copy
+
+
+def test_trainer_weights_are_views_of_vllm_tensors(compiled):
+    model, engine, _, _ = compiled
+    vm = engine.vllm_model
+    assert weights_shared(model, vm) == []
+    layer, vlayer = model.model.layers[0], vm.model.layers[0]
+    qkv = vlayer.self_attn.qkv_proj.weight
+    row = qkv.stride(0) * qkv.element_size()
+    q, k, v = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight
+    assert q.data_ptr() == qkv.data_ptr()
+    assert k.data_ptr() == qkv.data_ptr() + q.shape[0] * row
+    assert v.data_ptr() == qkv.data_ptr() + (q.shape[0] + k.shape[0]) * row
+    gate_up = vlayer.mlp.gate_up_proj.weight
+    gate, up = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight
+    assert gate.data_ptr() == gate_up.data_ptr()
+    assert up.data_ptr() == gate_up.data_ptr() + gate.shape[0] * gate_up.stride(0) * gate_up.element_size()
+    assert layer.self_attn.o_proj.weight.data_ptr() == vlayer.self_attn.o_proj.weight.data_ptr()
+    assert layer.self_attn.q_norm.weight.data_ptr() == vlayer.self_attn.q_norm.weight.data_ptr()
+    emb = model.model.embed_tokens.weight
+    assert emb.data_ptr() == vm.model.embed_tokens.weight.data_ptr() and emb.shape[0] == VOCAB
+    assert model.lm_head.weight is emb  # tied, still
+    # no parameter owns memory outside vLLM's storages: the trainer's own copy is gone
+    vllm_storages = {p.untyped_storage().data_ptr() for p in vm.parameters()}
+    assert {p.untyped_storage().data_ptr() for p in model.parameters()} <= vllm_storages
+    # a write through vLLM's fused tensor is seen by the trainer's view (the same memory)
+    with torch.no_grad():
+        old = qkv[q.shape[0], 0].clone()
+        qkv[q.shape[0], 0] += 1.0
+        assert torch.equal(k[0, 0], old + 1.0)
+        qkv[q.shape[0], 0] = old  # restored exactly (x + 1 - 1 need not be x in float32)
+
+
+def test_share_weights_refuses_a_model_with_other_values(compiled, tiny_dir):
+    _, engine, _, _ = compiled
+    other = build_model(str(tiny_dir), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="down_proj"):
+        share_weights(other, engine.vllm_model)
+
+
+# ----------------------------------------------------------------- generation and identical logits
+
+
+def test_generation_runs_with_our_compilation_config(compiled):
+    model, engine, expected, counters = compiled
+    cc = engine.llm.llm_engine.vllm_config.compilation_config
+    for name, value in expected["inductor_compile_config"].items():
+        assert cc.inductor_compile_config[name] == value, name
+    assert int(cc.mode) != 0, "vLLM ran the model eagerly: the compilation config had no effect"
+    assert counters.get("fxgraph_cache_miss", 0) + counters.get("fxgraph_cache_bypass", 0) >= 1, counters
+    out = engine.generate(PROMPTS, max_new_tokens=6, temperature=0.0)
+    assert out.completion_ids.shape == (4, 6) and bool((out.completion_mask == 1).all())
+    # greedy through vLLM == greedy through the transformers model on the shared weights
+    with torch.no_grad():
+        for b, p in enumerate(PROMPTS):
+            ids = torch.tensor([p])
+            for _ in range(6):
+                nxt = model(input_ids=ids).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            assert ids[0, len(p):].tolist() == out.completion_ids[b].tolist(), b
+
+
+def test_shared_weights_give_identical_logits(compiled):
+    """vLLM's log-softmax of the logits at every prompt position equals the transformers model's
+    (float32, the CPU backend's exact dtype for this test)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    model, engine, _, _ = compiled
+    prompt = [5, 9, 250, 31, 31, 7, 100, 12]
+    res = engine.llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                              SamplingParams(max_tokens=1, prompt_logprobs=-1, detokenize=False), use_tqdm=False)
+    rows = res[0].prompt_logprobs[1:]
+    vllm_lp = torch.tensor([[row[t].logprob for t in range(VOCAB)] for row in rows])
+    with torch.no_grad():
+        hf_lp = model(input_ids=torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+    assert vllm_lp.shape == hf_lp.shape
+    torch.testing.assert_close(vllm_lp, hf_lp, atol=1e-4, rtol=0)
+
+
+def test_sampled_logprobs_and_seed(compiled):
+    model, engine, _, _ = compiled
+    a = engine.generate(PROMPTS, max_new_tokens=8, temperature=0.7, seed=11)
+    b = engine.generate(PROMPTS, max_new_tokens=8, temperature=0.7, seed=11)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert a.extra["logprobs"] == "log_softmax(logits / temperature)"
+    torch.testing.assert_close(a.logprobs, _policy_logprobs(model, PROMPTS, a, 0.7), atol=1e-4, rtol=0)
+    # stop tokens end a sequence (kept, mask 1), the rest is padding with mask 0
+    first = int(a.completion_ids[0, 2])
+    c = engine.generate(PROMPTS, max_new_tokens=8, temperature=0.7, seed=11, stop_token_ids=[first])
+    assert int(c.completion_lengths[0]) <= 3 and int(c.completion_ids[0, int(c.completion_lengths[0]) - 1]) == first
+    assert int(c.completion_mask[0, int(c.completion_lengths[0]):].sum()) == 0
+    with pytest.raises(ValueError, match="max_len"):
+        engine.generate([[1] * 30], max_new_tokens=8)
+
+
+# ----------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_optimizer_step_is_visible_without_a_sync(with_lora):
+    model, engine = with_lora
+    out0 = engine.generate(PROMPTS, max_new_tokens=6, temperature=1.0, seed=5)
+    torch.testing.assert_close(out0.logprobs, _policy_logprobs(model, PROMPTS, out0), atol=1e-4, rtol=0)
+    # a real optimizer step on the trainer's side (no call into the engine)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.Adam(params, lr=0.05)
+    from compilepass.standby.grpo import policy_logprobs
+
+    loss = -policy_logprobs(model, PROMPTS, out0.completion_ids, out0.completion_mask).sum()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    out1 = engine.generate(PROMPTS, max_new_tokens=6, temperature=1.0, seed=5)
+    now = _policy_logprobs(model, PROMPTS, out1)
+    torch.testing.assert_close(out1.logprobs, now, atol=1e-4, rtol=0)
+    # ... and those are not the pre-step adapter's log-probs
+    after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(before[n])
+        old = _policy_logprobs(model, PROMPTS, out1)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(after[n])
+    assert (old - now).abs().max() > 1e-2
+    # vLLM's LoRA buffers hold the trainer's tensors (B times peft's scaling)
+    layer = model.base_model.model.model.layers[0].self_attn.k_proj
+    vmod = engine.vllm_model.model.layers[0].self_attn.qkv_proj
+    slot = engine._lora_slot()
+    r = layer.lora_A["default"].weight.shape[0]
+    assert torch.equal(vmod.lora_a_stacked[1][slot, 0, :r], layer.lora_A["default"].weight)
+    torch.testing.assert_close(vmod.lora_b_stacked[1][slot, 0, :, :r],
+                               layer.lora_B["default"].weight * layer.scaling["default"])
+    assert weights_shared(model, engine.vllm_model) == []
+
+
+def test_sleep_and_wake_state_on_cpu(with_lora):
+    _, engine = with_lora
+    if engine.sleep_supported:
+        pytest.skip("CUDA: covered by test_cuda_sleep_releases_only_the_kv_cache")
+    engine.sleep()
+    engine.sleep()
+    assert not engine.is_awake
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(PROMPTS, max_new_tokens=2)
+    engine.wake()
+    engine.wake()
+    assert engine.is_awake and engine.region is None
+    assert engine.generate(PROMPTS, max_new_tokens=2).completion_ids.shape[0] == 4
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="vLLM's CPU backend has no sleep mode (cumem allocator, CUDA only)")
+def test_cuda_sleep_releases_only_the_kv_cache(tiny_dir):  # pragma: no cover - CUDA
+    base = build_model(str(tiny_dir), dtype=torch.bfloat16, device="cuda")
+    model = add_lora(base, rank=8, alpha=16, init_random=True, seed=3)
+    engine = VllmEngine(model, max_batch=64, max_len=2048, compile_options=None)
+    try:
+        ref = engine.generate(PROMPTS, max_new_tokens=8, temperature=0.0)
+        q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        ptr, checksum = q.data_ptr(), float(q.float().sum())
+        free_awake = torch.cuda.mem_get_info()[0]
+        engine.sleep()
+        engine.sleep()
+        freed = torch.cuda.mem_get_info()[0] - free_awake
+        assert freed >= 0.8 * engine.llm_kwargs["kv_cache_memory_bytes"], freed
+        assert q.data_ptr() == ptr and float(q.float().sum()) == checksum  # weights untouched while asleep
+        engine.wake()
+        engine.wake()
+        out = engine.generate(PROMPTS, max_new_tokens=8, temperature=0.0)
+        assert torch.equal(out.completion_ids, ref.completion_ids)
+        assert weights_shared(model, engine.vllm_model) == []
+    finally:
+        engine.close()
+
+
+# ------------------------------------------------------------------------------ GRPO and tuning
+
+
+def test_one_grpo_step_with_the_vllm_engine(tiny_dir, tmp_path):
+    from compilepass.standby.grpo import GRPOTrainer
+    from compilepass.standby.grpo_config import default_config, load_config
+
+    config = load_config(None, [f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_dir}",
+                                "generation.engine=vllm", "run.max_steps=1", "data.prompts_per_step=2",
+                                "generation.num_generations=4", "generation.max_completion_len=6",
+                                "generation.max_prompt_len=24"], base=default_config("tiny"))
+    trainer = GRPOTrainer(config, progress=False)
+    try:
+        assert type(trainer.engine).__name__ == "VllmEngine"
+        assert weights_shared(trainer.model, trainer.engine.vllm_model) == []
+        lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        summary = trainer.train()
+        assert summary.steps_done == 1 and summary.final_step == 1
+        rec = summary.metrics[-1]
+        assert rec["completion_len"] > 0 and rec["tokens_per_s"] > 0 and "loss" in rec
+        changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad
+                   and not torch.equal(p.detach(), lora_before[n])]
+        assert changed, "the optimizer step changed no LoRA tensor"
+        assert (tmp_path / "run" / "step-00000001").is_dir()
+        # the next generation uses the updated adapter, through the same engine, with no sync call
+        trainer.engine.wake()
+        prompts = [[72, 105, 33], [3, 4, 5, 6]]
+        out = trainer.engine.generate(prompts, max_new_tokens=5, temperature=1.0, seed=1)
+        trainer.engine.sleep()
+        torch.testing.assert_close(out.logprobs, _policy_logprobs(trainer.model, prompts, out), atol=1e-4, rtol=0)
+    finally:
+        trainer.close()
+
+
+def _cli(*args, env=None, timeout=1500):
+    full = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "compilepass.cli", *args], capture_output=True, text=True,
+                          env=full, timeout=timeout, cwd=str(REPO))
+
+
+def test_grpo_cli_with_an_unsupported_head_size_is_one_line():
+    proc = _cli("grpo", "--preset", "tiny", "--no-progress", "generation.engine=vllm", "run.max_steps=1",
+                "run.output_dir=/nonexistent-compilepass-test")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("compilepass: error:")]
+    assert len(lines) == 1 and "head" in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_tune_engine_vllm_two_trials(tiny_dir, tmp_path):
+    out = tmp_path / "tune.json"
+    proc = _cli("tune", "--engine", "vllm", "--model", str(tiny_dir), "--trials", "2", "--batch", "4",
+                "--prompt-len", "8", "--new-tokens", "8", "--repeats", "2", "--verify-rounds", "3",
+                "--verify-candidates", "1", "--no-record", "--out", str(out),
+                env={"COMPILEPASS_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    result = json.loads(out.read_text())
+    assert result["workload"]["engine"] == "vllm"
+    assert result["environment"]["vllm"], result["environment"]
+    measured = [t for t in result["trials"] if t["measured"]]
+    assert len(measured) == 2, result["trials"]
+    assert any(t["flags"] == {} for t in measured)
+    for t in measured:
+        assert t["status"] == "ok", t
+        assert t["compile_s"] > 0 and t["throughput"] > 0
+    assert result["decision"]

@@ -1,0 +1,56 @@
+"""Helpers of the vLLM tests: a tiny random-weight Qwen3 (head size 32: vLLM's CPU attention has no
+kernel for the presets' 16) and a byte-level tokenizer built locally (no download)."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 320  # 256 byte tokens + <eos> + <pad>, padded
+
+
+def tiny_shape():
+    from compilepass.standby.models import ModelShape
+
+    return ModelShape(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=128,
+                      vocab_size=VOCAB, family="qwen3", tie_word_embeddings=True, max_position_embeddings=512)
+
+
+def save_byte_tokenizer(directory) -> None:
+    """A byte-level BPE tokenizer without merges (id i <-> byte i), plus <eos> = 256 and <pad> = 257."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_char = {}
+    for b in range(256):  # GPT-2's byte -> printable character mapping, in byte order
+        byte_to_char[b] = chr(b) if (33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255) else None
+    n = 0
+    for b in range(256):
+        if byte_to_char[b] is None:
+            byte_to_char[b] = chr(256 + n)
+            n += 1
+    assert set(byte_to_char.values()) == set(alphabet)
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    vocab["<eos>"], vocab["<pad>"] = 256, 257
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(str(directory))
+
+
+def build_tiny(seed: int = 0, std: float = 0.15):
+    """The tiny model in float32 with weights from N(0, std) (peaked logits, so greedy decoding has
+    no near-ties)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_shape().to_hf_config(), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    model.config.eos_token_id = 256
+    model.config.pad_token_id = 257
+    return model.eval()
