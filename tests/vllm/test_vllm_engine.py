@@ -324,3 +324,27 @@ def test_tune_engine_vllm_two_trials(tiny_dir, tmp_path):
         assert t["status"] == "ok", t
         assert t["compile_s"] > 0 and t["throughput"] > 0
     assert result["decision"]
+
+
+def test_gc_patch_finds_the_installed_vllms_capture_methods():
+    """The capture methods the engine wraps on CUDA exist in this vLLM and are patched and restored."""
+    import importlib
+
+    from compilepass.gc_patch import VLLM_CAPTURE_TARGETS, patch_vllm_capture, unpatch_vllm_capture
+
+    assert patch_vllm_capture()
+    try:
+        patched = []
+        for module, cls, method in VLLM_CAPTURE_TARGETS:
+            try:
+                owner = getattr(importlib.import_module(module), cls)
+            except ModuleNotFoundError:
+                continue
+            assert getattr(owner.__dict__[method], "__compilepass_gc_patched__", False), module
+            patched.append(owner)
+        assert any(o.__module__ == "vllm.v1.worker.gpu_model_runner" for o in patched)
+    finally:
+        assert unpatch_vllm_capture() >= 1
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert not getattr(GPUModelRunner.__dict__["capture_model"], "__compilepass_gc_patched__", False)
