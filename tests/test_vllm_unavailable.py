@@ -1,5 +1,5 @@
 """The vLLM engine's user errors where vLLM is not installed (the main environment): one line,
-exit 2, before any work. The engine itself is tested with real vLLM in tests/vllm/ (their own CI
+exit 2, before any work. The engine itself is tested with real vLLM in tests/vllm_env/ (their own CI
 environment)."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from cli_helpers import assert_one_line_error, run_cli
 from compilepass.errors import ConfigError
 from compilepass.workloads import WorkloadSpec
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-no_vllm = pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here; tests/vllm covers the engine")
+_SPEC = importlib.util.find_spec("vllm")
+HAS_VLLM = _SPEC is not None and _SPEC.origin is not None  # a folder named vllm on sys.path is not vLLM
+no_vllm = pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here; tests/vllm_env covers the engine")
 
 
 @no_vllm
@@ -44,3 +45,24 @@ def test_engine_vllm_measures_rollouts_only():
         WorkloadSpec(kind="train", engine="vllm").validate()
     with pytest.raises(ConfigError, match="unknown engine"):
         WorkloadSpec(engine="sglang").validate()
+
+
+def test_a_study_stored_before_engines_existed_still_resumes(tmp_path):
+    """Studies written before WorkloadSpec had ``engine`` hold workloads without it: they are native
+    studies and resume; a study of the other engine under the same name is refused."""
+    from compilepass.env import current_environment
+    from compilepass.flags import FlagSpace
+    from compilepass.search import TuneConfig, create_or_load_study
+
+    config = TuneConfig(workload=WorkloadSpec(kind="mlp", model="-", device="cpu"), trials=1,
+                        storage=f"sqlite:///{tmp_path / 's.db'}", study_name="old")
+    space, env = FlagSpace(device_kind="cpu"), current_environment()
+    study, _ = create_or_load_study(config, space, env)
+    meta = dict(study.user_attrs["compilepass"])
+    old = dict(meta["workload"])
+    old.pop("engine")
+    study.set_user_attr("compilepass", {**meta, "workload": old})
+    create_or_load_study(config, space, env)  # resumes
+    study.set_user_attr("compilepass", {**meta, "workload": {**old, "engine": "vllm"}})
+    with pytest.raises(ConfigError, match="another workload"):
+        create_or_load_study(config, space, env)

@@ -299,12 +299,21 @@ def _cli(*args, env=None, timeout=1500):
                           env=full, timeout=timeout, cwd=str(REPO))
 
 
-def test_grpo_cli_with_an_unsupported_head_size_is_one_line():
+def test_grpo_cli_with_an_unsupported_head_size_is_one_line(tmp_path):
     proc = _cli("grpo", "--preset", "tiny", "--no-progress", "generation.engine=vllm", "run.max_steps=1",
-                "run.output_dir=/nonexistent-compilepass-test")
+                f"run.output_dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [l for l in proc.stderr.splitlines() if l.startswith("compilepass: error:")]
     assert len(lines) == 1 and "head" in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_tune_engine_vllm_refuses_an_unsupported_head_size_before_any_trial(tmp_path):
+    proc = _cli("tune", "--engine", "vllm", "--model", "tiny", "--trials", "2",
+                env={"COMPILEPASS_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("compilepass: error:")]
+    assert len(lines) == 1 and "head_dim 16" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache" / "studies.db").exists()
 
 
 def test_tune_engine_vllm_two_trials(tiny_dir, tmp_path):
