@@ -419,6 +419,12 @@ class Decoder:
 
     # -- public steps ----------------------------------------------------------------------------
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The token embedding, read from the model's own table without calling the module: the
+        trainer's gradient checkpointing registers a forward hook on it (transformers'
+        ``enable_input_require_grads``) that calls ``requires_grad_``, which dynamo cannot trace."""
+        return F.embedding(ids, self.embed_tokens.weight)
+
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] right-padded, lengths [B] -> logits [B, vocab] at each last real token.
 
@@ -438,7 +444,7 @@ class Decoder:
                 self.cache.v[i][:B, :, :T].copy_(v)
                 return k, v
 
-            x = self._forward(self.embed_tokens(input_ids), position_ids, mask, write_kv)
+            x = self._forward(self._embed(input_ids), position_ids, mask, write_kv)
             last = x[torch.arange(B, device=x.device), lengths - 1]
             return self.lm_head(last)
 
@@ -454,7 +460,7 @@ class Decoder:
             mask = (self._cache_pos[None, :] <= position_ids)[:, None, :]  # [B, 1, max_len]
             rows = torch.arange(B, device=tokens.device)
             if self._layer_fn is not None:  # regional compilation: one compiled layer, called per layer
-                x = self.embed_tokens(tokens[:, None])
+                x = self._embed(tokens[:, None])
                 cos, sin = self.rotary_emb(x, position_ids)
                 if self._layer_dynamic and B >= 2:
                     for t in (x, cos, sin, mask, rows, positions):
@@ -471,7 +477,7 @@ class Decoder:
                 vc[rows, :, positions] = v[:, :, 0]
                 return kc[:B], vc[:B]
 
-            x = self._forward(self.embed_tokens(tokens[:, None]), position_ids, mask, write_kv,
+            x = self._forward(self._embed(tokens[:, None]), position_ids, mask, write_kv,
                               attend=self._attend_decode)
             return self.lm_head(x[:, 0])
 

@@ -428,3 +428,26 @@ def test_cuda_graph_sampling_variant(scope):
     after = engine.generate(ps, max_new_tokens=NEW, temperature=0)
     assert not torch.equal(after.completion_ids, ref.completion_ids)
     assert torch.equal(after.completion_ids, eager.generate(ps, max_new_tokens=NEW, temperature=0).completion_ids)
+
+
+def test_compiled_engine_ignores_the_trainers_embedding_hook(monkeypatch, request):
+    """Gradient checkpointing's ``enable_input_require_grads`` hooks the embedding with a
+    ``requires_grad_`` call; the fullgraph-compiled decode step must not trace through it."""
+    import torch._dynamo
+
+    from compilepass.standby import engine as engine_mod
+    from compilepass.standby.grpo import enable_checkpointing
+
+    monkeypatch.setattr(engine_mod, "_COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    request.addfinalizer(torch._dynamo.reset)
+    model = make_model("tiny", lora=True)
+    eager = RolloutEngine(model, max_batch=2, max_len=32, compile_options=False)
+    ref = eager.generate(prompts()[:2], max_new_tokens=4, temperature=0).completion_ids
+    enable_checkpointing(model.get_base_model())
+    calls = []
+    model.get_base_model().model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    compiled = RolloutEngine(model, max_batch=2, max_len=32, compile_options={})
+    assert torch.equal(compiled.generate(prompts()[:2], max_new_tokens=4, temperature=0).completion_ids, ref)
+    # torch 2.11's dynamo refuses the hook's requires_grad_() (newer ones trace it): never run the hooks
+    assert calls == []
