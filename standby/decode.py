@@ -394,7 +394,7 @@ class Decoder:
         q = q.reshape(B, KV, self.n_rep * T, D)
         mask = mask[:, None, None].expand(B, 1, self.n_rep, T, mask.shape[-1]).reshape(B, 1, self.n_rep * T, -1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return y.view(B, H, T, D)
+        return y.reshape(B, H, T, D)  # SDPA may return [B, T, H, D]-strided output
 
     def _attend_one(self, q, k, v, mask):
         """Decode attention (T = 1) as two batched matmuls and a masked fp32 softmax: for one query
@@ -406,7 +406,7 @@ class Decoder:
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale  # [B, KV, n_rep, S]
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         y = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [B, KV, n_rep, D]
-        return y.view(B, H, 1, D)
+        return y.reshape(B, H, 1, D)
 
     def _attend_gqa(self, q, k, v, mask):
         """Decode attention through SDPA's own GQA (``enable_gqa``). q [B, H, 1, D], mask [B, 1, S]."""
