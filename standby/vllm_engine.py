@@ -584,7 +584,7 @@ class VllmEngine:
             if lora is not None:
                 self._setup_lora(lora)
         except BaseException:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self.close()  # an engine core already built is shut down, the temporary files removed
             raise
         shutil.rmtree(self._tmp / "base", ignore_errors=True)  # vLLM has read it
         self._awake = True
@@ -723,7 +723,7 @@ class VllmEngine:
         """Shut vLLM's engine core down and drop the temporary files. The trainer's model stays
         usable: its weights are views that keep vLLM's tensors alive."""
         llm = getattr(self, "llm", None)
-        if llm is not None:
+        if llm is not None and hasattr(llm, "llm_engine"):
             core = getattr(llm.llm_engine, "engine_core", None)
             with contextlib.suppress(Exception):
                 core.shutdown()
