@@ -357,3 +357,37 @@ def test_gc_patch_finds_the_installed_vllms_capture_methods():
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     assert not getattr(GPUModelRunner.__dict__["capture_model"], "__compilepass_gc_patched__", False)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_other_families_untied_share_and_match(family, tmp_path):
+    """Qwen2 (q/k/v biases: row slices of vLLM's fused bias) and Llama, both with an untied lm_head:
+    every weight shared, and vLLM's sampled log-probs equal the transformers model's with LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    from compilepass.standby.models import ModelShape
+
+    shape = ModelShape(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
+                       intermediate_size=192, vocab_size=300, family=family, tie_word_embeddings=False,
+                       max_position_embeddings=512)
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_config(shape.to_hf_config(), dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.15 if p.dim() == 2 else 0.05) + (p.dim() == 1))
+    model = add_lora(base, rank=4, alpha=8, init_random=True, init_std=0.1, seed=2)
+    engine = VllmEngine(model, max_batch=4, max_len=24, compile_options=False)
+    try:
+        assert weights_shared(model, engine.vllm_model) == []
+        causal = model.get_base_model()
+        assert causal.lm_head.weight is not causal.model.embed_tokens.weight
+        assert causal.lm_head.weight.data_ptr() == engine.vllm_model.lm_head.weight.data_ptr()
+        if family == "qwen2":
+            attn = causal.model.layers[1].self_attn
+            fused = engine.vllm_model.model.layers[1].self_attn.qkv_proj.bias
+            assert attn.k_proj.base_layer.bias.data_ptr() == fused.data_ptr() + attn.q_proj.base_layer.bias.numel() * 4
+        out = engine.generate(PROMPTS, max_new_tokens=5, temperature=1.0, seed=4)
+        torch.testing.assert_close(out.logprobs, _policy_logprobs(model, PROMPTS, out), atol=1e-4, rtol=0)
+    finally:
+        engine.close()
