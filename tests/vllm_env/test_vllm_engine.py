@@ -316,11 +316,11 @@ def test_tune_engine_vllm_refuses_an_unsupported_head_size_before_any_trial(tmp_
     assert not (tmp_path / "cache" / "studies.db").exists()
 
 
-def test_tune_engine_vllm_two_trials(tiny_dir, tmp_path):
+def test_tune_engine_vllm_two_trials(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "tune.json"
     proc = _cli("tune", "--engine", "vllm", "--model", str(tiny_dir), "--trials", "2", "--batch", "4",
                 "--prompt-len", "8", "--new-tokens", "8", "--repeats", "2", "--verify-rounds", "3",
-                "--verify-candidates", "1", "--no-record", "--out", str(out),
+                "--verify-candidates", "1", "--out", str(out),
                 env={"COMPILEPASS_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     result = json.loads(out.read_text())
@@ -333,6 +333,17 @@ def test_tune_engine_vllm_two_trials(tiny_dir, tmp_path):
         assert t["status"] == "ok", t
         assert t["compile_s"] > 0 and t["throughput"] > 0
     assert result["decision"]
+    # recorded under engine "vllm", and what the engine's compile_options="auto" selects for this model
+    from compilepass.select import select
+
+    entries = json.loads((tmp_path / "cache" / "tuning_db.json").read_text())["entries"]
+    assert len(entries) == 1 and entries[0]["key"]["engine"] == "vllm", entries
+    monkeypatch.setenv("COMPILEPASS_CACHE_DIR", str(tmp_path / "cache"))
+    sel = select(str(tiny_dir), "rollout", batch=4, prompt_len=8, new_tokens=8, engine="vllm")
+    assert sel.entry_id == entries[0]["id"] and sel.match_level == 1, sel
+    assert sel.flags == (result["winner"] or {})
+    native = select(str(tiny_dir), "rollout", batch=4, prompt_len=8, new_tokens=8, engine="native")
+    assert native.entry_id != entries[0]["id"]  # flags measured for vLLM are never offered to the native engine
 
 
 def test_gc_patch_finds_the_installed_vllms_capture_methods():
