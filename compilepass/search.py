@@ -417,8 +417,12 @@ class Tuner:
         self.config = config
         self.env = current_environment()
         device_kind = "cuda" if config.workload.resolved_device().startswith("cuda") else "cpu"
+        exclude = list(config.exclude_flags)
+        if config.workload.kind == "rollout" and config.workload.engine == "native" \
+                and "triton.cudagraphs" not in exclude and "triton.cudagraphs" not in (config.include_flags or ()):
+            exclude.append("triton.cudagraphs")  # the native engine captures its own graphs (forced off inside)
         self.space = FlagSpace(device_kind=device_kind, env=self.env, include=config.include_flags,
-                               exclude=config.exclude_flags, engine=config.workload.engine)
+                               exclude=exclude, engine=config.workload.engine)
         if not self.space.specs:
             raise ConfigError("the flag space is empty for this device and torch; nothing to tune")
         self.study, self.storage_url = create_or_load_study(config, self.space, self.env)

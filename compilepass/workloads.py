@@ -163,58 +163,52 @@ def _uses_cudagraphs(options: Optional[dict]) -> bool:
 
 
 class RolloutWorkload(Workload):
-    """Batched decode with the native engine's decode step: one token per sequence per step."""
+    """Greedy generation with the native rollout engine (:class:`compilepass.standby.engine.RolloutEngine`):
+    the flags compile the engine's decode step, which the engine replays under its own CUDA graph
+    (on CUDA). Compile time = engine construction (KV cache, compile, graph capture) + the first
+    calls; throughput = batch x new_tokens tokens per ``generate`` (prefill included), as a GRPO
+    rollout sees it. ``triton.cudagraphs`` is forced off inside the engine (it captures its own
+    graphs), so the tuner leaves that option out of this workload's space."""
 
     def prepare(self) -> None:
         import torch
 
-        from compilepass.standby.decode import Decoder, StaticKVCache
         from compilepass.standby.models import ModelShape, build_model
 
         s = self.spec
         self.device = s.resolved_device()
-        dtype = s.resolved_dtype()
-        self.model = build_model(s.model, dtype=dtype, device=self.device, seed=s.seed)
+        self.dtype = s.resolved_dtype()
+        self.model = build_model(s.model, dtype=self.dtype, device=self.device, seed=s.seed)
         self.shape = ModelShape.from_hf_config(self.model.config)
-        max_len = s.prompt_len + s.new_tokens
-        self.cache = StaticKVCache(self.shape, batch=s.batch, max_len=max_len, dtype=dtype, device=self.device)
-        self.decoder = Decoder(self.model, self.cache)
         g = torch.Generator(device="cpu").manual_seed(s.seed)
-        prompts = torch.randint(0, self.shape.vocab_size, (s.batch, s.prompt_len), generator=g)
-        self.lengths = torch.full((s.batch,), s.prompt_len, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            logits = self.decoder.prefill(prompts.to(self.device), self.lengths)
-        self.first_tokens = logits.argmax(-1)
-        self.positions = [torch.full((s.batch,), s.prompt_len + i, dtype=torch.long, device=self.device)
-                          for i in range(s.new_tokens)]
+        self.prompts = torch.randint(3, self.shape.vocab_size, (s.batch, s.prompt_len), generator=g).tolist()
+        self.engines = []  # one per runner; verification keeps several alive side by side
 
     def runner(self, options: Optional[dict]) -> Runner:
         import torch
 
-        step_fn = self.decoder.compiled_decode_step(inductor_options_for_torch(options))
-        mark = _uses_cudagraphs(options)
-        positions = self.positions
-        first = self.first_tokens
+        from compilepass.standby.engine import RolloutEngine
 
-        def one(tokens, pos):
-            if mark:
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.no_grad():
-                return step_fn(tokens, pos).argmax(-1)
+        s = self.spec
+        engine = RolloutEngine(self.model, max_batch=s.batch, max_len=s.prompt_len + s.new_tokens,
+                               compile_options=dict(options or {}), batch_buckets=[s.batch], dynamic_batch=False,
+                               pad_token_id=0)
+        self.engines.append(engine)
+        tokens = torch.full((s.batch,), 3, dtype=torch.long, device=self.device)
+        positions = torch.full((s.batch,), s.prompt_len, dtype=torch.long, device=self.device)
 
         def step():
-            one(first, positions[0])
+            engine.decode(tokens, positions)
 
         def unit() -> int:
-            tokens = first
-            for pos in positions:
-                tokens = one(tokens, pos)
-            return self.spec.batch * len(positions)
+            out = engine.generate(self.prompts, max_new_tokens=s.new_tokens, temperature=0)
+            return int(out.completion_lengths.sum())
 
         return Runner(step, unit, self.device)
 
     def describe(self) -> dict:
-        return {"model_shape": asdict(self.shape), "max_len": self.spec.prompt_len + self.spec.new_tokens}
+        return {"model_shape": asdict(self.shape), "max_len": self.spec.prompt_len + self.spec.new_tokens,
+                "engine": "native RolloutEngine (own CUDA graphs on CUDA)"}
 
 
 class TrainWorkload(Workload):

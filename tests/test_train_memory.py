@@ -81,3 +81,20 @@ def test_engine_generation_unchanged_by_tiling():
     tile_mlp(model, chunk_tokens=2)  # the prefill (2 x 6 tokens) now runs chunked, decode steps do not
     got = engine.generate(PROMPTS, max_new_tokens=6, temperature=0).completion_ids
     assert torch.equal(got, ref)
+
+
+def test_ragged_batch_logprobs_equal_each_row_alone():
+    """policy_logprobs passes no padding mask (right padding + causal attention is exact): every
+    real position of a ragged batch equals that row computed alone, unpadded, through the full
+    model's logits."""
+    model = _model()
+    model.eval()
+    with torch.no_grad():
+        batch = policy_logprobs(model, PROMPTS, IDS, MASK)
+        for b, (p, ids, m) in enumerate(zip(PROMPTS, IDS, MASK)):
+            n = int(m.sum())
+            seq = torch.tensor([p + ids[:n].tolist()])
+            logits = model(input_ids=seq).logits[0].float().log_softmax(-1)
+            ref = logits[len(p) - 1:len(p) - 1 + n].gather(-1, ids[:n, None])[:, 0]
+            torch.testing.assert_close(batch[b, :n], ref, rtol=1e-4, atol=1e-5)
+            assert torch.all(batch[b, n:] == 0)
