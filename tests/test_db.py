@@ -130,7 +130,7 @@ def test_shipped_db_is_generated_from_the_committed_results():
     by_id = {e["id"]: e for e in shipped["entries"]}
     for name, policy in [("tune_qwen3-0.6b_rollout_h100_balanced_2026-11-26.json", "balanced"),
                          ("tune_qwen3-0.6b_rollout_h100_throughput_2026-11-26.json", "throughput"),
-                         ("tune_tiny_rollout_cpu_2026-11-26.json", "balanced")]:
+                         ("tune_tiny_rollout-engine_cpu_2026-11-26.json", "balanced")]:
         result = json.loads((RESULTS / name).read_text())
         expected = entry_from_tune_result(result)
         got = by_id[expected["id"]]
