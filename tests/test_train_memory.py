@@ -98,3 +98,23 @@ def test_ragged_batch_logprobs_equal_each_row_alone():
             ref = logits[len(p) - 1:len(p) - 1 + n].gather(-1, ids[:n, None])[:, 0]
             torch.testing.assert_close(batch[b, :n], ref, rtol=1e-4, atol=1e-5)
             assert torch.all(batch[b, n:] == 0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_engine_traces_through_tiled_mlp(monkeypatch, request, fused):
+    """The trainer tiles the MLPs before building its engine: the fullgraph-compiled decode step
+    must trace through the tiled forward (decode steps are below the chunk size)."""
+    import torch._dynamo
+
+    from compilepass.standby import engine as engine_mod
+    from compilepass.standby.engine import RolloutEngine
+
+    monkeypatch.setattr(engine_mod, "_COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    request.addfinalizer(torch._dynamo.reset)
+    model = _model()
+    ref = RolloutEngine(model, max_batch=2, max_len=24, compile_options=False, fused_projections=fused)
+    want = ref.generate(PROMPTS, max_new_tokens=5, temperature=0).completion_ids
+    tile_mlp(model, chunk_tokens=4)
+    compiled = RolloutEngine(model, max_batch=2, max_len=24, compile_options={}, fused_projections=fused)
+    assert torch.equal(compiled.generate(PROMPTS, max_new_tokens=5, temperature=0).completion_ids, want)

@@ -1,0 +1,26 @@
+"""The standby step-time benchmark's logic, on CPU in its --smoke mode (so that its first run is
+not on the GPU): steps alternate standby on / off in pairs, and the JSON holds every step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_standby_step.py")
+
+
+def test_standby_step_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_standby_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "step.json"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    timed = [s for s in data["steps"] if s["timed"]]
+    assert len(timed) == 2 * data["pairs"]
+    # pairs alternate their order: on/off, then off/on
+    assert [s["standby"] for s in timed] == [True, False, False, True][:len(timed)]
+    assert data["step_s_standby_on"]["n"] == data["step_s_standby_off"]["n"] == data["pairs"]
+    assert data["ratio_on_over_off"]["n"] == data["pairs"] and data["ratio_on_over_off"]["ratio"] > 0
+    assert all(s["wall_s"] > 0 and s["completion_len"] > 0 for s in data["steps"])
