@@ -48,7 +48,7 @@ from compilepass.standby.models import ModelShape
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RolloutEngine", "RolloutOutput", "default_buckets", "sample_tokens", "sampler_key"]
+__all__ = ["RolloutEngine", "RolloutOutput", "check_generate_args", "default_buckets", "sample_tokens", "sampler_key"]
 
 #: How often (in decode steps) generate() syncs to see whether every sequence has stopped.
 STOP_CHECK_EVERY = 8
@@ -100,6 +100,35 @@ def default_buckets(max_batch: int) -> list[int]:
         return [1]
     out = [1 << i for i in range(1, max_batch.bit_length()) if (1 << i) < max_batch]
     return out + [max_batch]
+
+
+def check_generate_args(prompts, max_new_tokens: int, top_k: int, top_p: float, max_len: int, vocab_size: int,
+                        eos_token_id=None, stop_token_ids=None) -> tuple[list[list[int]], list[int]]:
+    """The checks every engine's ``generate`` makes (ValueError with the reason): returns the
+    prompts as lists of ints and the sorted, de-duplicated stop ids (EOS and stop tokens)."""
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if top_k < 0:
+        raise ValueError("top_k must be >= 0")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError("top_p must be in (0, 1]")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if len(p) + max_new_tokens - 1 > max_len:
+            raise ValueError(f"prompt {i} ({len(p)} tokens) + max_new_tokens {max_new_tokens} exceeds the "
+                             f"engine's max_len {max_len}")
+        if min(p) < 0 or max(p) >= vocab_size:
+            raise ValueError(f"prompt {i} holds a token id outside [0, {vocab_size})")
+    stops: list[int] = []
+    for ids in (eos_token_id, stop_token_ids):
+        if ids is None:
+            continue
+        stops.extend([int(ids)] if isinstance(ids, int) else [int(t) for t in ids])
+    return prompts, sorted(set(stops))
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -735,29 +764,8 @@ class RolloutEngine:
         than ``max_batch`` run in consecutive batches. See :class:`RolloutOutput`.
         """
         self._check_awake()
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            raise ValueError("no prompts")
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) + max_new_tokens - 1 > self.max_len:
-                raise ValueError(f"prompt {i} ({len(p)} tokens) + max_new_tokens {max_new_tokens} exceeds the "
-                                 f"engine's max_len {self.max_len}")
-            if min(p) < 0 or max(p) >= self.shape.vocab_size:
-                raise ValueError(f"prompt {i} holds a token id outside [0, {self.shape.vocab_size})")
-        stops = []
-        for ids in (eos_token_id, stop_token_ids):
-            if ids is None:
-                continue
-            stops.extend([int(ids)] if isinstance(ids, int) else [int(t) for t in ids])
-        stops = sorted(set(stops))
+        prompts, stops = check_generate_args(prompts, max_new_tokens, top_k, top_p, self.max_len,
+                                             self.shape.vocab_size, eos_token_id, stop_token_ids)
         stop_t = torch.tensor(stops, dtype=torch.long, device=self.device) if stops else None
         self.decoder.check_weights()
         graphed = self.graph_sampling and len(stops) <= MAX_GRAPH_STOPS

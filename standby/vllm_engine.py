@@ -66,7 +66,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from compilepass.errors import CompilepassError, ConfigError
-from compilepass.standby.engine import RolloutOutput
+from compilepass.standby.engine import RolloutOutput, check_generate_args
 from compilepass.standby.models import ModelShape
 
 log = logging.getLogger(__name__)
@@ -749,31 +749,10 @@ class VllmEngine:
 
         if not self._awake:
             raise RuntimeError("the vLLM engine is asleep (its KV memory is released): call wake() first")
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            raise ValueError("no prompts")
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
         if temperature < 0:
             raise ValueError("temperature must be >= 0")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) + max_new_tokens - 1 > self.max_len:
-                raise ValueError(f"prompt {i} ({len(p)} tokens) + max_new_tokens {max_new_tokens} exceeds the "
-                                 f"engine's max_len {self.max_len}")
-            if min(p) < 0 or max(p) >= self.shape.vocab_size:
-                raise ValueError(f"prompt {i} holds a token id outside [0, {self.shape.vocab_size})")
-        stops: list[int] = []
-        for ids in (eos_token_id, stop_token_ids):
-            if ids is None:
-                continue
-            stops.extend([int(ids)] if isinstance(ids, int) else [int(t) for t in ids])
-        stops = sorted(set(stops))
+        prompts, stops = check_generate_args(prompts, max_new_tokens, top_k, top_p, self.max_len,
+                                             self.shape.vocab_size, eos_token_id, stop_token_ids)
         self.push_lora()
         params = [SamplingParams(n=1, max_tokens=int(max_new_tokens), temperature=float(temperature),
                                  top_k=int(top_k), top_p=float(top_p), seed=None if seed is None else int(seed) + i,
