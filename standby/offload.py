@@ -48,10 +48,10 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class _Packed:
-    __slots__ = ("host", "device", "event", "requires_grad")
+    __slots__ = ("host", "device", "event")
 
-    def __init__(self, host, device, event, requires_grad):
-        self.host, self.device, self.event, self.requires_grad = host, device, event, requires_grad
+    def __init__(self, host, device, event):
+        self.host, self.device, self.event = host, device, event
 
 
 class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
@@ -90,8 +90,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         self.stats.offloaded_tensors += 1
         self.stats.offloaded_bytes += _nbytes(t)
         if not self._cuda:  # force=True on CPU: the same bookkeeping, a host-to-host copy
-            return _Packed(t.detach().clone(memory_format=torch.contiguous_format), t.device, None,
-                           t.requires_grad)
+            return _Packed(t.detach().clone(memory_format=torch.contiguous_format), t.device, None)
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         compute = torch.cuda.current_stream(t.device)
         self._stream.wait_stream(compute)  # the producing kernels first
@@ -100,7 +99,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
             event = torch.cuda.Event()
             event.record(self._stream)
         t.record_stream(self._stream)  # the block is reused only after the copy has read it
-        return _Packed(host, t.device, event, t.requires_grad)
+        return _Packed(host, t.device, event)
 
     def _unpack(self, packed):
         if not isinstance(packed, _Packed):
