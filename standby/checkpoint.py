@@ -193,15 +193,8 @@ def cleanup_partial(directory: str | os.PathLike) -> list[Path]:
 # Save
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (a directory's entry list: what makes a rename durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -274,8 +267,8 @@ def save_checkpoint(
         _hook("meta")
         for f in tmp.rglob("*"):
             if f.is_file():
-                _fsync_file(f)
-        _fsync_dir(tmp)
+                _fsync(f)
+        _fsync(tmp)
         _hook("fsynced")
         final = d / name
         # Checkpoints of later steps belong to a run that was resumed from an earlier point (their
@@ -290,7 +283,7 @@ def save_checkpoint(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(d)
+        _fsync(d)
         _hook("renamed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
