@@ -7,27 +7,12 @@ import torch
 
 from compilepass.errors import ConfigError, ModelNotFoundError, StorageError
 from compilepass.standby.decode import Decoder, StaticKVCache, greedy_generate
-from compilepass.standby.models import PRESETS, ModelShape, add_lora, build_model
+from compilepass.standby.models import PRESETS, ModelShape, build_model
+from model_helpers import make_model
 
 FAMILIES = ["tiny", "tiny-llama", "tiny-qwen2"]  # qwen3 (tied embeddings), llama, qwen2 (qkv bias)
 NEW_TOKENS = 12
 LENGTHS = [5, 9, 2]  # ragged prompts, right-padded to 9
-
-
-def make_model(name: str, lora: bool = False, seed: int = 0):
-    """A tiny random model with weights large enough that greedy decoding does not collapse to one
-    repeated token (HF's default init, std 0.02, makes tied tiny models emit a constant)."""
-    model = build_model(name, dtype=torch.float32, attn_implementation="eager", seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-            elif name.endswith(".bias"):  # Qwen2's q/k/v biases
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    if lora:
-        model = add_lora(model, rank=4, alpha=8, seed=seed, init_random=True, init_std=0.1)
-    return model
 
 
 def prompts(vocab: int):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compilepass.standby.engine import RolloutEngine, default_buckets, sample_tokens
-from compilepass.standby.models import add_lora, build_model
+from model_helpers import make_model
 
 NEW = 10
 PROMPT_LENGTHS = [5, 9, 2]
@@ -25,21 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_model(name: str, lora: bool = False, seed: int = 0):
-    """Tiny random model, weights re-drawn at std 0.15 so greedy decoding does not collapse."""
-    model = build_model(name, dtype=torch.float32, attn_implementation="eager", seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
-            elif pname.endswith(".bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    if lora:
-        model = add_lora(model, rank=4, alpha=8, seed=seed, init_random=True, init_std=0.1)
-    return model
 
 
 #: The engine's speed options (benchmarks/bench_rollout.py --variants); every one must decode the same.
