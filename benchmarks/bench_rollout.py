@@ -215,6 +215,13 @@ def _cache_counters() -> dict:
             "aot_autograd_cache_miss": counters["aot_autograd"]["autograd_cache_miss"]}
 
 
+def _compile_time_totals() -> dict:
+    """Seconds spent so far in each of dynamo's timed compile phases (this process)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {k: float(sum(v)) for k, v in compilation_time_metrics.items()}
+
+
 def run_engine(model, prompts, new_tokens: int, flags, engine_kwargs: dict, repeats: int, warm_start, device,
                dynamic_batch: bool = True) -> dict:
     import torch
@@ -227,15 +234,17 @@ def run_engine(model, prompts, new_tokens: int, flags, engine_kwargs: dict, repe
     kwargs = {"dynamic_batch": dynamic_batch, **engine_kwargs}
     gc.collect()
     sync(device)
-    before = _cache_counters()
+    before, phases_before = _cache_counters(), _compile_time_totals()
     t0 = time.perf_counter()
     engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options, **kwargs)
     sync(device)
     cold = time.perf_counter() - t0
-    after = _cache_counters()
+    after, phases_after = _cache_counters(), _compile_time_totals()
     cache = {k: after[k] - before[k] for k in after}
+    phases = {k: round(v - phases_before.get(k, 0.0), 4) for k, v in phases_after.items()
+              if v - phases_before.get(k, 0.0) > 0.05}
     row = {"flags": flags, "engine_kwargs": kwargs, "cold_start_s": cold, "compile_s": engine.compile_s,
-           "capture_s": engine.capture_s, "compile_cache": cache,
+           "capture_s": engine.capture_s, "compile_cache": cache, "compile_phases_s": phases,
            "cold_compile": None if options is False else cache["fxgraph_cache_hit"] + cache["aot_autograd_cache_hit"] == 0,
            "buckets": engine.buckets, "graphs": sorted(engine._graphs),
            "sampler_graphs": sorted(f"{b}:{k[0]}" for b, k in engine._sample_graphs),

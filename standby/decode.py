@@ -331,6 +331,11 @@ class Decoder:
 
     def _layer(self, i, layer, qkv, gate_up, x, cos, sin, mask, write_kv, attend):
         """One decoder layer. ``qkv`` / ``gate_up``: the layer's ``FusedLinear`` (None: the modules)."""
+        x = self._attention_block(i, layer, qkv, x, cos, sin, mask, write_kv, attend)
+        return x + self._mlp_out(layer, gate_up, x)
+
+    def _attention_block(self, i, layer, qkv, x, cos, sin, mask, write_kv, attend):
+        """x + attention(input_layernorm(x)): the first residual half of layer ``i``."""
         B, T, _ = x.shape
         s = self.shape
         attn = layer.self_attn
@@ -348,17 +353,25 @@ class Decoder:
         q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
         k, v = write_kv(i, k, v)
         y = attend(q, k, v, mask)  # [B, heads, T, D]
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+        return x + attn.o_proj(y.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+
+    def _mlp_out(self, layer, gate_up, x):
+        """mlp(post_attention_layernorm(x)), without the residual add."""
         h = layer.post_attention_layernorm(x)
         if gate_up is not None:
             mlp = layer.mlp
             gate, up = gate_up(h)
-            return x + mlp.down_proj(mlp.act_fn(gate) * up)
-        return x + layer.mlp(h)
+            return mlp.down_proj(mlp.act_fn(gate) * up)
+        return layer.mlp(h)
 
-    def _decode_layer(self, layer, qkv, gate_up, x, cos, sin, mask, kc, vc, rows, positions):
+    def _decode_layer(self, layer, qkv, gate_up, x, delta, cos, sin, mask, kc, vc, rows, positions):
         """One layer of the decode step over its own K / V cache tensors: the unit that
-        ``compile_layers`` compiles once and runs for every layer."""
+        ``compile_layers`` compiles once and runs for every layer.
+
+        The residual add is deferred: the layer takes the previous layer's (x, mlp output), adds
+        them first and returns its own pair. The add then sits in the same compiled region as the
+        norm that reads it (one fused kernel, as in the whole-step compile) instead of ending one
+        region and starting the next as two kernels. Same operations in the same order as ``_layer``."""
         B = x.shape[0]
 
         def write_kv(_, k, v):
@@ -367,7 +380,9 @@ class Decoder:
             vc[rows, :, positions] = v[:, :, 0]
             return kc[:B], vc[:B]
 
-        return self._layer(0, layer, qkv, gate_up, x, cos, sin, mask, write_kv, self._attend_decode)
+        x = x + delta
+        x = self._attention_block(0, layer, qkv, x, cos, sin, mask, write_kv, self._attend_decode)
+        return x, self._mlp_out(layer, gate_up, x)
 
     def compile_layers(self, options: dict | None = None, dynamic_batch: bool = False, backend: str = "inductor",
                        max_batch: int | None = None) -> None:
@@ -462,13 +477,14 @@ class Decoder:
             if self._layer_fn is not None:  # regional compilation: one compiled layer, called per layer
                 x = self._embed(tokens[:, None])
                 cos, sin = self.rotary_emb(x, position_ids)
+                delta = torch.zeros_like(x)  # layer 0 adds nothing (see _decode_layer)
                 if self._layer_dynamic and B >= 2:
-                    for t in (x, cos, sin, mask, rows, positions):
+                    for t in (x, delta, cos, sin, mask, rows, positions):
                         torch._dynamo.mark_dynamic(t, 0, min=2, max=self._layer_max_batch)
                 for i, layer in enumerate(self.layers):
-                    x = self._layer_fn(layer, *self._fused_of(i), x, cos, sin, mask, self.cache.k[i],
-                                       self.cache.v[i], rows, positions)
-                return self.lm_head(self.norm(x)[:, 0])
+                    x, delta = self._layer_fn(layer, *self._fused_of(i), x, delta, cos, sin, mask, self.cache.k[i],
+                                              self.cache.v[i], rows, positions)
+                return self.lm_head(self.norm(x + delta)[:, 0])
 
             def write_kv(i, k, v):
                 # index_put_ at (row, :, position): Inductor writes B x KV x D elements in place
