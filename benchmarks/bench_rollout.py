@@ -17,7 +17,8 @@ no EOS (every sequence runs max_new_tokens). Measures, per model:
 4. ratios: ours / transformers (tok/s, same run) and ms-per-step / bound.
 
 A variant is engine options joined by "+": ``baseline`` (none), ``fused`` (fused q/k/v and gate/up
-projections), ``sdpa`` / ``sdpa_gqa`` (decode attention), ``graph_sampling`` (sampler and
+projections), ``sdpa`` / ``sdpa_gqa`` / ``triton`` (decode attention; ``triton`` reads each sequence's cache only
+up to its length), ``graph_sampling`` (sampler and
 bookkeeping inside the step's CUDA graph), ``layer`` (regional compilation), ``per_bucket`` (one
 static compile per bucket), ``eager`` (no compile); ``all`` = ``fused+sdpa+graph_sampling``.
 Variants without ``fused`` run first (fusing re-points the model's parameters for the rest of
@@ -57,6 +58,7 @@ VARIANT_TOKENS = {
     "matmul": {"attention": "matmul"},
     "sdpa": {"attention": "sdpa"},
     "sdpa_gqa": {"attention": "sdpa_gqa"},
+    "triton": {"attention": "triton"},
     "graph_sampling": {"graph_sampling": True},
     "gs": {"graph_sampling": True},
     "layer": {"compile_scope": "layer"},

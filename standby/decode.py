@@ -277,14 +277,15 @@ class Decoder:
     """Prefill and one-token decode steps over ``model``'s own modules and a ``StaticKVCache``."""
 
     #: decode attention implementations (``attention=``); prefill always uses SDPA.
-    ATTENTION = ("matmul", "sdpa", "sdpa_gqa")
+    ATTENTION = ("matmul", "sdpa", "sdpa_gqa", "triton")
 
     def __init__(self, model, cache: StaticKVCache, *, fused_projections: bool = False, attention: str = "matmul"):
         """``fused_projections``: run q/k/v and gate/up as one GEMM each over fused weights that the
         model's own parameters are re-pointed into (:func:`fuse_projections`; no copy is kept).
         ``attention`` (decode only): "matmul" (two batched matmuls + masked fp32 softmax), "sdpa"
         (``scaled_dot_product_attention``, the n_rep query heads of a KV head as rows), "sdpa_gqa"
-        (SDPA with ``enable_gqa=True``)."""
+        (SDPA with ``enable_gqa=True``), "triton" (:mod:`compilepass.kernels.decode_attention`: reads
+        each sequence's cache only up to its position; needs a power-of-two head size)."""
         if attention not in self.ATTENTION:
             raise ConfigError(f"attention must be one of {', '.join(self.ATTENTION)}, got {attention!r}")
         causal_lm, inner = _unwrap(model)
@@ -307,8 +308,14 @@ class Decoder:
         self.scale = s.head_dim ** -0.5
         self._cache_pos = torch.arange(cache.max_len, device=cache.k[0].device)
         self.attention = attention
+        if attention == "triton":
+            from compilepass.kernels.decode_attention import supported
+
+            if not supported(s.head_dim):
+                raise ConfigError(f"attention='triton' needs a power-of-two head size >= 16, this model has "
+                                  f"{s.head_dim}; use attention='matmul'")
         self._attend_decode = {"matmul": self._attend_one, "sdpa": self._attend,
-                               "sdpa_gqa": self._attend_gqa}[attention]
+                               "sdpa_gqa": self._attend_gqa, "triton": self._attend_kernel}[attention]
         self.fused: FusedProjections | None = fuse_projections(model) if fused_projections else None
         self._layer_fn = None  # compile_layers() sets it
         self._layer_dynamic = False
@@ -423,6 +430,14 @@ class Decoder:
         y = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [B, KV, n_rep, D]
         return y.reshape(B, H, 1, D)
 
+    def _attend_kernel(self, q, k, v, lengths):
+        """Decode attention through the split-sequence Triton kernel: reads positions [0, lengths[b])
+        of each row only. q [B, H, 1, D]; k/v [B, KV, S, D]; ``lengths`` [B] (decode_step passes it
+        in the mask's place)."""
+        from compilepass.kernels.decode_attention import decode_attention
+
+        return decode_attention(q[:, :, 0], k, v, lengths, self.scale)[:, :, None]
+
     def _attend_gqa(self, q, k, v, mask):
         """Decode attention through SDPA's own GQA (``enable_gqa``). q [B, H, 1, D], mask [B, 1, S]."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale, enable_gqa=True)
@@ -472,7 +487,10 @@ class Decoder:
         with torch.no_grad():
             B = tokens.shape[0]
             position_ids = positions[:, None]
-            mask = (self._cache_pos[None, :] <= position_ids)[:, None, :]  # [B, 1, max_len]
+            if self.attention == "triton":  # the kernel takes lengths, not a mask
+                mask = positions + 1
+            else:
+                mask = (self._cache_pos[None, :] <= position_ids)[:, None, :]  # [B, 1, max_len]
             rows = torch.arange(B, device=tokens.device)
             if self._layer_fn is not None:  # regional compilation: one compiled layer, called per layer
                 x = self._embed(tokens[:, None])

@@ -17,7 +17,7 @@ Sampling (temperature, top-k, top-p, stop tokens) runs eagerly between graph rep
 ``torch.Generator`` on the device, so a seed reproduces the tokens exactly. Speed options, each
 off by default until measured side by side (``benchmarks/bench_rollout.py --variants``):
 ``fused_projections`` (one GEMM for q/k/v and one for gate/up over fused weights the model's own
-parameters point into), ``attention`` ("matmul" | "sdpa" | "sdpa_gqa" for decode),
+parameters point into), ``attention`` ("matmul" | "sdpa" | "sdpa_gqa" | "triton" for decode),
 ``graph_sampling`` (sampler, log-prob and stop bookkeeping captured in the step's graph: one
 replay per decode step, nothing else launched; seeded through the engine's own generator) and
 ``compile_scope="layer"`` (compile one layer, shared by all: a shorter cold start). Usage in a
@@ -338,7 +338,9 @@ class RolloutEngine:
       :func:`~compilepass.standby.decode.fuse_projections`). Default on: on an H100 it took the
       qwen3-0.6b decode step (batch 32) from 2.556 to 2.114 ms (benchmarks/results/
       rollout_variants_qwen3-0.6b_qwen3-8b_h100_2026-11-26.json).
-    - ``attention``: decode attention, "matmul" (default), "sdpa" or "sdpa_gqa" (see ``Decoder``).
+    - ``attention``: decode attention, "matmul" (default), "sdpa", "sdpa_gqa" or "triton" (the
+      split-sequence kernel of :mod:`compilepass.kernels.decode_attention`, which reads each
+      sequence's cache only up to its position; see ``Decoder``).
     - ``graph_sampling``: sampling (argmax / exponential race with noise drawn inside the graph
       from the engine's own generator, top-k / top-p), the sampled token's log-prob and the
       stop / pad bookkeeping run inside the decode step's CUDA graph: a decode step is one graph

@@ -35,6 +35,8 @@ VARIANTS = {
     "sdpa_gqa": {"attention": "sdpa_gqa"},
     "graph_sampling": {"graph_sampling": True},
     "all": {"fused_projections": True, "attention": "sdpa", "graph_sampling": True},
+    "triton": {"attention": "triton"},  # the split-sequence kernel (Triton interpreter on CPU)
+    "fused-triton-gs": {"fused_projections": True, "attention": "triton", "graph_sampling": True},
 }
 
 
@@ -380,12 +382,13 @@ def test_cuda_graphs_survive_sleep_wake_and_optimizer_steps():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the CUDA KV region need a GPU")
+@pytest.mark.parametrize("variant", ["all", "fused-triton-gs"])
 @pytest.mark.parametrize("scope", ["step", "layer"])
-def test_cuda_graph_sampling_variant(scope):
+def test_cuda_graph_sampling_variant(scope, variant):
     """Every speed option at once on CUDA: fused projections, SDPA decode attention, the sampler inside
     the graph (graph-safe RNG on the engine's generator), against the same options run eagerly."""
     model = make_model("tiny-qwen2", lora=True).cuda()
-    kw = dict(VARIANTS["all"])
+    kw = dict(VARIANTS[variant])
     engine = RolloutEngine(model, max_batch=8, max_len=48, compile_options={}, compile_scope=scope, **kw)
     eager = RolloutEngine(model, max_batch=8, max_len=48, compile_options=False, use_cuda_graphs=False, **kw)
     assert {b for b, _ in engine._sample_graphs} == {2, 4, 8} and not engine._graphs
