@@ -207,8 +207,14 @@ class RolloutWorkload(Workload):
         return Runner(step, unit, self.device)
 
     def describe(self) -> dict:
-        return {"model_shape": asdict(self.shape), "max_len": self.spec.prompt_len + self.spec.new_tokens,
-                "engine": "native RolloutEngine (own CUDA graphs on CUDA)"}
+        d = {"model_shape": asdict(self.shape), "max_len": self.spec.prompt_len + self.spec.new_tokens,
+             "engine": "native RolloutEngine (own CUDA graphs on CUDA)"}
+        if self.engines:  # the engine's own defaults, as a GRPO run uses them
+            e = self.engines[0]
+            d["engine_options"] = {"compile_scope": e.compile_scope, "attention": e.decoder.attention,
+                                   "fused_projections": e.fused_projections, "graph_sampling": e.graph_sampling,
+                                   "cuda_graphs": e.use_cuda_graphs}
+        return d
 
 
 class TrainWorkload(Workload):
