@@ -65,7 +65,7 @@ def _add_info(sub) -> None:
 
 
 def _add_db(sub) -> None:
-    p = sub.add_parser("db", help="the tuning database: list, show, verify, merge, export, import-result")
+    p = sub.add_parser("db", help="the tuning database: list, show, verify, merge, export, import-result, remove")
     dsub = p.add_subparsers(dest="db_command", required=True)
     q = dsub.add_parser("list", help="entries of the merged view (shipped + user), or of --file")
     q.add_argument("--file", default=None, help="list this database file only")
@@ -91,6 +91,10 @@ def _add_db(sub) -> None:
                    help="default: the --policy of the recorded command, else balanced")
     q.add_argument("--engine", default="native", choices=["native", "vllm"])
     q.set_defaults(func=cmd_db_import)
+    q = dsub.add_parser("remove", help="delete one entry (an id or a unique id prefix) from a database file")
+    q.add_argument("id")
+    q.add_argument("--file", default=None, help="database file (default: the user database)")
+    q.set_defaults(func=cmd_db_remove)
 
 
 def _add_grpo(sub) -> None:
@@ -455,6 +459,15 @@ def cmd_db_import(args) -> int:
     conflicts = add_entries(into, [entry])
     extra = f" (replaced an entry with the same key: {conflicts[0]['kept']} kept)" if conflicts else ""
     print(f"entry {entry['id']} ({entry['verdict']}, {entry['policy']}) written to {into}{extra}")
+    return 0
+
+
+def cmd_db_remove(args) -> int:
+    from .db import remove_entry, user_db_path
+
+    path = args.file or user_db_path()
+    entry = remove_entry(path, args.id)
+    print(f"entry {entry['id']} ({entry['verdict']}, {entry['policy']}) removed from {path}")
     return 0
 
 

@@ -378,6 +378,17 @@ def add_entries(path: Union[str, os.PathLike], entries: Iterable[dict]) -> list[
     return conflicts
 
 
+def remove_entry(path: Union[str, os.PathLike], entry_id: str) -> dict:
+    """Remove the entry whose id is (or starts with) ``entry_id`` from the file at ``path``, under its
+    lock, atomically. Returns the removed entry; raises DatabaseError if none or several match."""
+    with locked(path):
+        doc = load_db(path, missing_ok=False)
+        entry, _ = find_entry([(e, str(path)) for e in doc["entries"]], entry_id)
+        save_db(path, dict(doc, db_version=now_iso(),
+                           entries=[e for e in doc["entries"] if e["id"] != entry["id"]]))
+    return entry
+
+
 def merged_view(user_path: Optional[Union[str, os.PathLike]] = None, include_shipped: bool = True,
                 include_user: bool = True) -> list[tuple[dict, str]]:
     """(entry, source) pairs: shipped entries, replaced by user entries with the same id."""

@@ -128,8 +128,10 @@ def test_shipped_db_is_generated_from_the_committed_results():
     shipped = db.load_shipped()
     assert shipped["schema_version"] == db.SCHEMA_VERSION and shipped["db_version"]
     by_id = {e["id"]: e for e in shipped["entries"]}
-    for name, policy in [("tune_qwen3-0.6b_rollout_h100_balanced_2026-11-26.json", "balanced"),
-                         ("tune_qwen3-0.6b_rollout_h100_throughput_2026-11-26.json", "throughput"),
+    for name, policy in [("tune_qwen3-0.6b_rollout-engine-v3_h100_2026-11-26.json", "balanced"),
+                         ("tune_qwen3-0.6b_train_h100_2026-11-26.json", "balanced"),
+                         ("tune_llama-3.2-1b_rollout_h100_2026-11-26.json", "balanced"),
+                         ("tune_llama-3.2-1b_train_h100_2026-11-26.json", "balanced"),
                          ("tune_tiny_rollout-engine_cpu_2026-11-26.json", "balanced")]:
         result = json.loads((RESULTS / name).read_text())
         expected = entry_from_tune_result(result)
@@ -140,8 +142,9 @@ def test_shipped_db_is_generated_from_the_committed_results():
         for field in ("key", "flags", "decision", "measurements", "verdict"):
             assert got[field] == expected[field], field
     h100 = [e for e in shipped["entries"] if e["key"]["device_name"].startswith("NVIDIA H100")]
-    assert sorted(e["policy"] for e in h100) == ["balanced", "throughput"]
-    assert next(e for e in h100 if e["policy"] == "balanced")["flags"] == {}
+    assert sorted((e["key"]["model"]["family"], e["key"]["workload"]) for e in h100) == [
+        ("llama", "rollout"), ("llama", "train"), ("qwen3", "rollout"), ("qwen3", "train")]
+    assert all(e["policy"] == "balanced" for e in h100)
 
 
 # -- lookup: every level ----------------------------------------------------------------------------
@@ -347,6 +350,22 @@ def test_user_entry_overrides_shipped(tmp_path, monkeypatch):
     rows = {e["id"]: (e, s) for e, s in db.merged_view()}
     assert rows[shipped["id"]][0]["flags"] == {"max_autotune": True}
     assert rows[shipped["id"]][1].startswith("user")
+
+
+def test_remove_entry(tmp_path):
+    path = tmp_path / "db.json"
+    a, b = make_entry(batch=8), make_entry(batch=16)
+    add_entries(path, [a, b])
+    removed = db.remove_entry(path, a["id"][:8])
+    assert removed == a
+    assert [e["id"] for e in db.load_db(path)["entries"]] == [b["id"]]
+    with pytest.raises(db.DatabaseError, match="no entry with id"):
+        db.remove_entry(path, a["id"])
+    with pytest.raises(db.DatabaseError, match="does not exist"):
+        db.remove_entry(tmp_path / "missing.json", b["id"])
+    proc = run_cli("db", "remove", b["id"], "--file", str(path))
+    assert proc.returncode == 0 and "removed" in proc.stdout
+    assert db.load_db(path)["entries"] == []
 
 
 # -- CLI --------------------------------------------------------------------------------------------
