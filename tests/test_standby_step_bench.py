@@ -24,3 +24,5 @@ def test_standby_step_smoke(tmp_path, capsys):
     assert data["step_s_standby_on"]["n"] == data["step_s_standby_off"]["n"] == data["pairs"]
     assert data["ratio_on_over_off"]["n"] == data["pairs"] and data["ratio_on_over_off"]["ratio"] > 0
     assert all(s["wall_s"] > 0 and s["completion_len"] > 0 for s in data["steps"])
+    assert set(data["ratio_on_over_off_by_phase"]) == {"gen_s", "train_s"}
+    assert data["standby_work_s"] >= 0 and 0 <= data["standby_work_fraction_of_step"] < 1
