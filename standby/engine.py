@@ -326,14 +326,16 @@ def default_attention(device: torch.device, head_dim: int) -> str:
 class RolloutEngine:
     """Generate with ``model`` (the trainer's own objects) from a static, standby KV cache.
 
-    ``RolloutEngine(model, max_batch, max_len, *, dtype=None, device=None, compile_options=None,
+    ``RolloutEngine(model, max_batch, max_len, *, dtype=None, device=None, compile_options="auto",
     batch_buckets=None, use_cuda_graphs=True, kv_region=True, pad_token_id=None)``
 
     - ``max_batch``: sequences decoded at once (larger ``generate`` calls are split);
       ``max_len``: prompt + completion tokens per sequence.
     - ``dtype`` / ``device`` of the KV cache: default the model's.
-    - ``compile_options``: Inductor options for the decode step; None = torch's defaults,
-      ``"auto"`` = compilepass's tuned flags when available, ``False`` = eager (no compile).
+    - ``compile_options``: Inductor options for the decode step; ``"auto"`` (default) = the flags
+      ``compilepass.select`` returns for this model (workload "rollout"; the tuning database,
+      ``COMPILEPASS_AUTOTUNE=0`` turns it off), None = torch's defaults, ``False`` = eager (no
+      compile), a dict = these options.
       ``triton.cudagraphs`` is forced off when the engine captures graphs itself.
     - ``batch_buckets``: batch sizes with a compiled step and a graph (default 2, 4, 8, ...,
       max_batch; see :func:`default_buckets`); a batch runs in the smallest bucket that holds it
@@ -380,7 +382,7 @@ class RolloutEngine:
 
     def __init__(self, model, max_batch: int, max_len: int, *, dtype: Optional[torch.dtype] = None,
                  device: Union[None, str, torch.device] = None,
-                 compile_options: Union[None, str, dict, bool] = None,
+                 compile_options: Union[None, str, dict, bool] = "auto",
                  batch_buckets: Optional[Sequence[int]] = None, use_cuda_graphs: bool = True,
                  kv_region: bool = True, pad_token_id: Optional[int] = None, warmup: bool = True,
                  dynamic_batch: bool = True, fused_projections: bool = True, attention: str = "auto",

@@ -439,3 +439,24 @@ def test_compiled_engine_ignores_the_trainers_embedding_hook(monkeypatch, reques
     assert torch.equal(compiled.generate(prompts()[:2], max_new_tokens=4, temperature=0).completion_ids, ref)
     # torch 2.11's dynamo refuses the hook's requires_grad_() (newer ones trace it): never run the hooks
     assert calls == []
+
+
+def test_default_compile_options_come_from_the_tuning_database(monkeypatch, tmp_path):
+    """Without compile_options the engine compiles with what compilepass.select returns for this model:
+    here a user-database winner recorded for this very environment and model; COMPILEPASS_AUTOTUNE=0
+    gives torch's defaults."""
+    from compilepass.db import add_entries, entry_from_tune_result
+    from compilepass.env import current_environment
+    from test_db import make_result
+
+    monkeypatch.setenv("COMPILEPASS_CACHE_DIR", str(tmp_path))
+    env = current_environment().to_dict()
+    win = {"size_asserts": False}
+    result = make_result(env=env, model="tiny", batch=4, prompt_len=16, new_tokens=32, winner=win)
+    result["workload"]["dtype"] = "float32"
+    add_entries(tmp_path / "tuning_db.json", [entry_from_tune_result(result, date="2030-01-01T00:00:00Z")])
+    model = shared_model("tiny")
+    engine = RolloutEngine(model, max_batch=4, max_len=48, warmup=False)
+    assert engine.compile_options == win
+    monkeypatch.setenv("COMPILEPASS_AUTOTUNE", "0")
+    assert RolloutEngine(model, max_batch=4, max_len=48, warmup=False).compile_options == {}
