@@ -311,13 +311,10 @@ def default_attention(device: torch.device, head_dim: int) -> str:
     else the two-matmul path (CPU: the kernel would run in the Triton interpreter)."""
     if device.type != "cuda":
         return "matmul"
-    try:
-        import triton  # noqa: F401
+    from compilepass.kernels._triton_support import triton_available
+    from compilepass.kernels.decode_attention import supported
 
-        from compilepass.kernels.decode_attention import supported
-    except ImportError:
-        return "matmul"
-    return "triton" if supported(head_dim) else "matmul"
+    return "triton" if triton_available() and supported(head_dim) else "matmul"
 
 
 # --------------------------------------------------------------------------------------- engine
