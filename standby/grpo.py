@@ -82,6 +82,33 @@ class KVMemoryError(CompilepassError):
     """The engine's KV region does not fit in ``gpu_memory_utilization`` of the free GPU memory."""
 
 
+def plan_kv_batch(shape, dtype, batch: int, max_len: int, free: int, total: int, utilization: float) -> int:
+    """How many sequences the engine decodes at once: all ``batch`` when their KV cache fits in
+    ``utilization`` x the free device memory, else as many as fit (the engine then generates in
+    chunks of that many, logged). Raises KVMemoryError when not even one sequence fits."""
+    from compilepass.standby.memory import required_bytes
+
+    def need(b: int) -> int:
+        dims = (b, shape.num_kv_heads, max_len, shape.head_dim)
+        return required_bytes([(f"{k}{i}", dtype, dims) for i in range(shape.num_layers) for k in "kv"])
+
+    budget = free * utilization
+    full = need(batch)
+    if full <= budget:
+        return batch
+    fit = min(batch - 1, int(budget // max(need(1), 1)))
+    while fit >= 1 and need(fit) > budget:
+        fit -= 1
+    where = f"{_fmt_gib(budget)} is available ({utilization:g} x {_fmt_gib(free)} free of {_fmt_gib(total)})"
+    if fit < 1:
+        raise KVMemoryError(
+            f"the KV cache of one sequence of {max_len} tokens (max_prompt_len + max_completion_len) needs "
+            f"{_fmt_gib(need(1))} but {where}; lower generation.max_completion_len or generation.max_prompt_len")
+    log.warning("the KV cache of all %d sequences (prompts_per_step x num_generations) needs %s but %s: "
+                "generating %d sequences at a time", batch, _fmt_gib(full), where, fit)
+    return fit
+
+
 def step_seed(seed: int, step: int) -> int:
     """The sampling seed of ``step`` (1-based) of a run seeded ``seed``: a resumed run reuses it."""
     return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**62)
@@ -337,25 +364,15 @@ class GRPOTrainer:
 
     def _build_engine(self, compile_options):
         from compilepass.standby.engine import RolloutEngine
-        from compilepass.standby.memory import required_bytes
         from compilepass.standby.models import ModelShape
 
         c = self.config
         max_batch = c.data.prompts_per_step * c.generation.num_generations
         max_len = c.generation.max_prompt_len + c.generation.max_completion_len
         if self.device.type == "cuda":
-            s = ModelShape.from_hf_config(self.causal_lm.config)
-            dims = (max_batch, s.num_kv_heads, max_len, s.head_dim)
-            specs = [(f"{k}{i}", c.model.torch_dtype, dims) for i in range(s.num_layers) for k in "kv"]
-            need = required_bytes(specs)
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free * c.generation.gpu_memory_utilization
-            if need > budget:
-                raise KVMemoryError(
-                    f"the KV cache needs {_fmt_gib(need)} (batch {max_batch} = prompts_per_step x num_generations, "
-                    f"{max_len} tokens = max_prompt_len + max_completion_len) but {_fmt_gib(budget)} is available "
-                    f"({c.generation.gpu_memory_utilization:g} x {_fmt_gib(free)} free of {_fmt_gib(total)}); "
-                    f"lower generation.max_completion_len, data.prompts_per_step or generation.num_generations")
+            max_batch = plan_kv_batch(ModelShape.from_hf_config(self.causal_lm.config), c.model.torch_dtype,
+                                      max_batch, max_len, free, total, c.generation.gpu_memory_utilization)
         if compile_options == "default":
             compile_options = "auto" if self.device.type == "cuda" else False
         pad = self.tokenizer.pad_token_id

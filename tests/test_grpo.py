@@ -290,3 +290,25 @@ def test_policy_logprobs_match_engine(tmp_path):
         assert mask.sum(1).tolist() == [4, 6]
     finally:
         trainer.close()
+
+
+def test_kv_batch_plan_fits_the_budget_or_says_why():
+    """The KV cache is sized from gpu_memory_utilization: all sequences when they fit, else as many
+    as fit (the engine generates in chunks), else one clear error naming the need and the budget."""
+    from compilepass.standby.grpo import KVMemoryError, plan_kv_batch
+    from compilepass.standby.memory import required_bytes
+    from compilepass.standby.models import PRESETS
+
+    shape = PRESETS["qwen3-0.6b"]
+
+    def need(b, max_len=1024):
+        dims = (b, shape.num_kv_heads, max_len, shape.head_dim)
+        return required_bytes([(f"{k}{i}", torch.bfloat16, dims) for i in range(shape.num_layers) for k in "kv"])
+
+    gib = 2**30
+    assert plan_kv_batch(shape, torch.bfloat16, 64, 1024, 80 * gib, 80 * gib, 0.95) == 64
+    free = int(need(10) / 0.95) + 1  # room for exactly 10 sequences at 0.95
+    fit = plan_kv_batch(shape, torch.bfloat16, 64, 1024, free, 80 * gib, 0.95)
+    assert fit == 10 and need(fit) <= free * 0.95 < need(fit + 1)
+    with pytest.raises(KVMemoryError, match=r"one sequence of 1024 tokens .* needs .* but .* is available"):
+        plan_kv_batch(shape, torch.bfloat16, 64, 1024, need(1) // 2, 80 * gib, 0.95)
