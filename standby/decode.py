@@ -117,6 +117,16 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return x * cos + _rotate_half(x) * sin
 
 
+def _write_decode_kv(kc, vc, rows, positions, k, v):
+    """Write one decode token's K / V ([B, KV, 1, D]) of each row at its position, in place
+    (index_put_ at (row, :, position): Inductor writes B x KV x D elements); return the cache rows
+    [B, KV, S, D] that attention reads."""
+    kc[rows, :, positions] = k[:, :, 0]
+    vc[rows, :, positions] = v[:, :, 0]
+    B = rows.shape[0]
+    return kc[:B], vc[:B]
+
+
 def _unwrap(model):
     """(causal LM, its inner decoder model) for a plain HF model or a peft-wrapped one."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -379,13 +389,8 @@ class Decoder:
         them first and returns its own pair. The add then sits in the same compiled region as the
         norm that reads it (one fused kernel, as in the whole-step compile) instead of ending one
         region and starting the next as two kernels. Same operations in the same order as ``_layer``."""
-        B = x.shape[0]
-
         def write_kv(_, k, v):
-            # index_put_ at (row, :, position): Inductor writes B x KV x D elements in place
-            kc[rows, :, positions] = k[:, :, 0]
-            vc[rows, :, positions] = v[:, :, 0]
-            return kc[:B], vc[:B]
+            return _write_decode_kv(kc, vc, rows, positions, k, v)
 
         x = x + delta
         x = self._attention_block(0, layer, qkv, x, cos, sin, mask, write_kv, self._attend_decode)
@@ -505,11 +510,7 @@ class Decoder:
                 return self.lm_head(self.norm(x + delta)[:, 0])
 
             def write_kv(i, k, v):
-                # index_put_ at (row, :, position): Inductor writes B x KV x D elements in place
-                kc, vc = self.cache.k[i], self.cache.v[i]
-                kc[rows, :, positions] = k[:, :, 0]
-                vc[rows, :, positions] = v[:, :, 0]
-                return kc[:B], vc[:B]
+                return _write_decode_kv(self.cache.k[i], self.cache.v[i], rows, positions, k, v)
 
             x = self._forward(self._embed(tokens[:, None]), position_ids, mask, write_kv,
                               attend=self._attend_decode)
