@@ -211,7 +211,7 @@ class RolloutWorkload(Workload):
              "engine": "native RolloutEngine (own CUDA graphs on CUDA)"}
         if self.engines:  # the engine's own defaults, as a GRPO run uses them
             e = self.engines[0]
-            d["engine_options"] = {"compile_scope": e.compile_scope, "attention": e.decoder.attention,
+            d["engine_options"] = {"compile_scope": e.compile_scope, "attention": e.attention,
                                    "fused_projections": e.fused_projections, "graph_sampling": e.graph_sampling,
                                    "cuda_graphs": e.use_cuda_graphs}
         return d

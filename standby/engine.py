@@ -15,7 +15,8 @@ the model): build a new engine then.
 
 Sampling (temperature, top-k, top-p, stop tokens) runs eagerly between graph replays with a
 ``torch.Generator`` on the device, so a seed reproduces the tokens exactly. Speed options, each
-off by default until measured side by side (``benchmarks/bench_rollout.py --variants``):
+measured side by side (``benchmarks/bench_rollout.py --variants``; the defaults are the fastest
+configuration that meets the cold-start target, see :class:`RolloutEngine`):
 ``fused_projections`` (one GEMM for q/k/v and one for gate/up over fused weights the model's own
 parameters point into), ``attention`` ("matmul" | "sdpa" | "sdpa_gqa" | "triton" for decode),
 ``graph_sampling`` (sampler, log-prob and stop bookkeeping captured in the step's graph: one
@@ -306,6 +307,13 @@ def _resolve_options(model, compile_options, batch: int, dtype):
     raise TypeError(f"compile_options must be None, 'auto', False or a dict, got {compile_options!r}")
 
 
+def kv_cache_specs(shape: ModelShape, batch: int, max_len: int, dtype: torch.dtype) -> list[tuple]:
+    """The KV region's layout (``KVRegion.carve`` / ``required_bytes`` specs): per layer, K then V,
+    each [batch, kv_heads, max_len, head_dim]."""
+    dims = (batch, shape.num_kv_heads, max_len, shape.head_dim)
+    return [(f"{kind}{i}", dtype, dims) for i in range(shape.num_layers) for kind in "kv"]
+
+
 def default_attention(device: torch.device, head_dim: int) -> str:
     """``attention="auto"``: the split-sequence Triton kernel on CUDA (power-of-two head sizes),
     else the two-matmul path (CPU: the kernel would run in the Triton interpreter)."""
@@ -409,9 +417,8 @@ class RolloutEngine:
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.shape = ModelShape.from_hf_config(causal_lm.config)
         s = self.shape
-        kv_dims = (self.max_batch, s.num_kv_heads, self.max_len, s.head_dim)
         if kv_region:
-            specs = [(f"{kind}{i}", self.dtype, kv_dims) for i in range(s.num_layers) for kind in "kv"]
+            specs = kv_cache_specs(s, self.max_batch, self.max_len, self.dtype)
             self.region: Optional[KVRegion] = KVRegion(required_bytes(specs), device=self.device)
             views = self.region.carve(specs)
             k = [_separate_storage(views[f"k{i}"]) for i in range(s.num_layers)]

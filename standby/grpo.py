@@ -86,11 +86,11 @@ def plan_kv_batch(shape, dtype, batch: int, max_len: int, free: int, total: int,
     """How many sequences the engine decodes at once: all ``batch`` when their KV cache fits in
     ``utilization`` x the free device memory, else as many as fit (the engine then generates in
     chunks of that many, logged). Raises KVMemoryError when not even one sequence fits."""
+    from compilepass.standby.engine import kv_cache_specs
     from compilepass.standby.memory import required_bytes
 
     def need(b: int) -> int:
-        dims = (b, shape.num_kv_heads, max_len, shape.head_dim)
-        return required_bytes([(f"{k}{i}", dtype, dims) for i in range(shape.num_layers) for k in "kv"])
+        return required_bytes(kv_cache_specs(shape, b, max_len, dtype))
 
     budget = free * utilization
     full = need(batch)
