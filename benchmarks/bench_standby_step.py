@@ -5,9 +5,12 @@ engine) runs ``--pairs`` pairs of steps; within each pair one step has ``generat
 on (the KV region is mapped before generation and released after it, so training runs with the
 region's memory free) and one has it off (the region stays mapped throughout, as in a stack
 without standby). The order alternates per pair (on/off, off/on, ...) so that drifts and the
-slow change of the policy affect both modes alike. With random weights the completions run to
-``max_completion_len`` (EOS is rarely drawn), so every step does the same work; the recorded
-completion lengths show it.
+slow change of the policy affect both modes alike. Both steps of a pair train on the same prompts
+with the same sampling seed (the data position is rewound and the step number repeated), so the
+two differ only in standby (and the one optimizer update between them). Before every step, untimed:
+``gc.collect()``, and the region is put in the state the mode starts from (asleep for on, so that
+every on-step pays its wake; awake for off). With random weights the completions run to
+``max_completion_len`` (EOS is rarely drawn); the recorded completion lengths show it.
 
 Reported: every step's wall time and phases (gen / reward / train), the region's wake and sleep
 times, the paired ratio on/off of step time with a 95% t-interval (target: <= 1.01), peak memory.
@@ -19,6 +22,7 @@ times, the paired ratio on/off of step time with a 95% t-interval (target: <= 1.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -37,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (compile, allocator warm-up)")
     p.add_argument("--compile", default="auto", choices=["auto", "eager"])
+    p.add_argument("--micro-batch-size", type=int, default=0, help="optim.micro_batch_size (0 = automatic)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, short (checks the script only)")
     return p.parse_args(argv)
 
@@ -62,6 +67,7 @@ def main(argv=None) -> int:
         f"data.prompts_per_step={args.prompts_per_step}",
         f"run.device={'cuda' if cuda else 'cpu'}", f"run.output_dir={out_dir}",
         f"run.max_steps={args.warmup_steps + 2 * args.pairs}", "run.save_every=0",
+        f"optim.micro_batch_size={args.micro_batch_size}",
     ]
     config = load_config(None, overrides, base=default_config("tiny"))
     trainer = GRPOTrainer(config, progress=False, compile_options="auto" if args.compile == "auto" else False)
@@ -87,8 +93,11 @@ def main(argv=None) -> int:
 
     def run_step(step: int, standby: bool, timed_step: bool) -> dict:
         trainer.config.generation.standby = standby
-        if not standby:
+        if standby:
+            trainer.engine.sleep()  # on: every step starts asleep and pays its own wake
+        else:
             trainer.engine.wake()  # off: mapped before the step and kept mapped through training
+        gc.collect()
         n_wake, n_sleep = len(wake_s), len(sleep_s)
         if cuda:
             torch.cuda.synchronize()
@@ -98,7 +107,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
         trainer.step = step
-        return {"step": step, "standby": standby, "timed": timed_step, "wall_s": wall,
+        return {"step": step, "index": len(steps) + 1, "standby": standby, "timed": timed_step, "wall_s": wall,
                 "gen_s": rec["gen_s"], "reward_s": rec["reward_s"], "train_s": rec["train_s"],
                 "completion_len": rec["completion_len"], "peak_mem_gib": rec["peak_mem_gib"],
                 "wake_s": sum(wake_s[n_wake:]), "sleep_s": sum(sleep_s[n_sleep:])}
@@ -111,8 +120,10 @@ def main(argv=None) -> int:
         on, off = [], []
         for i in range(args.pairs):
             order = (True, False) if i % 2 == 0 else (False, True)
+            step += 1  # both steps of the pair: the same step number (sampling seed) and the same prompts
+            data_state = trainer.batcher.state_dict()
             for standby in order:
-                step += 1
+                trainer.batcher.load_state_dict(data_state)
                 rec = run_step(step, standby, True)
                 steps.append(rec)
                 (on if standby else off).append(rec["wall_s"])
@@ -129,6 +140,7 @@ def main(argv=None) -> int:
         "benchmark": "standby_step",
         "model": args.model, "prompts_per_step": args.prompts_per_step, "generations": args.generations,
         "completion_len": args.completion_len, "pairs": args.pairs, "compile": args.compile,
+        "micro_batch_size": args.micro_batch_size, "same_batch_pairs": True,
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "compilepass": compilepass.__version__,
                      "python": sys.version.split()[0]},

@@ -9,7 +9,7 @@
     logp      <- model body -> last hidden states -> selective_log_softmax on completion positions only
     old_logp  <- logp.detach() (num_iterations == 1) or one no-grad pass before the updates
     ref_logp  <- the same with the adapter disabled (beta > 0 only)
-    loss      <- grpo_loss(...); backward; clip; optimizer.step(); scheduler.step()
+    loss      <- grpo_loss(...); backward (micro-batches: gradient accumulation); clip; optimizer.step(); scheduler.step()
     metrics.jsonl, progress bar; checkpoint every run.save_every steps and at the end
 
 One copy of the weights: :class:`~compilepass.standby.engine.RolloutEngine` decodes with the peft
@@ -28,8 +28,14 @@ a reward function raising (:class:`~compilepass.standby.rewards.RewardError`) or
 memory (:class:`TrainingOutOfMemoryError`) first saves the state as of the start of the failing
 step (checkpoint ``step-<last completed step>``), so ``resume=auto`` retries that step.
 
-Test hook: ``COMPILEPASS_SIMULATE_OOM=generate|train`` (optionally ``...:STEP``, default step 1)
-raises ``torch.OutOfMemoryError`` in that phase, to exercise the out-of-memory path on CPU.
+Training memory without tuning: ``optim.micro_batch_size=0`` (the default) runs the whole batch
+in one forward/backward and, on a CUDA out-of-memory, halves the sequences per forward (gradients
+accumulated over the micro-batches; the loss is scaled so the sum equals the whole batch's) until
+it fits; the token count that fitted is kept for later steps. A fixed size is used as given.
+
+Test hooks: ``COMPILEPASS_SIMULATE_OOM=generate|train`` (optionally ``...:STEP``, default step 1)
+raises ``torch.OutOfMemoryError`` in that phase, to exercise the out-of-memory path on CPU;
+``COMPILEPASS_SIMULATE_OOM=rows>N`` raises it for any training forward over more than N sequences.
 
 CPU: the trainer turns on ``torch.set_flush_denormal(True)`` when it is built (before the model,
 so that worker threads created later inherit it) until :meth:`GRPOTrainer.close` (back to
@@ -70,7 +76,7 @@ _FREE_KEYS = {"run.output_dir", "run.log_every", "run.save_every", "run.keep_las
               "run.resume", "run.max_steps", "generation.gpu_memory_utilization", "generation.standby"}
 #: Config keys whose change is warned about on resume but not refused (numerics differ slightly).
 _WARN_KEYS = {"run.max_steps", "run.device", "generation.engine", "model.gradient_checkpointing",
-              "model.offload_activations"}
+              "model.offload_activations", "optim.micro_batch_size"}
 RESULT_AFFECTING_KEYS = "every key except " + ", ".join(sorted(_FREE_KEYS | _WARN_KEYS))
 
 
@@ -190,6 +196,15 @@ def _simulated_oom(phase: str, step: int) -> None:
             f"CUDA out of memory. Tried to allocate 1.50 GiB (simulated by {SIMULATE_OOM_ENV}={value})")
 
 
+def _simulated_oom_rows(rows: int) -> None:
+    """``COMPILEPASS_SIMULATE_OOM=rows>N``: an out-of-memory for any training forward over more
+    than N sequences (exercises the automatic micro-batch size on CPU)."""
+    value = os.environ.get(SIMULATE_OOM_ENV, "").strip()
+    if value.startswith("rows>") and rows > int(value[5:]):
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated: {rows} rows > "
+                                     f"{value[5:]})")
+
+
 _TRIED = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
 
 
@@ -296,6 +311,7 @@ class GRPOTrainer:
         self.optimizer = c.optim.make_optimizer(self.params)
         self.scheduler = c.optim.make_scheduler(self.optimizer, c.run.max_steps)
 
+        self._fit_tokens: Optional[int] = None  # tokens per training forward known to fit (auto micro-batch)
         self.step = 0
         self.resumed_from: Optional[Path] = None
         if resume_from is not None:
@@ -469,48 +485,125 @@ class GRPOTrainer:
 
         return ActivationOffload(self.model.parameters(), device=self.device)
 
+    def _micro_sizes(self, rows: int, width: int) -> int:
+        """Sequences per forward for a batch of ``rows`` x ``width`` tokens: ``optim.micro_batch_size``
+        when set, else (auto) the whole batch until an out-of-memory taught a smaller token count."""
+        fixed = self.config.optim.micro_batch_size
+        if fixed:
+            return min(rows, fixed)
+        if self._fit_tokens is None:
+            return rows
+        return max(1, min(rows, self._fit_tokens // max(width, 1)))
+
+    def _fit_micro(self, rows: int, width: int, what: str, run: Callable[[int], Any]) -> Any:
+        """``run(size)`` with the micro-batch size; in auto mode a CUDA out-of-memory halves the size
+        (down to one sequence) and ``run`` is called again from scratch (gradients zeroed first).
+        The size that fits is remembered as a token count, so later steps start from it."""
+        size = self._micro_sizes(rows, width)
+        while True:
+            failed = False
+            try:
+                return run(size)
+            except torch.OutOfMemoryError:
+                if self.config.optim.micro_batch_size or size == 1:
+                    raise
+                failed = True  # retried below, outside the handler, once the traceback's tensors are gone
+            if failed:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                new = (size + 1) // 2
+                log.warning("%s: out of memory with %d sequences (%d tokens) per forward; retrying with %d "
+                            "(optim.micro_batch_size=0 picks this automatically)", what, size, size * width, new)
+                self._fit_tokens = new * width
+                size = new
+
+    def _logprobs_in_micro_batches(self, size: int, prompt_ids, completion_ids, mask) -> torch.Tensor:
+        """No-grad per-token log-probs of the whole batch, ``size`` sequences at a time."""
+        c = self.config
+        parts = []
+        for lo in range(0, completion_ids.shape[0], size):
+            sl = slice(lo, lo + size)
+            _simulated_oom_rows(completion_ids[sl].shape[0])
+            parts.append(policy_logprobs(self.model, prompt_ids[sl], completion_ids[sl], mask[sl],
+                                         c.generation.temperature, self.engine.pad_token_id))
+        return torch.cat(parts)
+
     def _train(self, step: int, prompt_ids, completion_ids, mask, advantages) -> dict:
-        from compilepass.kernels import grpo_loss
         from compilepass.standby.train_memory import lora_mixed_precision
 
         c, lc = self.config, self.config.loss
         _simulated_oom("train", step)
-        temp = c.generation.temperature
-        pad = self.engine.pad_token_id
+        rows = completion_ids.shape[0]
+        width = max(len(p) for p in prompt_ids) + completion_ids.shape[1]
         ref = old = None
         if lc.beta > 0:
             with torch.no_grad(), self.model.disable_adapter():
-                ref = policy_logprobs(self.model, prompt_ids, completion_ids, mask, temp, pad)
+                ref = self._fit_micro(rows, width, "reference log-probs", lambda size: self._logprobs_in_micro_batches(
+                    size, prompt_ids, completion_ids, mask))
         if lc.num_iterations > 1:
             with torch.no_grad():
-                old = policy_logprobs(self.model, prompt_ids, completion_ids, mask, temp, pad)
+                old = self._fit_micro(rows, width, "old-policy log-probs", lambda size: self._logprobs_in_micro_batches(
+                    size, prompt_ids, completion_ids, mask))
         n_items = mask.sum()
         sums: dict[str, float] = {}
         grad_norm = float("nan")
         for _ in range(lc.num_iterations):
-            # forward and backward (which recomputes checkpointed layers) under one precision setting
-            with lora_mixed_precision(self.model):
-                with self._activation_offload():
-                    logp = policy_logprobs(self.model, prompt_ids, completion_ids, mask, temp, pad)
-                loss, m = grpo_loss(logp, old if old is not None else logp.detach(), ref, advantages, mask,
-                                    epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, beta=lc.beta,
-                                    loss_type=lc.loss_type, max_completion_length=c.generation.max_completion_len,
-                                    num_items_in_batch=n_items)
-                loss.backward()
+            def accumulate(size: int) -> dict[str, torch.Tensor]:
+                acc: dict[str, torch.Tensor] = {}
+                for lo in range(0, rows, size):
+                    sl = slice(lo, lo + size)
+                    _simulated_oom_rows(completion_ids[sl].shape[0])
+                    # forward and backward (which recomputes checkpointed layers) under one precision setting
+                    with lora_mixed_precision(self.model):
+                        with self._activation_offload():
+                            logp = policy_logprobs(self.model, prompt_ids[sl], completion_ids[sl], mask[sl],
+                                                   c.generation.temperature, self.engine.pad_token_id)
+                        loss, m = self._micro_loss(logp, old, ref, advantages, mask, n_items, sl)
+                        loss.backward()
+                    frac = mask[sl].sum() / n_items.clamp(min=1)  # token-mean metrics combine by token share
+                    acc["loss"] = acc.get("loss", 0.0) + loss.detach()
+                    for k, v in m.items():
+                        acc[k] = acc.get(k, 0.0) + v.detach() * frac
+                return acc
+
+            acc = self._fit_micro(rows, width, "training", accumulate)
             if c.optim.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.optim.max_grad_norm))
             else:
                 grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k, v in m.items():
+            for k, v in acc.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         self.scheduler.step()
         out = {k: v / lc.num_iterations for k, v in sums.items()}
         out.setdefault("kl", 0.0)
         out["grad_norm"] = grad_norm
         return out
+
+    def _micro_loss(self, logp, old, ref, advantages, mask, n_items, sl: slice):
+        """The loss of rows ``sl``, scaled so that the micro-batches' losses sum to the whole batch's
+        (same value, same gradient, up to summation order): per-row means (grpo, dr_grpo) weigh by
+        the rows' share, the batch token mean (bnpo) by the tokens' share; dapo already divides by
+        the whole batch's token count."""
+        from compilepass.kernels import grpo_loss
+
+        c, lc = self.config, self.config.loss
+        m_mask = mask[sl]
+        loss, metrics = grpo_loss(logp, old[sl] if old is not None else logp.detach(),
+                                  ref[sl] if ref is not None else None, advantages[sl], m_mask,
+                                  epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, beta=lc.beta,
+                                  loss_type=lc.loss_type, max_completion_length=c.generation.max_completion_len,
+                                  num_items_in_batch=n_items)
+        rows, total = mask.shape[0], m_mask.shape[0]
+        if total == rows:
+            return loss, metrics
+        if lc.loss_type in ("grpo", "dr_grpo"):
+            loss = loss * (total / rows)
+        elif lc.loss_type == "bnpo":
+            loss = loss * (m_mask.sum().clamp(min=1) / n_items.clamp(min=1))
+        return loss, metrics
 
     def _oom(self, phase: str, st: _StepState, err: BaseException) -> TrainingOutOfMemoryError:
         c = self.config

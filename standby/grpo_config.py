@@ -177,7 +177,11 @@ class LossConfig:
 class OptimConfig:
     """AdamW over the LoRA parameters and a learning-rate schedule (linear warmup, then
     ``scheduler``; cosine and linear decay to 0 at ``run.max_steps``). ``max_grad_norm`` null
-    disables clipping."""
+    disables clipping.
+
+    ``micro_batch_size``: sequences per training forward/backward (gradients accumulate over the
+    micro-batches; the loss equals the whole batch's). 0 (default) = automatic: the whole batch,
+    halved on a CUDA out-of-memory until it fits."""
 
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -186,8 +190,11 @@ class OptimConfig:
     max_grad_norm: Optional[float] = 1.0
     warmup_steps: int = 0
     scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    micro_batch_size: int = 0
 
     def _validate(self) -> None:
+        _require(self.micro_batch_size >= 0, "optim.micro_batch_size",
+                 f"must be >= 0 (0 = automatic; got {self.micro_batch_size})")
         _require(self.lr > 0, "optim.lr", f"must be > 0 (got {self.lr})")
         _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0 (got {self.weight_decay})")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",

@@ -199,6 +199,50 @@ def test_oom_in_training_saves_state_and_explains(tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
+def _one_step(tmp_path, name, *overrides):
+    trainer = GRPOTrainer(_config(tmp_path, "run.max_steps=1", "data.prompts_per_step=2", "generation.num_generations=4",
+                                  "optim.lr=0.01", *overrides, name=name), progress=False)
+    try:
+        rec = trainer.train_step(1)
+        lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        return rec, lora, trainer._fit_tokens
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_micro_batches_equal_the_whole_batch(tmp_path, loss_type):
+    """Gradient accumulation over micro-batches (3 + 3 + 2 of 8 sequences; the reference and old
+    log-probs too) gives the whole batch's loss, metrics and update."""
+    common = (f"loss.loss_type={loss_type}", "loss.beta=0.05", "loss.num_iterations=2")
+    whole, w_lora, _ = _one_step(tmp_path, "whole", *common)
+    micro, m_lora, _ = _one_step(tmp_path, "micro", *common, "optim.micro_batch_size=3")
+    for k in ("loss", "kl", "grad_norm", "clip_ratio_region_mean", "reward"):
+        assert micro[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-6), k
+    for n in w_lora:  # after Adam (lr 0.01): near-zero gradient entries amplify summation-order noise
+        torch.testing.assert_close(m_lora[n], w_lora[n], atol=5e-4, rtol=1e-3)
+
+
+def test_automatic_micro_batch_halves_on_oom(tmp_path, monkeypatch, caplog):
+    """optim.micro_batch_size=0: a training forward that runs out of memory is retried with half
+    the sequences (8 -> 4 -> 2 here) and the step's result is the whole batch's; a fixed size that
+    does not fit is the usual out-of-memory error."""
+    whole, w_lora, fit = _one_step(tmp_path, "whole", "loss.beta=0.05")
+    assert fit is None
+    monkeypatch.setenv("COMPILEPASS_SIMULATE_OOM", "rows>2")
+    with caplog.at_level("WARNING", logger="compilepass.standby.grpo"):
+        auto, a_lora, fit = _one_step(tmp_path, "auto", "loss.beta=0.05")
+    retries = [r.getMessage() for r in caplog.records if "retrying with" in r.getMessage()]
+    assert len(retries) == 2 and "with 8 sequences" in retries[0] and "retrying with 2" in retries[1], retries
+    assert fit is not None and fit // 2 >= 1
+    assert auto["loss"] == pytest.approx(whole["loss"], rel=1e-4, abs=1e-6)
+    assert auto["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    for n in w_lora:
+        torch.testing.assert_close(a_lora[n], w_lora[n], atol=5e-4, rtol=1e-3)
+    with pytest.raises(TrainingOutOfMemoryError, match="out of memory during training at step 1"):
+        _one_step(tmp_path, "fixed", "loss.beta=0.05", "optim.micro_batch_size=4")
+
+
 def test_oom_in_generation_cli_one_line(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(_cli(["grpo", "--preset", "tiny", "--no-progress", f"run.output_dir={out}", "run.max_steps=2",

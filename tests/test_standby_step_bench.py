@@ -26,3 +26,8 @@ def test_standby_step_smoke(tmp_path, capsys):
     assert all(s["wall_s"] > 0 and s["completion_len"] > 0 for s in data["steps"])
     assert set(data["ratio_on_over_off_by_phase"]) == {"gen_s", "train_s"}
     assert data["standby_work_s"] >= 0 and 0 <= data["standby_work_fraction_of_step"] < 1
+    # every on-step starts asleep and pays its wake; off-steps never wake or sleep inside the step
+    assert all(s["wake_s"] > 0 and s["sleep_s"] > 0 for s in timed if s["standby"])
+    assert all(s["wake_s"] == 0 and s["sleep_s"] == 0 for s in timed if not s["standby"])
+    # both steps of a pair use the same step number (sampling seed) and prompts
+    assert [s["step"] for s in timed][0::2] == [s["step"] for s in timed][1::2]
