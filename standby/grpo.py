@@ -312,6 +312,7 @@ class GRPOTrainer:
         self.scheduler = c.optim.make_scheduler(self.optimizer, c.run.max_steps)
 
         self._fit_tokens: Optional[int] = None  # tokens per training forward known to fit (auto micro-batch)
+        self._oom_micro: Optional[int] = None  # sequences per forward when training ran out of memory
         self.step = 0
         self.resumed_from: Optional[Path] = None
         if resume_from is not None:
@@ -506,6 +507,7 @@ class GRPOTrainer:
                 return run(size)
             except torch.OutOfMemoryError:
                 if self.config.optim.micro_batch_size or size == 1:
+                    self._oom_micro = size  # named in the out-of-memory message
                     raise
                 failed = True  # retried below, outside the handler, once the traceback's tensors are gone
             if failed:
@@ -628,6 +630,10 @@ class GRPOTrainer:
                  f"data.prompts_per_step (now {c.data.prompts_per_step}) or generation.num_generations "
                  f"(now {c.generation.num_generations})")
         if phase == "train":
+            if self._oom_micro is not None:
+                need += f"; {self._oom_micro} sequence(s) per forward"
+            if c.optim.micro_batch_size > 1:
+                hints += f", lower optim.micro_batch_size (now {c.optim.micro_batch_size}; 0 = automatic)"
             if not c.model.gradient_checkpointing:
                 hints += ", set model.gradient_checkpointing=true"
             if not c.model.offload_activations:

@@ -239,8 +239,12 @@ def test_automatic_micro_batch_halves_on_oom(tmp_path, monkeypatch, caplog):
     assert auto["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
     for n in w_lora:
         torch.testing.assert_close(a_lora[n], w_lora[n], atol=5e-4, rtol=1e-3)
-    with pytest.raises(TrainingOutOfMemoryError, match="out of memory during training at step 1"):
+    with pytest.raises(TrainingOutOfMemoryError, match="out of memory during training at step 1") as ei:
         _one_step(tmp_path, "fixed", "loss.beta=0.05", "optim.micro_batch_size=4")
+    assert "4 sequence(s) per forward" in str(ei.value) and "lower optim.micro_batch_size (now 4" in str(ei.value)
+    monkeypatch.setenv("COMPILEPASS_SIMULATE_OOM", "rows>0")  # not even one sequence fits: the usual error
+    with pytest.raises(TrainingOutOfMemoryError, match="1 sequence\\(s\\) per forward"):
+        _one_step(tmp_path, "one", "loss.beta=0.05")
 
 
 def test_oom_in_generation_cli_one_line(tmp_path):
