@@ -486,7 +486,7 @@ class GRPOTrainer:
 
         return ActivationOffload(self.model.parameters(), device=self.device)
 
-    def _micro_sizes(self, rows: int, width: int) -> int:
+    def _micro_batch_size(self, rows: int, width: int) -> int:
         """Sequences per forward for a batch of ``rows`` x ``width`` tokens: ``optim.micro_batch_size``
         when set, else (auto) the whole batch until an out-of-memory taught a smaller token count."""
         fixed = self.config.optim.micro_batch_size
@@ -500,7 +500,7 @@ class GRPOTrainer:
         """``run(size)`` with the micro-batch size; in auto mode a CUDA out-of-memory halves the size
         (down to one sequence) and ``run`` is called again from scratch (gradients zeroed first).
         The size that fits is remembered as a token count, so later steps start from it."""
-        size = self._micro_sizes(rows, width)
+        size = self._micro_batch_size(rows, width)
         while True:
             failed = False
             try:
@@ -516,7 +516,7 @@ class GRPOTrainer:
                     torch.cuda.empty_cache()
                 new = (size + 1) // 2
                 log.warning("%s: out of memory with %d sequences (%d tokens) per forward; retrying with %d "
-                            "(optim.micro_batch_size=0 picks this automatically)", what, size, size * width, new)
+                            "(automatic micro-batch; optim.micro_batch_size=N fixes it)", what, size, size * width, new)
                 self._fit_tokens = new * width
                 size = new
 
@@ -598,11 +598,11 @@ class GRPOTrainer:
                                   epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, beta=lc.beta,
                                   loss_type=lc.loss_type, max_completion_length=c.generation.max_completion_len,
                                   num_items_in_batch=n_items)
-        rows, total = mask.shape[0], m_mask.shape[0]
-        if total == rows:
+        rows, m_rows = mask.shape[0], m_mask.shape[0]
+        if m_rows == rows:
             return loss, metrics
         if lc.loss_type in ("grpo", "dr_grpo"):
-            loss = loss * (total / rows)
+            loss = loss * (m_rows / rows)
         elif lc.loss_type == "bnpo":
             loss = loss * (m_mask.sum().clamp(min=1) / n_items.clamp(min=1))
         return loss, metrics
