@@ -141,6 +141,7 @@ def main(argv=None) -> int:
         "model": args.model, "prompts_per_step": args.prompts_per_step, "generations": args.generations,
         "completion_len": args.completion_len, "pairs": args.pairs, "compile": args.compile,
         "micro_batch_size": args.micro_batch_size, "same_batch_pairs": True,
+        "lora_rank": config.model.lora_rank, "lora_alpha": config.model.lora_alpha,
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "compilepass": compilepass.__version__,
                      "python": sys.version.split()[0]},

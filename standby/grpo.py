@@ -322,6 +322,8 @@ class GRPOTrainer:
             if state.data_state is not None:
                 self.batcher.load_state_dict(state.data_state)
             self.step = state.step
+            # the automatic micro-batch size learned before the kill: the same splits as an uninterrupted run
+            self._fit_tokens = state.extra.get("fit_tokens")
             self.resumed_from = state.path
             log.info("resumed from %s (step %d)", state.path, state.step)
 
@@ -417,7 +419,8 @@ class GRPOTrainer:
                                scheduler=self.scheduler, rng_states=capture_rng_state(),
                                data_state=data_state if data_state is not None else self.batcher.state_dict(),
                                config_dict=self.config.to_dict(), metrics_tail=tail,
-                               keep_last=self.config.run.keep_last)
+                               keep_last=self.config.run.keep_last,
+                               extra={"fit_tokens": self._fit_tokens})
         self.last_checkpoint = path
         return path
 
@@ -514,6 +517,7 @@ class GRPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(self.device)  # the step's peak: the attempt that fit
                 new = (size + 1) // 2
                 log.warning("%s: out of memory with %d sequences (%d tokens) per forward; retrying with %d "
                             "(automatic micro-batch; optim.micro_batch_size=N fixes it)", what, size, size * width, new)
@@ -677,6 +681,10 @@ class GRPOTrainer:
             raise RewardError(f"step {step}: {e}{suffix}") from None
         adv, zero_std = group_advantages(total, G, c.loss.scale_rewards)
         t_rew = time.perf_counter()
+        gen_peak = None
+        if self.device.type == "cuda":  # generation's and training's peaks are taken apart (see _peak_gib)
+            gen_peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             train_m = self._train(step, prompt_ids, out.completion_ids, mask.to(out.completion_ids.device),
                                   adv.to(self.device))
@@ -698,18 +706,22 @@ class GRPOTrainer:
             "reward_s": t_rew - t_gen,
             "train_s": t_end - t_rew,
             "step_s": t_end - t0,
-            "peak_mem_gib": self._peak_gib(peak_memory_gib),
+            "peak_mem_gib": self._peak_gib(peak_memory_gib, gen_peak),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
         return rec
 
-    def _peak_gib(self, peak_memory_gib) -> float:
-        """This step's peak: on CUDA the allocator's peak plus the KV region's bytes (mapped with the
-        driver, outside the allocator; awake during generation); on CPU the process's peak RSS."""
+    def _peak_gib(self, peak_memory_gib, gen_peak: Optional[int]) -> float:
+        """This step's peak device memory. On CUDA: the larger of generation's allocator peak plus
+        the KV region's bytes (mapped with the driver, outside the allocator) and training's
+        allocator peak (of the attempt that fit, when the micro-batch was halved), plus the region
+        only when standby is off (it stays mapped). On CPU: the process's peak RSS."""
         if self.device.type != "cuda":
             return peak_memory_gib()
-        region = self.engine.region.nbytes if self.engine.region is not None else 0
-        return (torch.cuda.max_memory_allocated(self.device) + region) / 2**30
+        region = self.engine.region.nbytes if getattr(self.engine, "region", None) is not None else 0
+        train_peak = torch.cuda.max_memory_allocated(self.device)
+        train_region = 0 if self.config.generation.standby else region
+        return max((gen_peak or 0) + region, train_peak + train_region) / 2**30
 
     # -- the loop ----------------------------------------------------------------------------------
 

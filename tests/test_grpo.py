@@ -242,6 +242,34 @@ def test_automatic_micro_batch_halves_on_oom(tmp_path, monkeypatch, caplog):
     with pytest.raises(TrainingOutOfMemoryError, match="out of memory during training at step 1") as ei:
         _one_step(tmp_path, "fixed", "loss.beta=0.05", "optim.micro_batch_size=4")
     assert "4 sequence(s) per forward" in str(ei.value) and "lower optim.micro_batch_size (now 4" in str(ei.value)
+    # without beta the training forward itself halves (above, the reference pass halved first)
+    monkeypatch.delenv("COMPILEPASS_SIMULATE_OOM")
+    plain, p_lora, _ = _one_step(tmp_path, "plain-whole")
+    monkeypatch.setenv("COMPILEPASS_SIMULATE_OOM", "rows>2")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="compilepass.standby.grpo"):
+        train_auto, t_lora, _ = _one_step(tmp_path, "plain-auto")
+    retries = [r.getMessage() for r in caplog.records if "retrying with" in r.getMessage()]
+    assert len(retries) == 2 and all(m.startswith("training:") for m in retries), retries
+    assert train_auto["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+    for n in p_lora:
+        torch.testing.assert_close(t_lora[n], p_lora[n], atol=5e-4, rtol=1e-3)
+    # the learned size is checkpointed: a resumed run splits its batches as the uninterrupted one
+    cfg = _config(tmp_path, "run.max_steps=1", "data.prompts_per_step=2", "generation.num_generations=4", name="ck")
+    first = GRPOTrainer(cfg, progress=False)
+    try:
+        first.train()
+        learned = first._fit_tokens
+    finally:
+        first.close()
+    monkeypatch.delenv("COMPILEPASS_SIMULATE_OOM")
+    resumed = GRPOTrainer(_config(tmp_path, "run.max_steps=2", "data.prompts_per_step=2",
+                                  "generation.num_generations=4", name="ck"), progress=False)
+    try:
+        assert learned is not None and resumed.step == 1 and resumed._fit_tokens == learned
+        assert resumed._micro_batch_size(8, learned // 2) == 2
+    finally:
+        resumed.close()
     monkeypatch.setenv("COMPILEPASS_SIMULATE_OOM", "rows>0")  # not even one sequence fits: the usual error
     with pytest.raises(TrainingOutOfMemoryError, match="1 sequence\\(s\\) per forward"):
         _one_step(tmp_path, "one", "loss.beta=0.05")
