@@ -88,24 +88,29 @@ class KVMemoryError(CompilepassError):
     """The engine's KV region does not fit in ``gpu_memory_utilization`` of the free GPU memory."""
 
 
-def plan_kv_batch(shape, dtype, batch: int, max_len: int, free: int, total: int, utilization: float) -> int:
+def plan_kv_batch(shape, dtype, batch: int, max_len: int, free: int, total: int, utilization: float,
+                  reserve: int = 0) -> int:
     """How many sequences the engine decodes at once: all ``batch`` when their KV cache fits in
-    ``utilization`` x the free device memory, else as many as fit (the engine then generates in
-    chunks of that many, logged). Raises KVMemoryError when not even one sequence fits."""
+    ``utilization`` x (the free device memory - ``reserve``), else as many as fit (the engine then
+    generates in chunks of that many, logged). ``reserve``: bytes that training will hold across
+    the wake that follows it (the LoRA gradients and optimizer state, allocated at the first step,
+    after this plan). Raises KVMemoryError when not even one sequence fits."""
     from compilepass.standby.engine import kv_cache_specs
     from compilepass.standby.memory import required_bytes
 
     def need(b: int) -> int:
         return required_bytes(kv_cache_specs(shape, b, max_len, dtype))
 
-    budget = free * utilization
+    budget = max(free - reserve, 0) * utilization
     full = need(batch)
     if full <= budget:
         return batch
     fit = min(batch - 1, int(budget // max(need(1), 1)))
     while fit >= 1 and need(fit) > budget:
         fit -= 1
-    where = f"{_fmt_gib(budget)} is available ({utilization:g} x {_fmt_gib(free)} free of {_fmt_gib(total)})"
+    held = f" - {_fmt_gib(reserve)} kept for the LoRA gradients and optimizer state" if reserve else ""
+    where = (f"{_fmt_gib(budget)} is available ({utilization:g} x ({_fmt_gib(free)} free of {_fmt_gib(total)}"
+             f"{held}))")
     if fit < 1:
         raise KVMemoryError(
             f"the KV cache of one sequence of {max_len} tokens (max_prompt_len + max_completion_len) needs "
@@ -390,8 +395,11 @@ class GRPOTrainer:
         max_len = c.generation.max_prompt_len + c.generation.max_completion_len
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
+            # after the first step, the LoRA gradients and AdamW's two moments stay allocated across wakes
+            reserve = 3 * sum(p.numel() * p.element_size() for p in self.params)
             max_batch = plan_kv_batch(ModelShape.from_hf_config(self.causal_lm.config), c.model.torch_dtype,
-                                      max_batch, max_len, free, total, c.generation.gpu_memory_utilization)
+                                      max_batch, max_len, free, total, c.generation.gpu_memory_utilization,
+                                      reserve=reserve)
         if compile_options == "default":
             compile_options = "auto" if self.device.type == "cuda" else False
         pad = self.tokenizer.pad_token_id

@@ -386,5 +386,10 @@ def test_kv_batch_plan_fits_the_budget_or_says_why():
     free = int(need(10) / 0.95) + 1  # room for exactly 10 sequences at 0.95
     fit = plan_kv_batch(shape, torch.bfloat16, 64, 1024, free, 80 * gib, 0.95)
     assert fit == 10 and need(fit) <= free * 0.95 < need(fit + 1)
+    # what training keeps across the wake (LoRA grads + optimizer moments) comes off the free memory first
+    assert plan_kv_batch(shape, torch.bfloat16, 64, 1024, free + int(need(4) / 0.95), 80 * gib, 0.95,
+                         reserve=int(need(4) / 0.95)) == 10
+    with pytest.raises(KVMemoryError, match=r"kept for the LoRA gradients"):
+        plan_kv_batch(shape, torch.bfloat16, 64, 1024, free, 80 * gib, 0.95, reserve=free)
     with pytest.raises(KVMemoryError, match=r"one sequence of 1024 tokens .* needs .* but .* is available"):
         plan_kv_batch(shape, torch.bfloat16, 64, 1024, need(1) // 2, 80 * gib, 0.95)
