@@ -513,24 +513,22 @@ class GRPOTrainer:
         The size that fits is remembered as a token count, so later steps start from it."""
         size = self._micro_batch_size(rows, width)
         while True:
-            failed = False
             try:
                 return run(size)
             except torch.OutOfMemoryError:
                 if self.config.optim.micro_batch_size or size == 1:
                     self._oom_micro = size  # named in the out-of-memory message
                     raise
-                failed = True  # retried below, outside the handler, once the traceback's tensors are gone
-            if failed:
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(self.device)  # the step's peak: the attempt that fit
-                new = (size + 1) // 2
-                log.warning("%s: out of memory with %d sequences (%d tokens) per forward; retrying with %d "
-                            "(automatic micro-batch; optim.micro_batch_size=N fixes it)", what, size, size * width, new)
-                self._fit_tokens = new * width
-                size = new
+            # only after an out-of-memory: retried here, outside the handler, once the traceback's tensors are gone
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(self.device)  # the step's peak: the attempt that fit
+            new = (size + 1) // 2
+            log.warning("%s: out of memory with %d sequences (%d tokens) per forward; retrying with %d "
+                        "(automatic micro-batch; optim.micro_batch_size=N fixes it)", what, size, size * width, new)
+            self._fit_tokens = new * width
+            size = new
 
     def _logprobs_in_micro_batches(self, size: int, prompt_ids, completion_ids, mask) -> torch.Tensor:
         """No-grad per-token log-probs of the whole batch, ``size`` sequences at a time."""
