@@ -530,16 +530,16 @@ class GRPOTrainer:
             self._fit_tokens = new * width
             size = new
 
+    def _slice_logprobs(self, sl: slice, prompt_ids, completion_ids, mask) -> torch.Tensor:
+        """Per-token log-probs of rows ``sl`` (one training-side forward; gradients as enabled)."""
+        _simulated_oom_rows(completion_ids[sl].shape[0])
+        return policy_logprobs(self.model, prompt_ids[sl], completion_ids[sl], mask[sl],
+                               self.config.generation.temperature, self.engine.pad_token_id)
+
     def _logprobs_in_micro_batches(self, size: int, prompt_ids, completion_ids, mask) -> torch.Tensor:
         """No-grad per-token log-probs of the whole batch, ``size`` sequences at a time."""
-        c = self.config
-        parts = []
-        for lo in range(0, completion_ids.shape[0], size):
-            sl = slice(lo, lo + size)
-            _simulated_oom_rows(completion_ids[sl].shape[0])
-            parts.append(policy_logprobs(self.model, prompt_ids[sl], completion_ids[sl], mask[sl],
-                                         c.generation.temperature, self.engine.pad_token_id))
-        return torch.cat(parts)
+        return torch.cat([self._slice_logprobs(slice(lo, lo + size), prompt_ids, completion_ids, mask)
+                          for lo in range(0, completion_ids.shape[0], size)])
 
     def _train(self, step: int, prompt_ids, completion_ids, mask, advantages) -> dict:
         from compilepass.standby.train_memory import lora_mixed_precision
@@ -548,15 +548,16 @@ class GRPOTrainer:
         _simulated_oom("train", step)
         rows = completion_ids.shape[0]
         width = max(len(p) for p in prompt_ids) + completion_ids.shape[1]
+        def logprobs(size: int) -> torch.Tensor:
+            return self._logprobs_in_micro_batches(size, prompt_ids, completion_ids, mask)
+
         ref = old = None
         if lc.beta > 0:
             with torch.no_grad(), self.model.disable_adapter():
-                ref = self._fit_micro(rows, width, "reference log-probs", lambda size: self._logprobs_in_micro_batches(
-                    size, prompt_ids, completion_ids, mask))
+                ref = self._fit_micro(rows, width, "reference log-probs", logprobs)
         if lc.num_iterations > 1:
             with torch.no_grad():
-                old = self._fit_micro(rows, width, "old-policy log-probs", lambda size: self._logprobs_in_micro_batches(
-                    size, prompt_ids, completion_ids, mask))
+                old = self._fit_micro(rows, width, "old-policy log-probs", logprobs)
         n_items = mask.sum()
         sums: dict[str, float] = {}
         grad_norm = float("nan")
@@ -565,12 +566,10 @@ class GRPOTrainer:
                 acc: dict[str, torch.Tensor] = {}
                 for lo in range(0, rows, size):
                     sl = slice(lo, lo + size)
-                    _simulated_oom_rows(completion_ids[sl].shape[0])
                     # forward and backward (which recomputes checkpointed layers) under one precision setting
                     with lora_mixed_precision(self.model):
                         with self._activation_offload():
-                            logp = policy_logprobs(self.model, prompt_ids[sl], completion_ids[sl], mask[sl],
-                                                   c.generation.temperature, self.engine.pad_token_id)
+                            logp = self._slice_logprobs(sl, prompt_ids, completion_ids, mask)
                         loss, m = self._micro_loss(logp, old, ref, advantages, mask, n_items, sl)
                         loss.backward()
                     frac = mask[sl].sum() / n_items.clamp(min=1)  # token-mean metrics combine by token share
