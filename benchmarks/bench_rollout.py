@@ -228,7 +228,7 @@ def run_engine(model, prompts, new_tokens: int, flags, engine_kwargs: dict, repe
                dynamic_batch: bool = True) -> dict:
     import torch
 
-    from compilepass.standby.engine import RolloutEngine
+    from compilepass.standby.rollout.engine import RolloutEngine
 
     B = len(prompts)
     max_len = max(len(p) for p in prompts) + new_tokens
@@ -305,7 +305,8 @@ def bench_model(args, name: str, batch: int, device, dtype, result: dict, save, 
                 hf_repeats: int, budget_check: bool = True) -> dict:
     import torch
 
-    from compilepass.standby.models import ModelShape, build_model
+    from compilepass.core.models import build_model
+    from compilepass.core.shapes import ModelShape
 
     print(f"== {name}: batch {batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, "
           f"{device_name(device)}", flush=True)

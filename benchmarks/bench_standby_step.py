@@ -51,9 +51,9 @@ def main(argv=None) -> int:
     import torch
 
     import compilepass
-    from compilepass.stats import paired_ratio_ci, summarize
-    from compilepass.standby.grpo import GRPOTrainer
-    from compilepass.standby.grpo_config import default_config, load_config
+    from compilepass.standby.grpo.config import default_config, load_config
+    from compilepass.standby.grpo.trainer import GRPOTrainer
+    from compilepass.tuning.stats import paired_ratio_ci, summarize
 
     if args.smoke:
         args.model, args.completion_len, args.pairs, args.warmup_steps = "tiny", 8, 2, 1

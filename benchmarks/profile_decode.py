@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from compilepass.standby.engine import RolloutEngine
-from compilepass.standby.models import build_model
+from compilepass.core.models import build_model
+from compilepass.standby.rollout.engine import RolloutEngine
 
 
 def _variant_options(name: str):

@@ -3,8 +3,8 @@
 import argparse
 import json
 
-from compilepass.trial import TrialSpec, run_trial
-from compilepass.workloads import WorkloadSpec
+from compilepass.core.workload_spec import WorkloadSpec
+from compilepass.tuning.trial import TrialSpec, run_trial
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="qwen3-0.6b")

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .select import compile, select, vllm_compilation_config  # noqa: E402  (note: rebinds the name `select`)
+from compilepass.selection import (compile, select,  # noqa: E402  (note: rebinds the name `select`)
+                                   vllm_compilation_config)
 
 __all__ = ["__version__", "compile", "select", "vllm_compilation_config"]

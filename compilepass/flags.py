@@ -16,8 +16,8 @@ from typing import Any, Iterable, Mapping, Optional
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .env import EnvironmentKey, current_environment
-from .errors import UnknownFlagError
+from compilepass.core.env import EnvironmentKey, current_environment
+from compilepass.core.errors import UnknownFlagError
 
 log = logging.getLogger("compilepass.flags")
 
@@ -329,3 +329,16 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 def _unknown_message(name: str, valid: list[str]) -> str:
     return f"unknown flag {name!r}; valid flags: {', '.join(valid)}"
+
+
+def inductor_options_for_torch(options: Optional[dict]) -> dict:
+    """Options as torch.compile wants them: JSON has no tuples, Inductor's tuple options need them."""
+    import torch._inductor.config as inductor_config  # heavy: imports torch
+
+    current = inductor_config.get_config_copy()
+    out = {}
+    for name, value in (options or {}).items():
+        if isinstance(value, list) and isinstance(current.get(name), tuple):
+            value = tuple(value)
+        out[name] = value
+    return out

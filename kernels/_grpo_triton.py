@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import triton.language as tl
 
-N_PARTIALS = 4  # loss, low-clip count, high-clip count, kl sum (all mask-weighted)
-
 
 def grpo_token_kernel(
     logp_ptr,  # [B*T] fp32

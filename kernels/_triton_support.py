@@ -21,7 +21,7 @@ import importlib
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Hashable, List, Optional, Sequence
+from typing import Callable, Dict, Hashable, List, Sequence
 
 import torch
 
@@ -170,7 +170,3 @@ def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _MM_OUT_DTYPE_OK: Dict[str, bool] = {}
-
-
-def resolve_block(value: Optional[int], default: int) -> int:
-    return default if value is None else int(value)

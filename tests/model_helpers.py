@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from compilepass.standby.models import add_lora, build_model
+from compilepass.core.models import add_lora, build_model
 
 
 def make_model(name: str, lora: bool = False, seed: int = 0):

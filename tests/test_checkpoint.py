@@ -16,14 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from compilepass.errors import CompilepassError, ConfigError
-from compilepass.standby.checkpoint import (
-    CheckpointError, capture_rng_state, cleanup_partial, find_latest, list_checkpoints, load_checkpoint,
-    restore_rng_state, save_checkpoint,
-)
-from compilepass.standby.data import PromptBatcher, load_dataset
-from compilepass.standby.metrics import MetricsLogger, ProgressBar, peak_memory_gib, read_metrics
-from compilepass.standby.models import add_lora, build_model
+from compilepass.core.errors import CompilepassError, ConfigError
+from compilepass.core.models import add_lora, build_model
+from compilepass.standby.grpo.checkpoint import (CheckpointError, capture_rng_state, cleanup_partial, find_latest,
+                                                 list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint)
+from compilepass.standby.grpo.data import PromptBatcher, load_dataset
+from compilepass.standby.grpo.metrics import MetricsLogger, ProgressBar, peak_memory_gib, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,7 +158,7 @@ def test_stale_temp_dir_is_ignored_and_cleaned(tmp_path):
 
 CHILD = textwrap.dedent("""
     import os, signal, sys, torch
-    from compilepass.standby import checkpoint as c
+    from compilepass.standby.grpo import checkpoint as c
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make_trainer, train_steps
     out, stage = sys.argv[1], sys.argv[2]
@@ -171,8 +169,7 @@ CHILD = textwrap.dedent("""
     def hook(s):
         if s == stage:
             os.kill(os.getpid(), signal.SIGKILL)
-    c._save_hook = hook
-    c.save_checkpoint(out, 2, model=model, optimizer=opt, scheduler=sched, extra={{"tag": "second"}})
+    c.save_checkpoint(out, 2, model=model, optimizer=opt, scheduler=sched, extra={{"tag": "second"}}, on_stage=hook)
     print("not killed")
 """)
 

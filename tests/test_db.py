@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from cli_helpers import assert_one_line_error, run_cli
 
 from compilepass import db
+from compilepass.core.errors import CompilepassError
+from compilepass.core.shapes import PRESETS
+from compilepass.core.workload_spec import WorkloadSpec
 from compilepass.db import (DatabaseError, ModelSignature, NotRecordable, Query, TuneKey, add_entries, bucket_dims,
                             entry_from_tune_result, load_db, lookup, merge_entries)
-from compilepass.standby.models import PRESETS
-from compilepass.workloads import WorkloadSpec
-
-from cli_helpers import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -257,7 +257,7 @@ def test_merge_rule_later_date_wins():
 _CHILD = r"""
 import json, sys, time
 from pathlib import Path
-import compilepass.atomic as atomic
+import compilepass.core.atomic as atomic
 from compilepass.db import add_entries
 path, marker, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 entries = json.loads(Path(sys.argv[4]).read_text())
@@ -449,8 +449,8 @@ def test_cmd_tune_records_into_user_db(tmp_path, monkeypatch):
 
     from rich.console import Console
 
-    from compilepass.cli import _record
-    from compilepass.search import TuneResult
+    from compilepass.cli.tune import _record
+    from compilepass.tuning.search import TuneResult
 
     monkeypatch.setenv("COMPILEPASS_CACHE_DIR", str(tmp_path))
     out = io.StringIO()
@@ -467,6 +467,6 @@ def test_cmd_tune_records_into_user_db(tmp_path, monkeypatch):
     assert len(load_db(tmp_path / "tuning_db.json")["entries"]) == 1 and "not recorded" in out.getvalue()
     # a corrupt user database: one clear error, and the result is kept in the cache dir
     (tmp_path / "tuning_db.json").write_text("{")
-    with pytest.raises(db.CompilepassError, match="corrupt.*saved in"):
+    with pytest.raises(CompilepassError, match="corrupt.*saved in"):
         _record(TuneResult(**make_result(winner=WIN, study="s2")), args, console)
     assert json.loads((tmp_path / "tune-result-s2.json").read_text())["winner"] == WIN

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from compilepass.errors import ConfigError, ModelNotFoundError, StorageError
-from compilepass.standby.decode import Decoder, StaticKVCache, greedy_generate
-from compilepass.standby.models import PRESETS, ModelShape, build_model
 from model_helpers import make_model
+
+from compilepass.core.errors import ConfigError, ModelNotFoundError, StorageError
+from compilepass.core.models import build_model
+from compilepass.core.shapes import PRESETS, ModelShape
+from compilepass.standby.rollout.decode import Decoder, StaticKVCache, greedy_generate
 
 FAMILIES = ["tiny", "tiny-llama", "tiny-qwen2"]  # qwen3 (tied embeddings), llama, qwen2 (qkv bias)
 NEW_TOKENS = 12

@@ -10,9 +10,10 @@ import functools
 
 import pytest
 import torch
-
-from compilepass.standby.engine import RolloutEngine, default_buckets, sample_tokens
 from model_helpers import make_model
+
+from compilepass.standby.rollout.backend import RolloutBackend, SamplingParams, check_generate_args
+from compilepass.standby.rollout.engine import RolloutEngine, default_buckets, sample_tokens
 
 NEW = 10
 PROMPT_LENGTHS = [5, 9, 2]
@@ -241,6 +242,22 @@ def test_bad_requests_raise():
     assert default_buckets(32) == [2, 4, 8, 16, 32]
 
 
+def test_sampling_params_validate():
+    assert SamplingParams(4, eos_token_id=[7, 3], stop_token_ids=[3, 9]).validate(max_len=8) == [3, 7, 9]
+    assert SamplingParams(8, temperature=0, top_k=5, top_p=1.0, eos_token_id=2).validate(max_len=8) == [2]
+    for kwargs, reason in (({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
+                           ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+                           ({"max_new_tokens": 9}, "max_len"), ({"temperature": -0.5}, "temperature")):
+        with pytest.raises(ValueError, match=reason):
+            SamplingParams(**{"max_new_tokens": 4, **kwargs}).validate(max_len=8)
+    with pytest.raises(ValueError, match="top_k"):  # check_generate_args checks the same fields
+        check_generate_args([[1, 2]], 4, -1, 1.0, max_len=8, vocab_size=16)
+    with pytest.raises(Exception):  # frozen
+        SamplingParams(4).top_k = 2
+    _, engine = shared()
+    assert isinstance(engine, RolloutBackend)
+
+
 @pytest.mark.parametrize("scope,fused", [("step", False), ("layer", False), ("layer", True)],
                          ids=["step", "layer", "layer-fused"])
 @pytest.mark.parametrize("graph_sampling", [False, True], ids=["host-sampling", "graph-sampling"])
@@ -251,9 +268,7 @@ def test_compiled_decode_matches_eager(monkeypatch, request, dynamic, graph_samp
     Inductor."""
     import torch._dynamo.utils
 
-    from compilepass.standby import engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "_COMPILE_BACKEND", "eager")
     model, eager = shared("tiny")
     torch._dynamo.reset()  # dynamo's cache for decode_step is per code object: start (and end) clean
     request.addfinalizer(torch._dynamo.reset)
@@ -261,7 +276,7 @@ def test_compiled_decode_matches_eager(monkeypatch, request, dynamic, graph_samp
     if fused:
         model = make_model("tiny", lora=True)  # a model of its own: fusing re-points its parameters
         eager = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False)
-    compiled = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, dynamic_batch=dynamic,
+    compiled = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, compile_backend="eager", dynamic_batch=dynamic,
                              graph_sampling=graph_sampling, compile_scope=scope, fused_projections=fused)
     assert compiled.buckets == [2, 4] and compiled._warm == {2, 4}
     assert compiled.dynamic_batch == dynamic
@@ -425,10 +440,8 @@ def test_compiled_engine_ignores_the_trainers_embedding_hook(monkeypatch, reques
     ``requires_grad_`` call; the fullgraph-compiled decode step must not trace through it."""
     import torch._dynamo
 
-    from compilepass.standby import engine as engine_mod
-    from compilepass.standby.grpo import enable_checkpointing
+    from compilepass.standby.training.checkpointing import enable_checkpointing
 
-    monkeypatch.setattr(engine_mod, "_COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     request.addfinalizer(torch._dynamo.reset)
     model = make_model("tiny", lora=True)
@@ -437,19 +450,20 @@ def test_compiled_engine_ignores_the_trainers_embedding_hook(monkeypatch, reques
     enable_checkpointing(model.get_base_model())
     calls = []
     model.get_base_model().model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
-    compiled = RolloutEngine(model, max_batch=2, max_len=32, compile_options={})
+    compiled = RolloutEngine(model, max_batch=2, max_len=32, compile_options={}, compile_backend="eager")
     assert torch.equal(compiled.generate(prompts()[:2], max_new_tokens=4, temperature=0).completion_ids, ref)
     # torch 2.11's dynamo refuses the hook's requires_grad_() (newer ones trace it): never run the hooks
     assert calls == []
 
 
 def test_default_compile_options_come_from_the_tuning_database(monkeypatch, tmp_path):
-    """Without compile_options the engine compiles with what compilepass.select returns for this model:
+    """Without compile_options the engine compiles with what compilepass.selection returns for this model:
     here a user-database winner recorded for this very environment and model; COMPILEPASS_AUTOTUNE=0
     gives torch's defaults."""
-    from compilepass.db import add_entries, entry_from_tune_result
-    from compilepass.env import current_environment
     from test_db import make_result
+
+    from compilepass.core.env import current_environment
+    from compilepass.db import add_entries, entry_from_tune_result
 
     monkeypatch.setenv("COMPILEPASS_CACHE_DIR", str(tmp_path))
     env = current_environment().to_dict()

@@ -1,7 +1,7 @@
 import pytest
 
-from compilepass.env import EnvironmentKey
-from compilepass.errors import UnknownFlagError
+from compilepass.core.env import EnvironmentKey
+from compilepass.core.errors import UnknownFlagError
 from compilepass.flags import KNOWN_BAD, REGISTRY, FlagGate, FlagSpace, inductor_options, parse_flag_assignments
 
 

@@ -8,16 +8,19 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from faults import oom_in, oom_over_rows
 
 from compilepass import cli
-from compilepass.standby.grpo import GRPOTrainer, TrainingOutOfMemoryError, group_advantages, run_grpo, step_seed
-from compilepass.standby.grpo_config import default_config, load_config
-from compilepass.standby.metrics import read_metrics
+from compilepass.standby.grpo.config import default_config, load_config
+from compilepass.standby.grpo.metrics import read_metrics
+from compilepass.standby.grpo.trainer import GRPOTrainer, TrainingOutOfMemoryError, run_grpo, step_seed
+from compilepass.standby.training.loss import group_advantages
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("reward", "reward_std", "rewards/repeat_letter", "loss", "kl", "zero_std_groups", "completion_len",
@@ -31,7 +34,6 @@ def _config(tmp_path, *overrides, name="run"):
 def _env(**extra):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env.pop("COMPILEPASS_SIMULATE_OOM", None)
     env.update(extra)
     return env
 
@@ -95,7 +97,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    from compilepass.standby.checkpoint import find_latest
+    from compilepass.standby.grpo.checkpoint import find_latest
 
     k = int(find_latest(killed).name.split("-")[1])
     assert 3 <= k < steps, k
@@ -120,7 +122,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 
 
 def test_reward_error_names_sample_and_saves_state(tmp_path):
-    from compilepass.standby.data import PromptBatcher, load_dataset
+    from compilepass.standby.grpo.data import PromptBatcher, load_dataset
 
     cfg = default_config("tiny")
     batch = PromptBatcher(load_dataset(cfg.data.dataset, seed=cfg.data.seed, builtin_size=cfg.data.builtin_size),
@@ -176,7 +178,7 @@ def test_config_file_error_one_line(tmp_path, capsys):
 def test_resume_refuses_changed_config(tmp_path):
     run_grpo(_config(tmp_path, "run.max_steps=1", "data.prompts_per_step=2", "generation.num_generations=2"),
              progress=False)
-    from compilepass.errors import ConfigError
+    from compilepass.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="optim.lr"):
         GRPOTrainer(_config(tmp_path, "run.max_steps=2", "data.prompts_per_step=2", "generation.num_generations=2",
@@ -186,12 +188,11 @@ def test_resume_refuses_changed_config(tmp_path):
 # ------------------------------------------------------------------------------------ (e) OOM
 
 
-def test_oom_in_training_saves_state_and_explains(tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPILEPASS_SIMULATE_OOM", "train:2")
+def test_oom_in_training_saves_state_and_explains(tmp_path):
     cfg = _config(tmp_path, "run.max_steps=3", "run.save_every=0", "data.prompts_per_step=2",
                   "generation.num_generations=2")
     with pytest.raises(TrainingOutOfMemoryError) as ei:
-        run_grpo(cfg, progress=False)
+        run_grpo(cfg, progress=False, faults=oom_in("train", 2))
     msg = str(ei.value)
     assert "training at step 2" in msg and "1.50 GiB" in msg and "peak" in msg
     assert "max_completion_len" in msg and "prompts_per_step" in msg and "gradient_checkpointing" in msg
@@ -199,13 +200,13 @@ def test_oom_in_training_saves_state_and_explains(tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
-def _one_step(tmp_path, name, *overrides):
+def _one_step(tmp_path, name, *overrides, faults=None):
     trainer = GRPOTrainer(_config(tmp_path, "run.max_steps=1", "data.prompts_per_step=2", "generation.num_generations=4",
-                                  "optim.lr=0.01", *overrides, name=name), progress=False)
+                                  "optim.lr=0.01", *overrides, name=name), progress=False, faults=faults)
     try:
         rec = trainer.train_step(1)
         lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-        return rec, lora, trainer._fit_tokens
+        return rec, lora, trainer.micro_batch.fit_tokens
     finally:
         trainer.close()
 
@@ -223,15 +224,14 @@ def test_micro_batches_equal_the_whole_batch(tmp_path, loss_type):
         torch.testing.assert_close(m_lora[n], w_lora[n], atol=5e-4, rtol=1e-3)
 
 
-def test_automatic_micro_batch_halves_on_oom(tmp_path, monkeypatch, caplog):
+def test_automatic_micro_batch_halves_on_oom(tmp_path, caplog):
     """optim.micro_batch_size=0: a training forward that runs out of memory is retried with half
     the sequences (8 -> 4 -> 2 here) and the step's result is the whole batch's; a fixed size that
     does not fit is the usual out-of-memory error."""
     whole, w_lora, fit = _one_step(tmp_path, "whole", "loss.beta=0.05")
     assert fit is None
-    monkeypatch.setenv("COMPILEPASS_SIMULATE_OOM", "rows>2")
-    with caplog.at_level("WARNING", logger="compilepass.standby.grpo"):
-        auto, a_lora, fit = _one_step(tmp_path, "auto", "loss.beta=0.05")
+    with caplog.at_level("WARNING", logger="compilepass.standby.training.micro_batch"):
+        auto, a_lora, fit = _one_step(tmp_path, "auto", "loss.beta=0.05", faults=oom_over_rows(2))
     retries = [r.getMessage() for r in caplog.records if "retrying with" in r.getMessage()]
     assert len(retries) == 2 and "with 8 sequences" in retries[0] and "retrying with 2" in retries[1], retries
     assert fit is not None and fit // 2 >= 1
@@ -240,15 +240,13 @@ def test_automatic_micro_batch_halves_on_oom(tmp_path, monkeypatch, caplog):
     for n in w_lora:
         torch.testing.assert_close(a_lora[n], w_lora[n], atol=5e-4, rtol=1e-3)
     with pytest.raises(TrainingOutOfMemoryError, match="out of memory during training at step 1") as ei:
-        _one_step(tmp_path, "fixed", "loss.beta=0.05", "optim.micro_batch_size=4")
+        _one_step(tmp_path, "fixed", "loss.beta=0.05", "optim.micro_batch_size=4", faults=oom_over_rows(2))
     assert "4 sequence(s) per forward" in str(ei.value) and "lower optim.micro_batch_size (now 4" in str(ei.value)
     # without beta the training forward itself halves (above, the reference pass halved first)
-    monkeypatch.delenv("COMPILEPASS_SIMULATE_OOM")
     plain, p_lora, _ = _one_step(tmp_path, "plain-whole")
-    monkeypatch.setenv("COMPILEPASS_SIMULATE_OOM", "rows>2")
     caplog.clear()
-    with caplog.at_level("WARNING", logger="compilepass.standby.grpo"):
-        train_auto, t_lora, _ = _one_step(tmp_path, "plain-auto")
+    with caplog.at_level("WARNING", logger="compilepass.standby.training.micro_batch"):
+        train_auto, t_lora, _ = _one_step(tmp_path, "plain-auto", faults=oom_over_rows(2))
     retries = [r.getMessage() for r in caplog.records if "retrying with" in r.getMessage()]
     assert len(retries) == 2 and all(m.startswith("training:") for m in retries), retries
     assert train_auto["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
@@ -256,31 +254,42 @@ def test_automatic_micro_batch_halves_on_oom(tmp_path, monkeypatch, caplog):
         torch.testing.assert_close(t_lora[n], p_lora[n], atol=5e-4, rtol=1e-3)
     # the learned size is checkpointed: a resumed run splits its batches as the uninterrupted one
     cfg = _config(tmp_path, "run.max_steps=1", "data.prompts_per_step=2", "generation.num_generations=4", name="ck")
-    first = GRPOTrainer(cfg, progress=False)
+    first = GRPOTrainer(cfg, progress=False, faults=oom_over_rows(2))
     try:
         first.train()
-        learned = first._fit_tokens
+        learned = first.micro_batch.fit_tokens
     finally:
         first.close()
-    monkeypatch.delenv("COMPILEPASS_SIMULATE_OOM")
     resumed = GRPOTrainer(_config(tmp_path, "run.max_steps=2", "data.prompts_per_step=2",
                                   "generation.num_generations=4", name="ck"), progress=False)
     try:
-        assert learned is not None and resumed.step == 1 and resumed._fit_tokens == learned
-        assert resumed._micro_batch_size(8, learned // 2) == 2
+        assert learned is not None and resumed.step == 1 and resumed.micro_batch.fit_tokens == learned
+        assert resumed.micro_batch.size(8, learned // 2) == 2
     finally:
         resumed.close()
-    monkeypatch.setenv("COMPILEPASS_SIMULATE_OOM", "rows>0")  # not even one sequence fits: the usual error
+    # not even one sequence fits: the usual error
     with pytest.raises(TrainingOutOfMemoryError, match="1 sequence\\(s\\) per forward"):
-        _one_step(tmp_path, "one", "loss.beta=0.05")
+        _one_step(tmp_path, "one", "loss.beta=0.05", faults=oom_over_rows(0))
+
+
+# The CLI in a child process whose trainer gets an out-of-memory at the start of generation.
+OOM_CHILD = textwrap.dedent("""
+    import functools, sys
+    sys.path.insert(0, {tests!r})
+    from faults import oom_in
+    from compilepass.cli import main
+    from compilepass.standby.grpo.trainer import GRPOTrainer
+    GRPOTrainer.__init__ = functools.partialmethod(GRPOTrainer.__init__, faults=oom_in("generate"))
+    sys.exit(main(sys.argv[1:]))
+""")
 
 
 def test_oom_in_generation_cli_one_line(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run(_cli(["grpo", "--preset", "tiny", "--no-progress", f"run.output_dir={out}", "run.max_steps=2",
-                             "data.prompts_per_step=2", "generation.num_generations=2"]),
-                       env=_env(COMPILEPASS_SIMULATE_OOM="generate"), capture_output=True, text=True, cwd=tmp_path,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", OOM_CHILD.format(tests=str(REPO / "tests")), "grpo", "--preset", "tiny",
+                        "--no-progress", f"run.output_dir={out}", "run.max_steps=2", "data.prompts_per_step=2",
+                        "generation.num_generations=2"],
+                       env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("compilepass: error:")]
     assert len(lines) == 1 and "out of memory during generation at step 1" in lines[0], r.stderr
@@ -292,7 +301,7 @@ def test_oom_in_generation_cli_one_line(tmp_path):
 
 
 def test_bench_context_cpu_smoke(tmp_path, capsys):
-    from compilepass.standby.bench_context import max_context
+    from compilepass.standby.bench.context import max_context
 
     res = max_context("tiny", allow_cpu=True, min_len=4, max_len=8, lora_rank=4)
     assert res.max_completion_len == 8
@@ -350,7 +359,7 @@ def test_policy_logprobs_match_engine(tmp_path):
     trainer = GRPOTrainer(_config(tmp_path, "run.max_steps=1", "data.prompts_per_step=2",
                                   "generation.num_generations=2", "generation.temperature=0.7"))
     try:
-        from compilepass.standby.grpo import policy_logprobs
+        from compilepass.standby.training.logprobs import policy_logprobs
 
         prompts = [[72, 105, 33], [65, 66, 67, 68, 69]]
         trainer.engine.wake()
@@ -371,9 +380,9 @@ def test_policy_logprobs_match_engine(tmp_path):
 def test_kv_batch_plan_fits_the_budget_or_says_why():
     """The KV cache is sized from gpu_memory_utilization: all sequences when they fit, else as many
     as fit (the engine generates in chunks), else one clear error naming the need and the budget."""
-    from compilepass.standby.grpo import KVMemoryError, plan_kv_batch
+    from compilepass.core.shapes import PRESETS
     from compilepass.standby.memory import required_bytes
-    from compilepass.standby.models import PRESETS
+    from compilepass.standby.rollout.kv_plan import KVMemoryError, plan_kv_batch
 
     shape = PRESETS["qwen3-0.6b"]
 

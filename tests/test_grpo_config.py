@@ -6,10 +6,8 @@ import json
 
 import pytest
 
-from compilepass.errors import ConfigError
-from compilepass.standby.grpo_config import (
-    GRPOConfig, RewardSpec, apply_overrides, default_config, load_config,
-)
+from compilepass.core.errors import ConfigError
+from compilepass.standby.grpo.config import GRPOConfig, RewardSpec, apply_overrides, default_config, load_config
 
 YAML = """\
 model:
@@ -230,7 +228,7 @@ def test_optimizer_and_scheduler_builders():
 def test_reinit_preset_weights():
     import torch
 
-    from compilepass.standby.models import build_model
+    from compilepass.core.models import build_model
 
     c = default_config("tiny")
     assert c.model.init_std == 0.15

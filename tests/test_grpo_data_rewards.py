@@ -10,14 +10,12 @@ import textwrap
 import pytest
 import torch
 
-from compilepass.errors import CompilepassError, ConfigError
-from compilepass.standby.data import (
-    BUILTIN_TASKS, DatasetError, Example, PromptBatcher, PromptDataset, ToyTokenizer, load_dataset, load_tokenizer,
-)
-from compilepass.standby.rewards import (
-    RewardError, RewardSet, copy_similarity, exact_match, extract_answer, format_answer_tag, format_think_answer,
-    normalize_answer, repeat_letter, resolve_reward,
-)
+from compilepass.core.errors import CompilepassError, ConfigError
+from compilepass.standby.grpo.data import (BUILTIN_TASKS, DatasetError, Example, PromptBatcher, PromptDataset,
+                                           ToyTokenizer, load_dataset, load_tokenizer)
+from compilepass.standby.grpo.rewards import (RewardError, RewardSet, copy_similarity, exact_match, extract_answer,
+                                              format_answer_tag, format_think_answer, normalize_answer, repeat_letter,
+                                              resolve_reward)
 
 # ---------------------------------------------------------------------------------------- data
 

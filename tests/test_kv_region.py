@@ -8,21 +8,11 @@ import gc
 import pytest
 import torch
 
-from compilepass.errors import CompilepassError
-from compilepass.standby.memory import (
-    CPU_GRANULARITY,
-    CudaDriverError,
-    KVRegion,
-    RegionClosedError,
-    RegionLayoutError,
-    StandbyError,
-    StandbyMemoryError,
-    TensorSpec,
-    _DriverVMM,
-    free_device_memory,
-    plan_layout,
-    required_bytes,
-)
+from compilepass.core.errors import CompilepassError
+from compilepass.standby.memory import (CPU_GRANULARITY, CudaDriverError, KVRegion, RegionClosedError,
+                                        RegionLayoutError, StandbyError, StandbyMemoryError, TensorSpec,
+                                        free_device_memory, plan_layout, required_bytes)
+from compilepass.standby.memory.driver import _DriverVMM
 
 MiB = 1 << 20
 CUDA = torch.cuda.is_available()

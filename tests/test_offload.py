@@ -4,7 +4,7 @@ touches parameters, and works with a reentrant-checkpointed Hugging Face model u
 import pytest
 import torch
 
-from compilepass.standby.offload import ActivationOffload
+from compilepass.standby.training.offload import ActivationOffload
 
 
 def _grads(model):
@@ -60,8 +60,9 @@ def test_inactive_without_cuda_unless_forced():
 def test_reentrant_checkpointed_peft_model_with_offload_matches():
     """policy_logprobs through a LoRA model with reentrant checkpointing: the checkpointed layers'
     inputs go through the hooks, and the LoRA gradients equal those without offload."""
-    from compilepass.standby.grpo import enable_checkpointing, policy_logprobs
-    from compilepass.standby.models import add_lora, build_model
+    from compilepass.core.models import add_lora, build_model
+    from compilepass.standby.training.checkpointing import enable_checkpointing
+    from compilepass.standby.training.logprobs import policy_logprobs
 
     model = add_lora(build_model("tiny-llama", dtype=torch.float32), rank=4, alpha=8, init_random=True)
     causal_lm = model.get_base_model()

@@ -8,13 +8,13 @@ import logging
 import os
 
 import torch
-
-import compilepass
-from compilepass.db import add_entries, entry_from_tune_result
-from compilepass.env import EnvironmentKey, current_environment
 from test_db import H100, make_result
 
-selmod = importlib.import_module("compilepass.select")  # the package attribute `select` is the function
+import compilepass
+from compilepass.core.env import EnvironmentKey, current_environment
+from compilepass.db import add_entries, entry_from_tune_result
+
+selmod = importlib.import_module("compilepass.selection")  # the package attribute `select` is the function
 
 WIN = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
@@ -29,11 +29,11 @@ def entries_for(**kw):
 
 def test_select_exact_entry_and_one_log_line(caplog):
     entries = entries_for(winner=WIN)
-    with caplog.at_level(logging.INFO, logger="compilepass.select"):
+    with caplog.at_level(logging.INFO, logger="compilepass.selection"):
         sel = compilepass.select("qwen3-0.6b", "rollout", batch=32, prompt_len=128, new_tokens=256,
                                  env=h100_env(), entries=entries)
     assert sel.flags == WIN and sel.match_level == 1 and sel.entry_id == entries[0]["id"] and sel.dropped == {}
-    lines = [r for r in caplog.records if r.name == "compilepass.select"]
+    lines = [r for r in caplog.records if r.name == "compilepass.selection"]
     assert len(lines) == 1 and lines[0].levelno == logging.INFO
     assert entries[0]["id"] in lines[0].getMessage() and "exact" in lines[0].getMessage()
 
@@ -57,13 +57,13 @@ def test_explicit_options_override(caplog):
 def test_autotune_off(monkeypatch, caplog):
     monkeypatch.setenv("COMPILEPASS_AUTOTUNE", "0")
     entries = entries_for(winner=WIN)
-    with caplog.at_level(logging.INFO, logger="compilepass.select"):
+    with caplog.at_level(logging.INFO, logger="compilepass.selection"):
         sel = compilepass.select("qwen3-0.6b", batch=32, env=h100_env(), entries=entries)
         assert sel.flags == {} and sel.match_level is None and "COMPILEPASS_AUTOTUNE=0" in sel.reason
         sel = compilepass.select("qwen3-0.6b", batch=32, env=h100_env(), entries=entries,
                                  options={"max_autotune": True})
     assert sel.flags == {"max_autotune": True}
-    assert len([r for r in caplog.records if r.name == "compilepass.select"]) == 2
+    assert len([r for r in caplog.records if r.name == "compilepass.selection"]) == 2
 
 
 def test_unsafe_flags_filtered_per_version():
@@ -98,7 +98,7 @@ def test_flags_the_running_torch_lacks_are_dropped():
 
 
 def test_hf_model_on_cpu_uses_a_cpu_key():
-    from compilepass.standby.models import build_model
+    from compilepass.core.models import build_model
 
     model = build_model("tiny", dtype=torch.float32)
     cpu_env = dict(H100, device_name="cpu:test", compute_capability=None, cuda=None)
@@ -107,16 +107,17 @@ def test_hf_model_on_cpu_uses_a_cpu_key():
     # the running machine has a GPU, but the model sits on the CPU: the CPU entry applies (same arch "cpu")
     sel = compilepass.select(model, batch=4, env=h100_env(), entries=e)
     assert sel.flags == {"epilogue_fusion": False} and sel.match_level in (2, 4)
-    from compilepass.standby.models import add_lora
+    from compilepass.core.models import add_lora
 
     sel = compilepass.select(add_lora(model, rank=2), batch=4, env=h100_env(), entries=e)
     assert sel.flags == {"epilogue_fusion": False}
 
 
 def test_decoder_selects_only_without_explicit_options(monkeypatch):
-    from compilepass.standby.decode import Decoder, StaticKVCache
-    from compilepass.standby.models import ModelShape, build_model
-    from compilepass.workloads import RolloutWorkload, WorkloadSpec
+    from compilepass.core.models import build_model
+    from compilepass.core.shapes import ModelShape
+    from compilepass.standby.rollout.decode import Decoder, StaticKVCache
+    from compilepass.tuning.workloads import RolloutWorkload, WorkloadSpec
 
     calls = []
 

@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from compilepass.search import decide
-from compilepass.stats import paired_ratio_ci, summarize
-from compilepass.verify import CandidateVerdict, VerifyResult
+from compilepass.tuning.search import decide
+from compilepass.tuning.stats import paired_ratio_ci, summarize
+from compilepass.tuning.verify import CandidateVerdict, VerifyResult
 
 
 def test_summary():

@@ -4,10 +4,11 @@ plain model, through peft LoRA layers and gradient checkpointing (reentrant and 
 import pytest
 import torch
 
-from compilepass.standby.grpo import enable_checkpointing, policy_logprobs
-from compilepass.standby.models import add_lora, build_model
-from compilepass.standby.train_memory import (lora_mixed_precision, lora_needs_mixed_precision, tile_mlp,
-                                               untile_mlp)
+from compilepass.core.models import add_lora, build_model
+from compilepass.standby.training.checkpointing import enable_checkpointing
+from compilepass.standby.training.logprobs import policy_logprobs
+from compilepass.standby.training.train_memory import (lora_mixed_precision, lora_needs_mixed_precision, tile_mlp,
+                                                       untile_mlp)
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
 IDS = torch.tensor([[14, 15, 16, 17, 18, 19, 20], [21, 22, 23, 24, 25, 26, 27]])
@@ -73,7 +74,7 @@ def test_lora_mixed_precision_bf16_model():
 
 
 def test_engine_generation_unchanged_by_tiling():
-    from compilepass.standby.engine import RolloutEngine
+    from compilepass.standby.rollout.engine import RolloutEngine
 
     model = _model()
     engine = RolloutEngine(model, max_batch=2, max_len=24, compile_options=False)
@@ -106,15 +107,13 @@ def test_compiled_engine_traces_through_tiled_mlp(monkeypatch, request, fused):
     must trace through the tiled forward (decode steps are below the chunk size)."""
     import torch._dynamo
 
-    from compilepass.standby import engine as engine_mod
-    from compilepass.standby.engine import RolloutEngine
+    from compilepass.standby.rollout.engine import RolloutEngine
 
-    monkeypatch.setattr(engine_mod, "_COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     request.addfinalizer(torch._dynamo.reset)
     model = _model()
     ref = RolloutEngine(model, max_batch=2, max_len=24, compile_options=False, fused_projections=fused)
     want = ref.generate(PROMPTS, max_new_tokens=5, temperature=0).completion_ids
     tile_mlp(model, chunk_tokens=4)
-    compiled = RolloutEngine(model, max_batch=2, max_len=24, compile_options={}, fused_projections=fused)
+    compiled = RolloutEngine(model, max_batch=2, max_len=24, compile_options={}, compile_backend="eager", fused_projections=fused)
     assert torch.equal(compiled.generate(PROMPTS, max_new_tokens=5, temperature=0).completion_ids, want)

@@ -15,13 +15,13 @@ import time
 import optuna
 import pytest
 
-from compilepass.env import current_environment
-from compilepass.flags import FlagSpec, FlagSpace, inductor_options
-from compilepass.search import TuneConfig, create_or_load_study, encode_choice, measured_trials, run_search, trial_rows
-from compilepass.trial import TrialSpec, cache_was_cold, run_trial
-from compilepass.verify import VerifySpec, verify
-from compilepass.search import decide
-from compilepass.workloads import WorkloadSpec
+from compilepass.core.env import current_environment
+from compilepass.core.workload_spec import WorkloadSpec
+from compilepass.flags import FlagSpace, FlagSpec, inductor_options
+from compilepass.tuning.search import (TuneConfig, create_or_load_study, decide, encode_choice, measured_trials,
+                                       run_search, trial_rows)
+from compilepass.tuning.trial import TrialSpec, cache_was_cold, run_trial
+from compilepass.tuning.verify import VerifySpec, verify
 
 MLP = WorkloadSpec(kind="mlp", model="-", batch=8, device="cpu")
 

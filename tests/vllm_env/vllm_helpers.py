@@ -9,7 +9,7 @@ VOCAB = 320  # 256 byte tokens + <eos> + <pad>, padded
 
 
 def tiny_shape():
-    from compilepass.standby.models import ModelShape
+    from compilepass.core.shapes import ModelShape
 
     return ModelShape(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=128,
                       vocab_size=VOCAB, family="qwen3", tie_word_embeddings=True, max_position_embeddings=512)

@@ -1,0 +1,45 @@
+"""``compilepass`` command line: a thin layer over the Python API.
+
+User errors end with one line on stderr and exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from compilepass.cli import db_commands, grpo, info, tune
+from compilepass.core.errors import CompilepassError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compilepass", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tune.add_tune(sub)
+    info.add_info(sub)
+    db_commands.add_db(sub)
+    grpo.add_grpo(sub)
+    grpo.add_bench(sub)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except CompilepassError as exc:
+        print(f"compilepass: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("compilepass: interrupted; completed trials are kept in the study and resume on the next run",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""``compilepass tune``: search Inductor options for a model and workload, verify, record."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from compilepass.core.atomic import write_json_atomic
+from compilepass.core.errors import CompilepassError
+from compilepass.core.paths import cache_dir
+from compilepass.core.shapes import resolve_model_source
+from compilepass.core.workload_spec import WorkloadSpec
+from compilepass.db import NotRecordable, record_tune_result, user_db_path
+from compilepass.tuning.search import TuneConfig, Tuner, measured_trials
+
+
+def add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="search Inductor options for a model and workload, verify the winner")
+    p.add_argument("--model", required=True, help="a preset name (tiny, qwen3-0.6b, ...) or a local Hugging Face directory")
+    p.add_argument("--workload", default="rollout", choices=["rollout", "train", "mlp"])
+    p.add_argument("--engine", default="native", choices=["native", "vllm"],
+                   help="rollout: measure the native decoder or vLLM's generation (engine start incl. torch.compile)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per batch (rollout default 8 on CPU, 32 on CUDA)")
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None, help="train: tokens per sequence")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--trials", type=int, default=12, help="measured trials in the study, the defaults included")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for this run's search phase")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the user cache dir)")
+    p.add_argument("--study-name", default=None)
+    p.add_argument("--policy", default="balanced", choices=["balanced", "throughput"],
+                   help="balanced: best verified throughput with compile time <= --max-compile-ratio x defaults")
+    p.add_argument("--max-compile-ratio", type=float, default=1.2)
+    p.add_argument("--flags", nargs="+", default=None, help="search only these flags")
+    p.add_argument("--exclude-flags", nargs="+", default=[], help="leave these flags out of the search")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per trial")
+    p.add_argument("--verify-rounds", type=int, default=12)
+    p.add_argument("--verify-candidates", type=int, default=3)
+    p.add_argument("--trial-timeout", type=float, default=600.0, help="seconds before a trial is killed")
+    p.add_argument("--no-verify", action="store_true", help="skip the side-by-side round (no winner is declared)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the full result as JSON here")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not record the result in the user tuning database (<cache dir>/tuning_db.json)")
+    p.set_defaults(func=cmd_tune)
+
+
+def _workload_from_args(args):
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and _cuda_available())
+    spec = WorkloadSpec(kind=args.workload, model=args.model, dtype=args.dtype, device=args.device,
+                        lora_rank=args.lora_rank, seed=args.seed, engine=args.engine)
+    spec.batch = args.batch or (32 if cuda else 8)
+    spec.prompt_len = args.prompt_len or (128 if cuda else 16)
+    spec.new_tokens = args.new_tokens or (256 if cuda else 16)
+    spec.seq_len = args.seq_len or (1024 if cuda else 64)
+    if args.workload != "mlp":
+        resolve_model_source(args.model)  # fail here, in one line, before any study is created
+    return spec
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_tune(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+    console = Console(stderr=True)
+    workload = _workload_from_args(args)
+    config = TuneConfig(
+        workload=workload, trials=args.trials, time_budget_s=args.time_budget, storage=args.storage,
+        study_name=args.study_name, policy=args.policy, max_compile_ratio=args.max_compile_ratio,
+        verify_candidates=args.verify_candidates, verify_rounds=args.verify_rounds,
+        repeats=args.repeats or (10 if workload.resolved_device().startswith("cuda") else 5),
+        trial_timeout_s=args.trial_timeout, include_flags=args.flags, exclude_flags=args.exclude_flags,
+        seed=args.seed, verify=not args.no_verify,
+    )
+    tuner = Tuner(config)  # every user error surfaces here, before the progress bar
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console) as progress:
+        task = progress.add_task("trials", total=config.trials, last="")
+
+        def on_phase(phase, obj):
+            if phase == "search":
+                done = len(measured_trials(obj))
+                progress.update(task, completed=min(done, config.trials),
+                                last=f"study {obj.study_name} ({done} measured already)" if done else "")
+            elif phase == "verify":
+                progress.update(task, description="verifying", last=f"{len(obj)} candidates vs defaults, interleaved")
+
+        def on_trial(number, flags, result):
+            if result is None:
+                progress.update(task, last=f"#{number} duplicate, not measured")
+                return
+            progress.advance(task)
+            what = (f"{result.throughput:,.0f} tok/s, compile {result.compile_s:.1f}s" if result.ok
+                    else result.status)
+            progress.update(task, last=f"#{number} {what}")
+
+        result = tuner.run(on_trial=on_trial, on_phase=on_phase)
+    print_tune_table(result)
+    if args.out:
+        write_json_atomic(args.out, result.to_dict())
+        console.print(f"result written to {args.out}")
+    if not args.no_record:
+        _record(result, args, console)
+    return 0
+
+
+def _record(result, args, console) -> None:
+    """Record into the user database; a result that must not be recorded is said so, not an error."""
+    if args.no_verify:
+        console.print("not recorded in the tuning database: --no-verify declares no winner")
+        return
+    try:
+        entry = record_tune_result(result, policy=args.policy, engine=getattr(args, "engine", "native"))
+    except NotRecordable as exc:
+        console.print(str(exc))
+        return
+    except CompilepassError as exc:
+        saved = cache_dir() / f"tune-result-{result.study_name}.json"
+        write_json_atomic(saved, result.to_dict())
+        raise CompilepassError(f"{exc}; the result is saved in {saved} (add it later with "
+                               f"`compilepass db import-result {saved}`)") from None
+    console.print(f"recorded as entry {entry['id']} ({entry['verdict']}) in {user_db_path()}")
+
+
+def print_tune_table(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    defaults = result.defaults
+    verified = {json.dumps(c["flags"], sort_keys=True): c for c in result.candidates}
+    table = Table(title=f"compilepass tune: {result.study_name}")
+    for col in ("#", "flags (vs torch defaults)", "status", "compile s", "tok/s", "trial ratio", "verified ratio (95% CI)"):
+        table.add_column(col, overflow="fold")
+    for row in result.trials:
+        if not row["measured"]:
+            continue
+        flags = ", ".join(f"{k}={v}" for k, v in row["flags"].items()) or "(torch defaults)"
+        ratio = ""
+        if defaults and row["throughput"]:
+            ratio = f"{row['throughput'] / defaults['throughput']:.3f}"
+        ver = verified.get(json.dumps(row["flags"], sort_keys=True), {}).get("verified_ratio")
+        vtxt = f"{ver['ratio']:.3f} ({ver['low']:.3f}-{ver['high']:.3f})" if ver else ""
+        table.add_row(str(row["number"]), flags, row["status"],
+                      f"{row['compile_s']:.1f}" if row["compile_s"] else "",
+                      f"{row['throughput']:,.0f}" if row["throughput"] else "", ratio, vtxt)
+    console.print(table)
+    console.print(f"[bold]{result.decision}[/bold]")
+    if result.winner:
+        console.print("flags: " + json.dumps(result.winner, sort_keys=True))

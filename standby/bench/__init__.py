@@ -1,0 +1,1 @@
+"""Benchmarks that are also commands: ``compilepass bench context`` (:mod:`~compilepass.standby.bench.context`)."""

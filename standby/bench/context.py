@@ -1,0 +1,264 @@
+"""``compilepass bench context``: the longest completion one GRPO step fits on this device.
+
+:func:`max_context` searches the completion length L per generation (doubling from ``min_len``,
+then bisection between the last length that fit and the first that did not, down to
+``resolution`` tokens) for which one full GRPO step completes: generate ``generations``
+completions of exactly L tokens (no EOS stop) for one prompt, then one training step (policy
+log-probs through the model body + chunked log-softmax, GRPO loss, backward, AdamW step on the
+LoRA adapter; gradient checkpointing on). A step "fits" when it raises no out-of-memory error.
+
+``standby=True``: the engine's KV region sleeps during training (its memory goes to the
+trainer); ``standby=False``: the KV region stays mapped during training (what a trainer without
+standby memory pays).
+
+``generate_tokens=K`` (default None: all L): decode only the first K tokens for real — with the
+KV region already sized and mapped for all L, so generation's memory peak is the same — and fill
+the rest of each completion with random token ids before the training step on all L tokens
+(training memory does not depend on the token values). A decode step of a 32B model costs about
+20 ms on an H100, so a full search with real L-token generations takes hours; each trial records
+``generated_tokens``. ``offload_activations=True``: reentrant checkpointing with the checkpointed
+activations offloaded to pinned CPU memory (:mod:`compilepass.standby.training.offload`).
+``mlp_chunk_tokens`` (default 4096; 0 = off): the MLPs run over that many tokens at a time while
+training, and LoRA layers compute in the model's dtype (:mod:`compilepass.standby.training.train_memory`).
+
+Peak memory per trial (GiB): on CUDA the torch allocator's peak of each phase plus the KV
+region's bytes while it is mapped (the region is mapped with the CUDA driver, outside the
+allocator, so ``torch.cuda.max_memory_allocated`` does not see it): ``max(gen peak + region,
+train peak + (region if standby off else 0))``. On CPU: the process's peak resident set size.
+
+CPU runs are refused (they measure nothing useful about a GPU) unless ``allow_cpu=True`` (smoke
+tests with tiny lengths).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from compilepass.core.errors import CompilepassError
+from compilepass.core.models import add_lora, build_model
+from compilepass.core.shapes import resolve_model_source
+from compilepass.kernels import grpo_loss
+from compilepass.standby.grpo.metrics import peak_memory_gib
+from compilepass.standby.rollout.engine import RolloutEngine
+from compilepass.standby.training.checkpointing import enable_checkpointing
+from compilepass.standby.training.logprobs import policy_logprobs
+from compilepass.standby.training.loss import group_advantages
+from compilepass.standby.training.offload import ActivationOffload
+from compilepass.standby.training.train_memory import lora_mixed_precision, tile_mlp
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ContextTrial", "ContextBenchResult", "max_context", "run_trial"]
+
+
+@dataclass
+class ContextTrial:
+    completion_len: int
+    ok: bool
+    peak_mem_gib: Optional[float] = None
+    gen_peak_gib: Optional[float] = None
+    train_peak_gib: Optional[float] = None
+    kv_region_gib: float = 0.0
+    step_s: Optional[float] = None
+    generate_s: Optional[float] = None
+    train_s: Optional[float] = None
+    generated_tokens: Optional[int] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class ContextBenchResult:
+    model: str
+    device: str
+    standby: bool
+    generations: int
+    lora_rank: int
+    prompt_len: int
+    generate_tokens: Optional[int]  # None: every trial generated all L tokens
+    offload_activations: bool
+    mlp_chunk_tokens: int  # 0: MLP tiling off
+    max_completion_len: int  # the largest length that fit; 0 when even min_len did not
+    peak_mem_gib: Optional[float]  # of the trial at max_completion_len
+    device_total_gib: Optional[float]
+    trials: list[ContextTrial] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _gib(n: float) -> float:
+    return n / 2**30
+
+
+def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: int = 16, standby: bool = True,
+              compile_options=False, lr: float = 1e-5, seed: int = 0, generate_tokens: Optional[int] = None,
+              offload_activations: bool = False) -> ContextTrial:
+    """One GRPO step at ``completion_len`` on ``model`` (a peft model); out of memory -> ok=False."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    trial = ContextTrial(completion_len=completion_len, ok=False)
+    engine = None
+    optimizer = None
+    t0 = time.perf_counter()
+    try:
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        engine = RolloutEngine(model, max_batch=generations, max_len=prompt_len + completion_len,
+                               compile_options=compile_options, pad_token_id=0)
+        region = engine.region.nbytes if engine.region is not None else engine.cache.nbytes
+        trial.kv_region_gib = _gib(region)
+        vocab = engine.shape.vocab_size
+        gen = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(3, vocab, (prompt_len,), generator=gen).tolist()
+        n_gen = completion_len if generate_tokens is None else max(1, min(int(generate_tokens), completion_len))
+        t_gen = time.perf_counter()
+        out = engine.generate([prompt] * generations, max_new_tokens=n_gen, temperature=1.0,
+                              eos_token_id=None, seed=seed)
+        completion_ids, completion_mask = out.completion_ids, out.completion_mask
+        if n_gen < completion_len:  # see the module docstring: the rest is random ids
+            fill = torch.randint(3, vocab, (generations, completion_len - n_gen), generator=gen).to(device)
+            completion_ids = torch.cat([completion_ids, fill], 1)
+            completion_mask = torch.ones_like(completion_ids)
+        trial.generated_tokens = n_gen
+        if cuda:
+            torch.cuda.synchronize(device)
+        trial.generate_s = time.perf_counter() - t_gen
+        gen_peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+        if standby:
+            engine.sleep()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        rewards = torch.arange(generations, dtype=torch.float32)
+        adv, _ = group_advantages(rewards, generations)
+        t_train = time.perf_counter()
+        offload = contextlib.nullcontext()
+        if offload_activations:
+            offload = ActivationOffload(model.parameters(), device=device)
+        with lora_mixed_precision(model):
+            with offload:
+                logp = policy_logprobs(model, [prompt] * generations, completion_ids, completion_mask, 1.0, 0)
+            loss, _ = grpo_loss(logp, logp.detach(), None, adv.to(device), completion_mask)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        trial.train_s = time.perf_counter() - t_train
+        if cuda:
+            train_peak = torch.cuda.max_memory_allocated(device)
+            trial.gen_peak_gib = _gib(gen_peak + region)
+            trial.train_peak_gib = _gib(train_peak + (0 if standby else region))
+            trial.peak_mem_gib = max(trial.gen_peak_gib, trial.train_peak_gib)
+        else:
+            trial.peak_mem_gib = trial.gen_peak_gib = trial.train_peak_gib = peak_memory_gib()
+        trial.ok = True
+    except torch.OutOfMemoryError as e:
+        trial.error = "out of memory: " + str(e).splitlines()[0][:200]
+    except CompilepassError as e:  # e.g. the KV region cannot be mapped (StandbyError)
+        trial.error = f"{type(e).__name__}: {str(e)[:200]}"
+    finally:
+        trial.step_s = time.perf_counter() - t0
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            # AdamW state must not leak into the next trial's memory (nor its numbers)
+            optimizer.state.clear()
+        for p in model.parameters():
+            p.grad = None
+        if engine is not None:
+            engine.close()
+        del engine, optimizer
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return trial
+
+
+def max_context(model: str = "tiny", *, standby: bool = True, generations: int = 2, lora_rank: int = 32,
+                min_len: int = 256, max_len: int = 65536, resolution: Optional[int] = None, prompt_len: int = 16,
+                dtype: Optional[str] = None, device: Optional[str] = None, allow_cpu: bool = False,
+                compile_options=None, generate_tokens: Optional[int] = None, offload_activations: bool = False,
+                mlp_chunk_tokens: int = 4096, on_trial: Optional[Callable[[ContextTrial], None]] = None) -> ContextBenchResult:
+    """Search the largest completion length (per generation) for which one GRPO step fits.
+
+    Doubling from ``min_len`` while steps fit (capped at ``max_len``), then bisection to
+    ``resolution`` tokens (default ``max(1, min_len // 4)``). ``dtype``: default bfloat16 on
+    CUDA, float32 on CPU. ``compile_options``: the engine's (default: "auto" on CUDA, eager on
+    CPU). Raises CompilepassError on CPU unless ``allow_cpu``.
+    """
+
+    if min_len < 1 or max_len < min_len:
+        raise CompilepassError(f"need 1 <= --min-len <= --max-len (got {min_len}, {max_len})")
+    if generations < 2:
+        raise CompilepassError(f"--generations must be >= 2 (got {generations})")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type != "cuda" and not allow_cpu:
+        raise CompilepassError("bench context measures GPU memory and needs CUDA; this machine has none "
+                               "(--allow-cpu runs it on the CPU anyway, for smoke tests with small lengths)")
+    resolve_model_source(model)
+    tdtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if compile_options is None:
+        compile_options = "auto" if dev.type == "cuda" else False
+    t0 = time.perf_counter()
+    base = build_model(model, dtype=tdtype, device=dev, seed=0)
+    peft_model = add_lora(base, rank=lora_rank, alpha=2 * lora_rank, seed=0)
+    causal_lm = peft_model.get_base_model()
+    enable_checkpointing(causal_lm, reentrant=offload_activations)
+    if mlp_chunk_tokens:
+        tile_mlp(causal_lm, mlp_chunk_tokens)
+    peft_model.train()
+    resolution = resolution or max(1, min_len // 4)
+
+    trials: list[ContextTrial] = []
+    cache: dict[int, ContextTrial] = {}
+
+    def fits(n: int) -> bool:
+        if n not in cache:
+            t = run_trial(peft_model, n, generations=generations, prompt_len=prompt_len, standby=standby,
+                          compile_options=compile_options, generate_tokens=generate_tokens,
+                          offload_activations=offload_activations)
+            cache[n] = t
+            trials.append(t)
+            if on_trial is not None:
+                on_trial(t)
+        return cache[n].ok
+
+    lo, hi = 0, None  # lo fits (0: nothing yet); hi does not
+    n = min_len
+    while True:
+        if fits(n):
+            lo = n
+            if n >= max_len:
+                break
+            n = min(2 * n, max_len)
+        else:
+            hi = n
+            break
+    if hi is not None and lo > 0:
+        while hi - lo > resolution:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+    total = None
+    if dev.type == "cuda":
+        total = _gib(torch.cuda.get_device_properties(dev).total_memory)
+    best = cache.get(lo)
+    return ContextBenchResult(model=model, device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+                              standby=standby, generations=generations, lora_rank=lora_rank, prompt_len=prompt_len,
+                              generate_tokens=generate_tokens, offload_activations=offload_activations,
+                              mlp_chunk_tokens=mlp_chunk_tokens, max_completion_len=lo, peak_mem_gib=best.peak_mem_gib if best else None,
+                              device_total_gib=total, trials=trials, wall_s=time.perf_counter() - t0)

@@ -1,0 +1,12 @@
+"""The GRPO runtime: config, trainer, data, rewards, checkpoints, metrics.
+
+``run_grpo(config)`` / ``GRPOTrainer(config).train()`` (:mod:`~compilepass.standby.grpo.trainer`) is
+the Python API under ``compilepass grpo``; ``load_config`` / ``default_config``
+(:mod:`~compilepass.standby.grpo.config`) build its config.
+"""
+
+from compilepass.standby.grpo.config import GRPOConfig, default_config, load_config
+from compilepass.standby.grpo.trainer import GRPOSummary, GRPOTrainer, TrainingOutOfMemoryError, run_grpo, step_seed
+
+__all__ = ["GRPOConfig", "GRPOSummary", "GRPOTrainer", "TrainingOutOfMemoryError", "default_config", "load_config",
+           "run_grpo", "step_seed"]

@@ -1,0 +1,193 @@
+"""Per-step metrics: an fsynced ``metrics.jsonl``, optional TensorBoard, and a progress bar.
+
+``MetricsLogger(output_dir, resume_step=S)`` first drops every line of an existing
+``metrics.jsonl`` whose step is > S (and a torn last line from a killed process), so after a
+resume from the step-S checkpoint the file holds each step exactly once. A fresh run passes
+``resume_step=None`` (the default), which empties an existing file. Each ``log(step, metrics)`` appends one JSON object ``{"step": ..., "time":
+..., **metrics}`` and flushes and fsyncs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from compilepass.core.atomic import write_bytes_atomic
+from compilepass.core.errors import ConfigError
+
+__all__ = ["MetricsLogger", "ProgressBar", "peak_memory_gib", "read_metrics", "METRICS_FILE"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and numpy scalars -> Python numbers; NaN/inf -> None-free strings JSON can hold."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):  # a multi-element tensor
+            value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan" / "inf": valid JSON, visibly not a number
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl; a torn (unparsable) line ends the read."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    with open(p, "r", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                break
+            out.append(rec)
+    return out
+
+
+class MetricsLogger:
+    """Append-only step metrics under ``output_dir``.
+
+    ``resume_step``: lines with ``step > resume_step`` are removed first; None (a fresh run)
+    removes every line.
+    ``tensorboard``: also write scalars to ``output_dir/tensorboard`` with
+    ``torch.utils.tensorboard.SummaryWriter`` (ConfigError when the tensorboard package is missing).
+    ``keep_tail``: how many recent records :meth:`tail` can return.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, tensorboard: bool = False,
+                 resume_step: int | None = None, keep_tail: int = 20):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.output_dir / METRICS_FILE
+        records = read_metrics(self.path)
+        kept = [] if resume_step is None else [r for r in records if r["step"] <= resume_step]
+        if self.path.exists() and (len(kept) != len(records) or self._has_trailing_garbage(len(records))):
+            data = "".join(json.dumps(r) + "\n" for r in kept).encode()
+            write_bytes_atomic(self.path, data)
+        self._tail = kept[-keep_tail:]
+        self._keep_tail = keep_tail
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._file.close()
+                raise ConfigError("run.tensorboard is true but the tensorboard package is not installed "
+                                  "(pip install tensorboard, or set run.tensorboard=false)") from None
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
+
+    def _has_trailing_garbage(self, n_good: int) -> bool:
+        with open(self.path, "r", encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.strip()]
+        return len(lines) != n_good or (self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n"))
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
+        """Append ``{"step": step, "time": unix time, **metrics}``; returns the record written.
+        Tensor values are converted with ``.item()``."""
+        record = {"step": int(step), "time": round(time.time(), 3)}
+        record.update({str(k): _plain(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._tail.append(record)
+        del self._tail[:-self._keep_tail]
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, global_step=int(step))
+            self._tb.flush()
+        return record
+
+    def tail(self, n: int = 5) -> list[dict]:
+        """The last ``n`` records (for ``save_checkpoint(metrics_tail=...)``)."""
+        return list(self._tail[-n:]) if n > 0 else []
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def peak_memory_gib(device: Any = None) -> float:
+    """Peak memory in GiB: ``torch.cuda.max_memory_allocated`` on a CUDA device, else the
+    process's peak resident set size."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB on Linux
+
+
+class ProgressBar:
+    """A rich progress bar over training steps with the latest reward, KL, tokens/s and peak
+    memory. Use as a context manager; ``update(step, metrics)`` reads the keys ``reward``, ``kl``,
+    ``tokens_per_s`` and ``peak_mem_gib`` when present. ``enabled=False`` (or a non-terminal
+    stderr with ``auto``) makes it a no-op."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool | str = "auto",
+                 description: str = "grpo"):
+        self.total = total_steps
+        self.start = start_step
+        self.enabled = sys.stderr.isatty() if enabled == "auto" else bool(enabled)
+        self.description = description
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> "ProgressBar":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=self.total, completed=self.start, stats="")
+        return self
+
+    @staticmethod
+    def format_stats(metrics: Mapping[str, Any]) -> str:
+        parts = []
+        for key, label, fmt in (("reward", "reward", "{:.3f}"), ("kl", "kl", "{:.4f}"),
+                                ("tokens_per_s", "tok/s", "{:,.0f}"), ("peak_mem_gib", "peak", "{:.2f} GiB")):
+            v = _plain(metrics.get(key)) if key in metrics else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                parts.append(f"{label} " + fmt.format(v))
+        return "  ".join(parts)
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, stats=self.format_stats(metrics or {}))
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

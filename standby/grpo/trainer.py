@@ -1,0 +1,527 @@
+"""The standby GRPO loop: generate with the trainer's own model, score, and update the LoRA adapter.
+
+``GRPOTrainer(config).train()`` (or :func:`run_grpo`) runs ``run.max_steps`` steps. One step::
+    prompts   <- PromptBatcher (prompts_per_step examples; its position is checkpointed)
+    engine.wake(); generate G completions per prompt (seed derived from (run.seed, step)); engine.sleep()
+    rewards   <- RewardSet.score(decoded completions)      (RewardError: save state, re-raise)
+    advantages = (r - group mean) / (group std + 1e-4)   (or r - mean when loss.scale_rewards is false)
+    logp      <- model body -> last hidden states -> selective_log_softmax on completion positions only
+    old_logp  <- logp.detach() (num_iterations == 1) or one no-grad pass before the updates
+    ref_logp  <- the same with the adapter disabled (beta > 0 only)
+    loss      <- grpo_loss(...); backward (micro-batches: gradient accumulation); clip; optimizer.step(); scheduler.step()
+    metrics.jsonl, progress bar; checkpoint every run.save_every steps and at the end
+
+One copy of the weights: :class:`~compilepass.standby.rollout.engine.RolloutEngine` decodes with the peft
+model's own modules; its KV cache lives in a standby region that sleeps while training runs.
+``generation.engine=vllm`` uses :class:`~compilepass.standby.rollout.vllm.engine.VllmEngine` instead: vLLM
+in this process, the trainer's base weights views of vLLM's, the LoRA tensors pushed into vLLM's
+LoRA buffers before each generation, only the KV cache released by ``sleep()``.
+
+Reproducibility: every source of randomness is either derived from ``(run.seed, step)`` (the
+sampling generator) or checkpointed (adapter, optimizer, scheduler, data position, RNG states);
+dropout is 0. A run killed after its step-k checkpoint and resumed with ``run.resume=auto``
+logs the same metrics for steps > k as an uninterrupted run on the same machine.
+
+Failures (each a :class:`~compilepass.core.errors.CompilepassError`: one line from the CLI, exit 2):
+a reward function raising (:class:`~compilepass.standby.grpo.rewards.RewardError`) or running out of
+memory (:class:`TrainingOutOfMemoryError`) first saves the state as of the start of the failing
+step (checkpoint ``step-<last completed step>``), so ``resume=auto`` retries that step.
+
+Training memory without tuning: ``optim.micro_batch_size=0`` (the default) runs the whole batch
+in one forward/backward and, on a CUDA out-of-memory, halves the sequences per forward (gradients
+accumulated over the micro-batches; the loss is scaled so the sum equals the whole batch's) until
+it fits; the token count that fitted is kept for later steps. A fixed size is used as given.
+
+Faults: ``GRPOTrainer(..., faults=fn)`` calls ``fn(phase, step, rows)`` before generation
+(``phase="generate"``), before training (``"train"``) and before each training-side forward
+(``"forward"``, with its number of sequences); whatever it raises takes the path a real error
+would. The tests inject out-of-memory errors through it; by default nothing is called.
+
+CPU: the trainer turns on ``torch.set_flush_denormal(True)`` when it is built (before the model,
+so that worker threads created later inherit it) until :meth:`GRPOTrainer.close` (back to
+torch's default, off): float32 denormals made single tiny-preset steps up to 70x slower
+(0.15 s -> 10 s) once the policy sharpened.
+
+Compilation: on CUDA the engine uses ``compile_options="auto"`` (the tuning database's flags);
+on CPU it runs the decode step eagerly (``compile_options=False``): for the tiny CPU preset
+Inductor's compile time would dominate the run (tens of seconds versus ~0.1 s per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from compilepass.core.errors import ConfigError
+from compilepass.core.models import add_lora, build_model
+from compilepass.core.shapes import ModelShape, causal_lm_of
+from compilepass.standby.grpo.checkpoint import (capture_rng_state, find_latest, list_checkpoints, load_checkpoint,
+                                                 resolve_checkpoint, save_checkpoint)
+from compilepass.standby.grpo.config import GRPOConfig
+from compilepass.standby.grpo.data import PromptBatcher, load_dataset, load_tokenizer
+from compilepass.standby.grpo.metrics import MetricsLogger, ProgressBar, peak_memory_gib
+from compilepass.standby.grpo.oom import TrainingOutOfMemoryError, memory_measured, out_of_memory_error
+from compilepass.standby.grpo.resume import check_resume_config
+from compilepass.standby.grpo.rewards import RewardError, RewardSet
+from compilepass.standby.memory.errors import StandbyMemoryError
+from compilepass.standby.rollout.engine import RolloutEngine
+from compilepass.standby.rollout.kv_plan import plan_kv_batch
+from compilepass.standby.rollout.vllm.engine import VllmEngine
+from compilepass.standby.rollout.vllm.gates import check_vllm
+from compilepass.standby.training.checkpointing import enable_checkpointing
+from compilepass.standby.training.logprobs import policy_logprobs
+from compilepass.standby.training.loss import group_advantages, micro_batch_loss
+from compilepass.standby.training.micro_batch import MicroBatchPlanner
+from compilepass.standby.training.offload import ActivationOffload
+from compilepass.standby.training.train_memory import lora_mixed_precision, tile_mlp
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GRPOTrainer", "GRPOSummary", "run_grpo", "TrainingOutOfMemoryError", "step_seed"]
+
+#: ``faults(phase, step, rows)``: see the module docstring.
+FaultHook = Callable[[str, int, Optional[int]], None]
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of ``step`` (1-based) of a run seeded ``seed``: a resumed run reuses it."""
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**62)
+
+
+@dataclass
+class _StepState:
+    """What a failing step needs to save the state as of its start."""
+    step: int
+    data_state: dict
+
+
+@dataclass
+class GRPOSummary:
+    """What :meth:`GRPOTrainer.train` returns."""
+    output_dir: str
+    start_step: int
+    steps_done: int
+    final_step: int
+    last_checkpoint: Optional[str]
+    wall_s: float
+    metrics: list[dict] = field(default_factory=list)  # the records logged by this call
+
+    def reward_means(self) -> list[float]:
+        return [float(m["reward"]) for m in self.metrics]
+
+    def to_dict(self) -> dict:
+        return {"output_dir": self.output_dir, "start_step": self.start_step, "steps_done": self.steps_done,
+                "final_step": self.final_step, "last_checkpoint": self.last_checkpoint, "wall_s": self.wall_s,
+                "last_metrics": self.metrics[-1] if self.metrics else None}
+
+
+class GRPOTrainer:
+    """GRPO on one device with one copy of the weights.
+
+    ``GRPOTrainer(config, progress="auto", on_step=None)``: builds the tokenizer, dataset,
+    rewards, model (+ LoRA), optimizer, scheduler and rollout engine, and resumes per
+    ``run.resume``. Every user error (unknown model, bad dataset or reward, incompatible
+    checkpoint, KV region that cannot fit) is raised here, before any step. ``train()`` runs the
+    remaining steps and returns a :class:`GRPOSummary`. ``on_step(step, record)`` is called after
+    each logged step. ``compile_options`` overrides the engine's (default: "auto" on CUDA, eager
+    on CPU).
+    """
+
+    def __init__(self, config: GRPOConfig, *, progress: bool | str = "auto",
+                 on_step: Optional[Callable[[int, dict], None]] = None, compile_options: Any = "default",
+                 faults: Optional[FaultHook] = None):
+        self.config = config.validate()
+        c = self.config
+        self.progress = progress
+        self.on_step = on_step
+        self._faults = faults
+        self._current_step = 0  # the step running (named to the fault hook)
+        self.output_dir = Path(c.run.output_dir)
+        if c.generation.engine == "vllm":  # vLLM missing or a refused version: one line, before any work
+            check_vllm()
+        self.device = self._resolve_device(c.run.device)
+        # Before any thread pool exists where possible: worker threads inherit the calling thread's FP mode.
+        self._flush_denormal = self.device.type == "cpu" and torch.set_flush_denormal(True)
+        self.tokenizer = load_tokenizer(c.model.name_or_path)
+        self.dataset = load_dataset(c.data.dataset, seed=c.data.seed, builtin_size=c.data.builtin_size)
+        self.rewards = RewardSet.from_specs(c.reward.functions, default=self.dataset.default_rewards)
+        self.batcher = PromptBatcher(self.dataset, c.data.prompts_per_step, shuffle=c.data.shuffle, seed=c.data.seed)
+
+        # Where to start: decided before building anything expensive.
+        resume_from: Optional[Path] = None
+        if c.run.resume == "auto":
+            resume_from = find_latest(self.output_dir)
+        elif c.run.resume == "never":
+            if list_checkpoints(self.output_dir):
+                raise ConfigError(f"run.resume is 'never' but {str(self.output_dir)!r} already holds checkpoints; "
+                                  f"use run.resume=auto to continue, or another run.output_dir")
+        else:
+            resume_from = resolve_checkpoint(c.run.resume)
+        if resume_from is not None:
+            check_resume_config(resume_from, self.config.to_dict())
+
+        torch.manual_seed(c.run.seed)
+        dtype = c.model.torch_dtype
+        model = build_model(c.model.name_or_path, dtype=dtype, device=self.device, seed=c.run.seed)
+        c.model.reinit_preset_weights(model, seed=c.run.seed)
+        self.model = add_lora(model, rank=c.model.lora_rank, alpha=c.model.lora_alpha,
+                              targets=tuple(c.model.lora_targets), seed=c.run.seed, dropout=0.0)
+        self.causal_lm = causal_lm_of(self.model)
+        self._disable_dropout()
+        if c.model.gradient_checkpointing:
+            enable_checkpointing(self.causal_lm, reentrant=c.model.offload_activations)
+        if c.model.mlp_chunk_tokens:
+            tile_mlp(self.causal_lm, c.model.mlp_chunk_tokens)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = c.optim.make_optimizer(self.params)
+        self.scheduler = c.optim.make_scheduler(self.optimizer, c.run.max_steps)
+
+        self.micro_batch = MicroBatchPlanner(c.optim.micro_batch_size, on_retry=self._before_retry)
+        self.step = 0
+        self.resumed_from: Optional[Path] = None
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
+            if state.data_state is not None:
+                self.batcher.load_state_dict(state.data_state)
+            self.step = state.step
+            # the automatic micro-batch size learned before the kill: the same splits as an uninterrupted run
+            self.micro_batch.fit_tokens = state.extra.get("fit_tokens")
+            self.resumed_from = state.path
+            log.info("resumed from %s (step %d)", state.path, state.step)
+
+        self.engine = self._build_engine(compile_options)
+        if c.generation.standby:
+            self.engine.sleep()  # training owns the memory until the first generation
+        self._metrics_logger = None
+        self.last_checkpoint: Optional[Path] = self.resumed_from
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_device(name: str) -> torch.device:
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"run.device is {name!r} but CUDA is not available here (use run.device=cpu or auto)")
+        return dev
+
+    def _disable_dropout(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        cfg = getattr(self.causal_lm, "config", None)
+        for key in ("attention_dropout", "hidden_dropout", "dropout"):
+            if cfg is not None and getattr(cfg, key, 0):
+                setattr(cfg, key, 0.0)
+
+    def _build_engine(self, compile_options):
+        c = self.config
+        max_batch = c.data.prompts_per_step * c.generation.num_generations
+        max_len = c.generation.max_prompt_len + c.generation.max_completion_len
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # after the first step, the LoRA gradients and AdamW's two moments stay allocated across wakes
+            reserve = 3 * sum(p.numel() * p.element_size() for p in self.params)
+            max_batch = plan_kv_batch(ModelShape.from_hf_config(self.causal_lm.config), c.model.torch_dtype,
+                                      max_batch, max_len, free, total, c.generation.gpu_memory_utilization,
+                                      reserve=reserve)
+        if compile_options == "default":
+            compile_options = "auto" if self.device.type == "cuda" else False
+        pad = self.tokenizer.pad_token_id
+        if c.generation.engine == "vllm":
+            # vLLM loads the weights, then the trainer's base parameters become views of vLLM's tensors.
+            return VllmEngine(self.model, max_batch=max_batch, max_len=max_len, compile_options=compile_options,
+                              pad_token_id=pad if pad is not None and pad < self.engine_vocab() else 0,
+                              seed=c.run.seed, gpu_memory_utilization=c.generation.gpu_memory_utilization)
+        return RolloutEngine(self.model, max_batch=max_batch, max_len=max_len, compile_options=compile_options,
+                             pad_token_id=pad if pad is not None and pad < self.engine_vocab() else 0)
+
+    def engine_vocab(self) -> int:
+        return int(self.causal_lm.config.vocab_size)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def save(self, step: int, data_state: Optional[dict] = None) -> Path:
+        """Checkpoint the adapter, optimizer, scheduler, RNG states and data position as ``step``."""
+        tail = self._metrics_logger.tail(5) if self._metrics_logger is not None else []
+        path = save_checkpoint(self.output_dir, step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, rng_states=capture_rng_state(),
+                               data_state=data_state if data_state is not None else self.batcher.state_dict(),
+                               config_dict=self.config.to_dict(), metrics_tail=tail,
+                               keep_last=self.config.run.keep_last,
+                               extra={"fit_tokens": self.micro_batch.fit_tokens})
+        self.last_checkpoint = path
+        return path
+
+    def _save_after_failure(self, st: _StepState) -> Optional[Path]:
+        """Save the state as of the start of the failing step; never mask the original error."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            return self.save(st.step - 1, data_state=st.data_state)
+        except Exception as e:  # noqa: BLE001
+            log.error("could not save the state after the failure: %s", e)
+            return None
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def _tokenize(self, examples) -> list[list[int]]:
+        c = self.config
+        out = []
+        for ex in examples:
+            ids = self.tokenizer.encode(ex.prompt, add_special_tokens=hasattr(self.tokenizer, "hf"))
+            if not ids:
+                raise ConfigError(f"prompt {ex.prompt!r} tokenizes to nothing")
+            if len(ids) > c.generation.max_prompt_len:
+                ids = ids[-c.generation.max_prompt_len:]  # keep the end, where the question is
+            out.append(ids)
+        return out
+
+    def _apply_stop_strings(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Cut each completion after the first stop string (``generation.stop``): a new mask."""
+        stops = self.config.generation.stop
+        if not stops:
+            return mask
+        mask = mask.clone()
+        lengths = mask.sum(1).tolist()
+        rows = ids.tolist()
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            text = self.tokenizer.decode(row[:n])
+            if not any(s in text for s in stops):
+                continue
+            for k in range(1, n + 1):
+                if any(s in self.tokenizer.decode(row[:k]) for s in stops):
+                    mask[b, k:] = 0
+                    break
+        return mask
+
+    def _generate(self, step: int, prompt_ids: list[list[int]]):
+        c, g = self.config, self.config.generation
+        self._fault("generate", step)
+        eos = self.tokenizer.eos_token_id
+        self.engine.wake()
+        try:
+            out = self.engine.generate(prompt_ids, max_new_tokens=g.max_completion_len, temperature=g.temperature,
+                                       top_k=g.top_k, top_p=g.top_p, eos_token_id=eos,
+                                       stop_token_ids=g.stop_token_ids or None, seed=step_seed(c.run.seed, step))
+        finally:
+            if g.standby:
+                self.engine.sleep()
+        return out
+
+    def _activation_offload(self):
+        """The offload hooks for the training forward (model.offload_activations), else a no-op."""
+        if not self.config.model.offload_activations:
+            return contextlib.nullcontext()
+        return ActivationOffload(self.model.parameters(), device=self.device)
+
+    def _fault(self, phase: str, step: int, rows: Optional[int] = None) -> None:
+        if self._faults is not None:
+            self._faults(phase, step, rows)
+
+    def _before_retry(self) -> None:
+        """Before the automatic micro-batch retries a smaller size: drop the failed attempt's state."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)  # the step's peak: the attempt that fit
+
+    def _slice_logprobs(self, sl: slice, prompt_ids, completion_ids, mask) -> torch.Tensor:
+        """Per-token log-probs of rows ``sl`` (one training-side forward; gradients as enabled)."""
+        self._fault("forward", self._current_step, completion_ids[sl].shape[0])
+        return policy_logprobs(self.model, prompt_ids[sl], completion_ids[sl], mask[sl],
+                               self.config.generation.temperature, self.engine.pad_token_id)
+
+    def _logprobs_in_micro_batches(self, size: int, prompt_ids, completion_ids, mask) -> torch.Tensor:
+        """No-grad per-token log-probs of the whole batch, ``size`` sequences at a time."""
+        return torch.cat([self._slice_logprobs(slice(lo, lo + size), prompt_ids, completion_ids, mask)
+                          for lo in range(0, completion_ids.shape[0], size)])
+
+    def _train(self, step: int, prompt_ids, completion_ids, mask, advantages) -> dict:
+        c, lc = self.config, self.config.loss
+        self._fault("train", step)
+        rows = completion_ids.shape[0]
+        width = max(len(p) for p in prompt_ids) + completion_ids.shape[1]
+        def logprobs(size: int) -> torch.Tensor:
+            return self._logprobs_in_micro_batches(size, prompt_ids, completion_ids, mask)
+
+        ref = old = None
+        if lc.beta > 0:
+            with torch.no_grad(), self.model.disable_adapter():
+                ref = self.micro_batch.run(rows, width, "reference log-probs", logprobs)
+        if lc.num_iterations > 1:
+            with torch.no_grad():
+                old = self.micro_batch.run(rows, width, "old-policy log-probs", logprobs)
+        n_items = mask.sum()
+        sums: dict[str, float] = {}
+        grad_norm = float("nan")
+        for _ in range(lc.num_iterations):
+            def accumulate(size: int) -> dict[str, torch.Tensor]:
+                acc: dict[str, torch.Tensor] = {}
+                for lo in range(0, rows, size):
+                    sl = slice(lo, lo + size)
+                    # forward and backward (which recomputes checkpointed layers) under one precision setting
+                    with lora_mixed_precision(self.model):
+                        with self._activation_offload():
+                            logp = self._slice_logprobs(sl, prompt_ids, completion_ids, mask)
+                        loss, m = micro_batch_loss(logp, old, ref, advantages, mask, n_items, sl, loss_type=lc.loss_type,
+                                                   beta=lc.beta, epsilon_low=lc.epsilon_low,
+                                                   epsilon_high=lc.epsilon_high,
+                                                   max_completion_length=c.generation.max_completion_len)
+                        loss.backward()
+                    frac = mask[sl].sum() / n_items.clamp(min=1)  # token-mean metrics combine by token share
+                    acc["loss"] = acc.get("loss", 0.0) + loss.detach()
+                    for k, v in m.items():
+                        acc[k] = acc.get(k, 0.0) + v.detach() * frac
+                return acc
+
+            acc = self.micro_batch.run(rows, width, "training", accumulate)
+            if c.optim.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.optim.max_grad_norm))
+            else:
+                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, v in acc.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        self.scheduler.step()
+        out = {k: v / lc.num_iterations for k, v in sums.items()}
+        out.setdefault("kl", 0.0)
+        out["grad_norm"] = grad_norm
+        return out
+
+    def _oom(self, phase: str, st: _StepState, err: BaseException) -> TrainingOutOfMemoryError:
+        measured = memory_measured(self.device)  # before the save below empties the allocator's cache
+        saved = self._save_after_failure(st)
+        return out_of_memory_error(phase, st.step, err, self.config, measured, saved,
+                                   self.micro_batch.failed_size if phase == "train" else None)
+
+    def train_step(self, step: int) -> dict:
+        """Run step ``step`` (1-based) and return its metrics (not logged, not checkpointed)."""
+        c = self.config
+        self._current_step = step
+        G = c.generation.num_generations
+        st = _StepState(step=step, data_state=self.batcher.state_dict())
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        examples = self.batcher.next_batch()
+        prompt_ids = [ids for ids in self._tokenize(examples) for _ in range(G)]
+        try:
+            out = self._generate(step, prompt_ids)
+        except (torch.OutOfMemoryError, StandbyMemoryError) as e:
+            raise self._oom("generate", st, e) from None
+        mask = self._apply_stop_strings(out.completion_ids, out.completion_mask)
+        ids_cpu = out.completion_ids.cpu()
+        lengths = mask.sum(1).tolist()
+        completions = [self.tokenizer.decode(ids_cpu[b, :n].tolist()) for b, n in enumerate(lengths)]
+        prompts_text = [ex.prompt for ex in examples for _ in range(G)]
+        answers = [ex.answer for ex in examples for _ in range(G)]
+        meta = [ex.meta for ex in examples for _ in range(G)]
+        t_gen = time.perf_counter()
+        try:
+            total, parts = self.rewards.score(prompts_text, completions, answers, meta)
+        except RewardError as e:
+            saved = self._save_after_failure(st)
+            suffix = f" (state saved in {saved})" if saved is not None else " (the state could NOT be saved)"
+            raise RewardError(f"step {step}: {e}{suffix}") from None
+        adv, zero_std = group_advantages(total, G, c.loss.scale_rewards)
+        t_rew = time.perf_counter()
+        gen_peak = None
+        if self.device.type == "cuda":  # generation's and training's peaks are taken apart (see _peak_gib)
+            gen_peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            train_m = self._train(step, prompt_ids, out.completion_ids, mask.to(out.completion_ids.device),
+                                  adv.to(self.device))
+        except torch.OutOfMemoryError as e:
+            raise self._oom("train", st, e) from None
+        t_end = time.perf_counter()
+        grouped = total.view(-1, G)
+        rec = {
+            "reward": float(total.mean()),
+            "reward_std": float(grouped.std(1).mean()) if G > 1 else 0.0,
+            **{f"rewards/{k}": float(v.mean()) for k, v in parts.items()},
+            "zero_std_groups": zero_std,
+            "loss": train_m.pop("loss"),
+            "kl": train_m.pop("kl"),
+            **{k.replace("clip_ratio/", "clip_ratio_"): v for k, v in train_m.items()},
+            "completion_len": float(sum(lengths) / len(lengths)),
+            "tokens_per_s": float(out.tokens_per_s),
+            "gen_s": t_gen - t0,
+            "reward_s": t_rew - t_gen,
+            "train_s": t_end - t_rew,
+            "step_s": t_end - t0,
+            "peak_mem_gib": self._peak_gib(gen_peak),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
+        return rec
+
+    def _peak_gib(self, gen_peak: Optional[int]) -> float:
+        """This step's peak device memory. On CUDA: the larger of generation's allocator peak plus
+        the KV region's bytes (mapped with the driver, outside the allocator) and training's
+        allocator peak (of the attempt that fit, when the micro-batch was halved), plus the region
+        only when standby is off (it stays mapped). On CPU: the process's peak RSS."""
+        if self.device.type != "cuda":
+            return peak_memory_gib()
+        region = self.engine.region.nbytes if getattr(self.engine, "region", None) is not None else 0
+        train_peak = torch.cuda.max_memory_allocated(self.device)
+        train_region = 0 if self.config.generation.standby else region
+        return max((gen_peak or 0) + region, train_peak + train_region) / 2**30
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def train(self) -> GRPOSummary:
+        """Run steps ``self.step + 1 .. run.max_steps``; checkpoint every ``save_every`` steps and at
+        the end. Returns a :class:`GRPOSummary`."""
+        c = self.config
+        t0 = time.perf_counter()
+        start = self.step
+        records = []
+        logger = MetricsLogger(self.output_dir, tensorboard=c.run.tensorboard,
+                               resume_step=start if self.resumed_from is not None else None)
+        self._metrics_logger = logger
+        flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
+        self._flush_denormal = self._flush_denormal or flush
+        try:
+            with ProgressBar(c.run.max_steps, start_step=start, enabled=self.progress) as bar:
+                for step in range(start + 1, c.run.max_steps + 1):
+                    rec = self.train_step(step)
+                    self.step = step
+                    if step % c.run.log_every == 0 or step == c.run.max_steps:
+                        records.append(logger.log(step, rec))
+                        if self.on_step is not None:
+                            self.on_step(step, records[-1])
+                    bar.update(step, rec)
+                    if (c.run.save_every and step % c.run.save_every == 0) or step == c.run.max_steps:
+                        self.save(step)
+        finally:
+            logger.close()
+            self._metrics_logger = None
+        return GRPOSummary(output_dir=str(self.output_dir), start_step=start, steps_done=self.step - start,
+                           final_step=self.step, last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+                           wall_s=time.perf_counter() - t0, metrics=records)
+
+    def close(self) -> None:
+        """Free the engine's KV region and restore torch's default (off) flush-denormal mode."""
+        self.engine.close()
+        if self._flush_denormal:
+            torch.set_flush_denormal(False)
+            self._flush_denormal = False
+
+
+def run_grpo(config: GRPOConfig, *, progress: bool | str = "auto", **kwargs) -> GRPOSummary:
+    """Build a :class:`GRPOTrainer` for ``config``, train, release the engine, return the summary."""
+    trainer = GRPOTrainer(config, progress=progress, **kwargs)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

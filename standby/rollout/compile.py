@@ -1,0 +1,68 @@
+"""How the engine compiles its decode step: which Inductor options ("auto" asks a flag resolver, by
+default :func:`compilepass.select`), and what gets compiled (one layer shared by all layers, or the
+whole step; one symbolic-batch graph or one per bucket)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from compilepass.flags import inductor_options_for_torch
+from compilepass.selection import select
+
+log = logging.getLogger(__name__)
+
+#: ``flag_resolver(model, workload, *, batch, dtype)`` -> a Selection (``.flags``) or a dict of flags.
+FlagResolver = Callable[..., object]
+
+
+def resolve_options(model, compile_options, batch: int, dtype, resolver: FlagResolver = select):
+    """None -> torch's defaults ({}); "auto" -> ``resolver``'s flags for this model (default
+    :func:`compilepass.select`: the tuning database, workload "rollout"), torch's defaults if it
+    fails; False -> no compile (eager); a dict as is."""
+    if compile_options is False:
+        return None
+    if compile_options is None:
+        return {}
+    if compile_options == "auto":
+        try:
+            chosen = resolver(model, "rollout", batch=batch, dtype=dtype)
+        except Exception as exc:  # a selection failure must not stop generation
+            log.warning("compile_options='auto': selection failed (%s), using torch's defaults", exc)
+            return {}
+        return dict(getattr(chosen, "flags", chosen) or {})
+    if isinstance(compile_options, dict):
+        return dict(compile_options)
+    raise TypeError(f"compile_options must be None, 'auto', False or a dict, got {compile_options!r}")
+
+
+def make_decode_step(decoder, options: Optional[dict], *, scope: str, dynamic_batch: bool, backend: str,
+                     max_batch: int) -> Callable:
+    """``(tokens [B], positions [B]) -> logits [B, V]``: ``decoder.decode_step`` eager (``options``
+    None), with its layers compiled (``scope="layer"``), or compiled whole (``"step"``)."""
+    if options is None:
+        return decoder.decode_step
+    options = inductor_options_for_torch(options)
+    if scope == "layer":
+        decoder.compile_layers(options, dynamic_batch=dynamic_batch, backend=backend, max_batch=max_batch)
+        return decoder.decode_step
+    if backend != "inductor":  # e.g. dynamo's "eager": the engine's plumbing without Inductor
+        return torch.compile(decoder.decode_step, backend=backend, fullgraph=True,
+                             dynamic=None if dynamic_batch else False)
+    if not dynamic_batch:
+        return decoder.compiled_decode_step(options)
+    return torch.compile(decoder.decode_step, options=options or None, fullgraph=True, dynamic=None)
+
+
+@contextlib.contextmanager
+def compile_limits():
+    """One compiled graph per bucket (dynamic=False), possibly several engines per process: raise
+    dynamo's recompile limit for the warm-up so no bucket falls back to eager."""
+    import torch._dynamo.config as dc  # torch._dynamo only once something compiles
+
+    name = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
+    with dc.patch(**{name: max(getattr(dc, name), 4096)}):
+        yield

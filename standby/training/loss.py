@@ -1,0 +1,48 @@
+"""The GRPO step's arithmetic: group-relative advantages, and the loss of one micro-batch scaled so
+that the micro-batches of a batch sum to the whole batch's loss and gradient."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from compilepass.kernels import grpo_loss
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> tuple[torch.Tensor, int]:
+    """(advantages [N], number of groups whose rewards are all equal) for N = groups * group_size
+    rewards laid out group by group. ``scale``: divide by the group's std (+1e-4)."""
+    r = rewards.float().view(-1, group_size)
+    mean = r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    adv = r - mean
+    if scale:
+        adv = adv / (std + 1e-4)
+    zero = int(((r.max(1).values - r.min(1).values).abs() <= 1e-12).sum())
+    return adv.reshape(-1), zero
+
+
+def micro_batch_loss(logp: torch.Tensor, old: Optional[torch.Tensor], ref: Optional[torch.Tensor],
+                     advantages: torch.Tensor, mask: torch.Tensor, n_items: torch.Tensor, sl: slice, *,
+                     loss_type: str, beta: float, epsilon_low: float, epsilon_high: float,
+                     max_completion_length: int) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss of rows ``sl`` of the batch (``logp`` holds those rows; ``old`` / ``ref`` /
+    ``advantages`` / ``mask`` the whole batch's), scaled so that the micro-batches' losses sum to
+    the whole batch's (same value, same gradient, up to summation order): per-row means (grpo,
+    dr_grpo) weigh by the rows' share, the batch token mean (bnpo) by the tokens' share; dapo
+    already divides by the whole batch's token count (``n_items``)."""
+    m_mask = mask[sl]
+    loss, metrics = grpo_loss(logp, old[sl] if old is not None else logp.detach(),
+                              ref[sl] if ref is not None else None, advantages[sl], m_mask,
+                              epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+                              loss_type=loss_type, max_completion_length=max_completion_length,
+                              num_items_in_batch=n_items)
+    rows, m_rows = mask.shape[0], m_mask.shape[0]
+    if m_rows == rows:
+        return loss, metrics
+    if loss_type in ("grpo", "dr_grpo"):
+        loss = loss * (m_rows / rows)
+    elif loss_type == "bnpo":
+        loss = loss * (m_mask.sum().clamp(min=1) / n_items.clamp(min=1))
+    return loss, metrics
