@@ -56,15 +56,22 @@ from compilepass.standby.memory.layout import (CPU_GRANULARITY, DEFAULT_ALIGN, S
                                                itemsize, normalize_specs, plan_layout, round_up)
 
 
+#: Device index -> the total this process is capped to (set by a live
+#: :class:`~compilepass.standby.memory.cap.DeviceMemoryCap`, removed when it closes).
+_CAPPED_TOTAL: Dict[int, int] = {}
+
+
 def free_device_memory(device: Union[None, int, str, torch.device] = None) -> Tuple[int, int]:
-    """``(free, total)`` bytes of device memory (``cudaMemGetInfo``) of ``device``.
+    """``(free, total)`` bytes of device memory (``cudaMemGetInfo``) of ``device``; under a
+    :class:`~compilepass.standby.memory.cap.DeviceMemoryCap` the total is the capped one (free is
+    what the driver reports, the cap's own allocation already taken out).
 
     Without CUDA (or for a CPU device) it returns the host's available and total memory.
     """
     dev = _resolve_device(device)
     if dev.type == "cuda":
         free, total = torch.cuda.mem_get_info(dev)
-        return int(free), int(total)
+        return int(free), int(_CAPPED_TOTAL.get(dev.index, total))
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}

@@ -1,0 +1,125 @@
+"""Engine start in a new process: cold (empty compile caches) vs warm (the caches a previous process left).
+
+Each start is its own ``python`` process that builds a random-weight model and a ``RolloutEngine``
+with its defaults and reports ``cold_start_s`` (construction: KV region, compile, CUDA-graph capture
+of every batch bucket and sampler), dynamo's timed compile phases and the FX-graph / AOT-autograd
+cache counters; then one greedy generate whose tokens every start must reproduce. The first start
+gets fresh ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` directories; the ``--warm`` later
+starts reuse them (what a user's second ``compilepass grpo`` run sees). Nothing is stored in the
+tuning database: the caches are torch's own, on disk.
+
+    python benchmarks/bench_warm_start.py --out $OUT/warm_start.json              # GPU: qwen3-0.6b
+    python benchmarks/bench_warm_start.py --smoke --out /tmp/warm_start_smoke.json  # CPU, tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = r"""
+import json, sys, time
+t_proc = time.perf_counter()
+import torch
+from torch._dynamo.utils import compilation_time_metrics, counters
+from compilepass.core.models import build_model
+from compilepass.standby.rollout.engine import RolloutEngine
+
+args = json.loads(sys.argv[1])
+device = torch.device(args["device"])
+dtype = getattr(torch, args["dtype"])
+model = build_model(args["model"], dtype=dtype, device=device, seed=0)
+g = torch.Generator().manual_seed(1)
+prompts = torch.randint(0, model.config.vocab_size, (args["batch"], args["prompt_len"]), generator=g).tolist()
+kwargs = {} if args["compile"] else {"compile_options": False}
+if device.type == "cuda":
+    torch.cuda.synchronize()
+t0 = time.perf_counter()
+engine = RolloutEngine(model, max_batch=args["batch"], max_len=args["prompt_len"] + args["new_tokens"],
+                       **{"compile_options": {}, **kwargs})
+if device.type == "cuda":
+    torch.cuda.synchronize()
+cold = time.perf_counter() - t0
+out = engine.generate(prompts, max_new_tokens=args["new_tokens"], temperature=0)
+print(json.dumps({
+    "cold_start_s": cold, "compile_s": engine.compile_s, "capture_s": engine.capture_s,
+    "process_to_engine_s": time.perf_counter() - t_proc,
+    "compile_phases_s": {k: round(float(sum(v)), 4) for k, v in compilation_time_metrics.items() if sum(v) > 0.05},
+    "cache": {"fxgraph_hit": counters["inductor"]["fxgraph_cache_hit"],
+              "fxgraph_miss": counters["inductor"]["fxgraph_cache_miss"],
+              "aot_autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
+              "aot_autograd_miss": counters["aot_autograd"]["autograd_cache_miss"]},
+    "tokens_per_s": out.tokens_per_s, "first_tokens": out.completion_ids[:2, :8].tolist(),
+    "tokens_checksum": int(out.completion_ids.sum()),
+}))
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--warm", type=int, default=3, help="warm starts after the cold one")
+    p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, fp32, small sizes")
+    args = p.parse_args(argv)
+    for name in ("batch", "prompt_len", "new_tokens", "warm"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    spec = {"model": "tiny" if args.smoke else args.model, "device": "cuda" if cuda else "cpu",
+            "dtype": "bfloat16" if cuda else "float32", "batch": 4 if args.smoke else args.batch,
+            "prompt_len": 8 if args.smoke else args.prompt_len, "new_tokens": 8 if args.smoke else args.new_tokens,
+            "compile": True}
+    root = tempfile.mkdtemp(prefix="bench_warm_start_")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(root, "inductor"),
+               TRITON_CACHE_DIR=os.path.join(root, "triton"), PYTHONUNBUFFERED="1")
+    starts = []
+    for i in range(1 + args.warm):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, capture_output=True,
+                              text=True, timeout=900)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"start {i} failed with exit code {proc.returncode}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row.update(kind="cold" if i == 0 else "warm", process_wall_s=wall)
+        starts.append(row)
+        print(f"{row['kind']:>5}: engine {row['cold_start_s']:.2f} s (compile {row['compile_s']:.2f}, capture "
+              f"{row['capture_s']:.2f}); process {wall:.1f} s; fx cache hit/miss {row['cache']['fxgraph_hit']}/"
+              f"{row['cache']['fxgraph_miss']}", flush=True)
+    same = len({s["tokens_checksum"] for s in starts}) == 1
+    warm = [s["cold_start_s"] for s in starts[1:]]
+    result = {
+        "benchmark": "warm_start", "command": " ".join([sys.executable] + sys.argv),
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "spec": spec, "starts": starts, "cold_start_s": starts[0]["cold_start_s"],
+        "warm_start_s": warm, "warm_start_s_median": statistics.median(warm), "same_tokens": same,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"cold {result['cold_start_s']:.2f} s, warm median {result['warm_start_s_median']:.2f} s "
+          f"(of {len(warm)}), same tokens: {same}; wrote {args.out}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
