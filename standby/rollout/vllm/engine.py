@@ -20,8 +20,11 @@
   (``lora_a_stacked`` / ``lora_b_stacked``, B times peft's ``scaling``, as vLLM stores it):
   an optimizer step is visible in the next generation with no sync call and no CPU round trip.
 * **KV-only standby.** ``sleep()`` pauses vLLM's scheduler (``sleep(level=0)``) and releases the
-  KV cache's physical memory (``release_kv_cache_memory()``, cumem tag ``kv_cache``); ``wake()``
-  maps it again (``wake_up(tags=["kv_cache", "scheduling"])``). The weights (cumem tag
+  KV cache's physical memory: with vLLM's ``release_kv_cache_memory()`` (cumem tag ``kv_cache``)
+  where the build has it and keeps nothing else in that pool, else
+  (:mod:`~compilepass.standby.rollout.vllm.kv_release`, vLLM 0.26 and older) by unmapping only the
+  cumem allocations that hold nothing but KV-cache tensors; ``wake()`` maps it again at the same
+  addresses (``kv_release`` says which path). The weights (cumem tag
   ``weights``) are never offloaded or unmapped. Both are idempotent. CUDA only: vLLM's CPU
   backend has no sleep mode, so on CPU they only flip the state (``sleep_supported`` is False).
 * **Tuned flags.** ``compile_options="auto"`` takes the tuning database's flags for engine "vllm"
@@ -68,7 +71,8 @@ from compilepass.core.shapes import ModelShape, causal_lm_of
 from compilepass.gc_patch import patch_vllm_capture
 from compilepass.selection import vllm_compilation_config, vllm_env
 from compilepass.standby.rollout.backend import RolloutOutput, check_generate_args
-from compilepass.standby.rollout.vllm.gates import check_vllm, cpu_head_size_error
+from compilepass.standby.rollout.vllm.gates import check_vllm, cpu_head_size_error, kv_release_strategy
+from compilepass.standby.rollout.vllm.kv_release import CuMemKvRelease
 from compilepass.standby.rollout.vllm.internals import plain_cpu_linears, scoped_env, vllm_model_runner
 from compilepass.standby.rollout.vllm.lora import (LORA_ID, LORA_NAME, VLLM_LORA_RANKS, LoraSlice, peft_adapter_info,
                                                    peft_lora_layers)
@@ -164,6 +168,8 @@ class VllmEngine:
             raise ConfigError("vLLM's CPU backend has no sleep mode; build the engine with sleep_mode=False")
         self.sleep_mode = sleep_mode
 
+        self.kv_release: Optional[str] = None
+        self._cumem_kv: Optional[CuMemKvRelease] = None
         lora = peft_adapter_info(model)
         self.lora_info = lora
         self._tmp = Path(tempfile.mkdtemp(prefix="compilepass-vllm-"))
@@ -215,6 +221,9 @@ class VllmEngine:
             self._lora_slices: list[LoraSlice] = []
             if lora is not None:
                 self._setup_lora(lora)
+            self.kv_release = kv_release_strategy(vllm) if sleep_mode else None
+            # vLLM's own KV release, or ours: only the cumem allocations that hold nothing but KV tensors
+            self._cumem_kv = CuMemKvRelease(self.runner) if self.kv_release == "cumem-segments" else None
         except BaseException:
             self.close()  # an engine core already built is shut down, the temporary files removed
             raise
@@ -336,8 +345,11 @@ class VllmEngine:
         if not self._awake:
             return
         if self.sleep_mode:
-            self.llm.sleep(level=0)
-            self.llm.release_kv_cache_memory()
+            self.llm.sleep(level=0)  # pause the scheduler; no memory changes
+            if self._cumem_kv is not None:
+                self._cumem_kv.release()
+            else:
+                self.llm.release_kv_cache_memory()
         self._awake = False
 
     def wake(self) -> None:
@@ -346,12 +358,19 @@ class VllmEngine:
         if self._awake:
             return
         if self.sleep_mode:
-            self.llm.wake_up(tags=["kv_cache", "scheduling"])
+            if self._cumem_kv is not None:
+                self._cumem_kv.restore()
+                self.llm.wake_up(tags=["scheduling"])
+            else:
+                self.llm.wake_up(tags=["kv_cache", "scheduling"])
         self._awake = True
 
     def close(self) -> None:
         """Shut vLLM's engine core down and drop the temporary files. The trainer's model stays
         usable: its weights are views that keep vLLM's tensors alive."""
+        if getattr(self, "_cumem_kv", None) is not None:
+            with contextlib.suppress(Exception):  # vLLM's own teardown frees these allocations: map them first
+                self._cumem_kv.restore()
         llm = getattr(self, "llm", None)
         if llm is not None and hasattr(llm, "llm_engine"):
             core = getattr(llm.llm_engine, "engine_core", None)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from compilepass.core.errors import CompilepassError
+from compilepass.standby.rollout.vllm.kv_release import cumem_release_available
 
 #: Head sizes vLLM's CPU attention backend accepts (``CPUAttentionBackend.get_supported_head_sizes``
 #: in vLLM 0.32); read from the installed vLLM when it has the method.
@@ -36,9 +37,29 @@ class VllmGate:
     source: str
 
 
-def _lacks_kv_release(vllm, version: str) -> bool:
+def _has_llm_kv_release(vllm) -> bool:
     llm_cls = getattr(vllm, "LLM", None)
-    return llm_cls is None or not hasattr(llm_cls, "release_kv_cache_memory")
+    return llm_cls is not None and hasattr(llm_cls, "release_kv_cache_memory")
+
+
+def kv_release_strategy(vllm) -> Optional[str]:
+    """How the engine releases only the KV cache on this vLLM: ``"vllm"`` (its own
+    ``LLM.release_kv_cache_memory``, on builds whose KV pool holds nothing else), ``"cumem-segments"``
+    (:mod:`~compilepass.standby.rollout.vllm.kv_release`: only the cumem allocations that hold
+    nothing but KV-cache tensors), or None (neither is possible)."""
+    if _has_llm_kv_release(vllm) and not _kv_pool_covers_metadata(vllm, ""):
+        return "vllm"
+    if cumem_release_available():
+        return "cumem-segments"
+    return None
+
+
+def _lacks_kv_release(vllm, version: str) -> bool:
+    return not _has_llm_kv_release(vllm) and kv_release_strategy(vllm) is None
+
+
+def _kv_pool_unsafe(vllm, version: str) -> bool:
+    return _kv_pool_covers_metadata(vllm, version) and kv_release_strategy(vllm) is None
 
 
 def _kv_pool_covers_metadata(vllm, version: str) -> bool:
@@ -73,16 +94,17 @@ VLLM_GATES: tuple[VllmGate, ...] = (
     VllmGate(
         name="no-kv-only-release",
         applies=_lacks_kv_release,
-        reason="this vLLM has no KV-only release (LLM.release_kv_cache_memory): its sleep levels 1 and 2 offload "
-               "or discard the weights, which the trainer shares",
+        reason="this vLLM has no KV-only release (LLM.release_kv_cache_memory) and no cumem allocator to release "
+               "the KV cache's allocations on their own: its sleep levels 1 and 2 offload or discard the weights, "
+               "which the trainer shares",
         source="https://github.com/vllm-project/vllm/pull/44890",
     ),
     VllmGate(
         name="kv-pool-discards-metadata",
-        applies=_kv_pool_covers_metadata,
+        applies=_kv_pool_unsafe,
         reason="this vLLM allocates persistent runtime tensors (block tables, attention metadata, CUDA-graph "
                "constants) inside the discardable kv_cache pool, so a KV release followed by a wake silently "
-               "corrupts generation",
+               "corrupts generation, and it has no cumem allocator to release the KV tensors' allocations alone",
         source="https://github.com/vllm-project/vllm/issues/53343 (fixed by "
                "https://github.com/vllm-project/vllm/pull/53508)",
     ),

@@ -1,0 +1,55 @@
+"""The KV-only release plan for vLLM builds without ``release_kv_cache_memory``: only cumem allocations
+whose every live block is KV-cache tensor memory are released; engine metadata in the same pool
+(vllm-project/vllm#53343) keeps its allocation mapped. Pure planning, no vLLM needed."""
+
+from __future__ import annotations
+
+from compilepass.standby.rollout.vllm.kv_release import KV_TAG, plan_release
+
+MiB = 1 << 20
+
+
+def seg(addr, size, *blocks):
+    return {"address": addr, "total_size": size,
+            "blocks": [{"address": a, "size": n, "state": st} for a, n, st in blocks]}
+
+
+def test_only_allocations_holding_nothing_but_kv_are_released():
+    kv = [(0x1000_0000, 0x1000_0000 + 64 * MiB), (0x2000_0000, 0x2000_0000 + 64 * MiB)]
+    allocations = [
+        (0x1000_0000, 64 * MiB, KV_TAG),           # one KV tensor, exactly its segment
+        (0x2000_0000, 66 * MiB, KV_TAG),           # a KV tensor plus an engine block in the rounding slack
+        (0x3000_0000, 2 * MiB, KV_TAG),            # block tables allocated inside the kv_cache pool
+        (0x4000_0000, 512 * MiB, "weights"),       # never touched
+        (0x5000_0000, 2 * MiB, KV_TAG),            # torch does not know this extent
+    ]
+    snapshot = [
+        seg(0x1000_0000, 64 * MiB, (0x1000_0000, 64 * MiB, "active_allocated")),
+        seg(0x2000_0000, 66 * MiB, (0x2000_0000, 64 * MiB, "active_allocated"),
+            (0x2000_0000 + 64 * MiB, 1536 * 1024, "active_allocated"), (0x2000_0000 + 65 * MiB + 512 * 1024, 512 * 1024, "inactive")),
+        seg(0x3000_0000, 2 * MiB, (0x3000_0000, 4096, "active_allocated"), (0x3000_1000, 2 * MiB - 4096, "inactive")),
+        seg(0x4000_0000, 512 * MiB, (0x4000_0000, 512 * MiB, "active_allocated")),
+        seg(0x5000_0000, 4 * MiB, (0x5000_0000, 4 * MiB, "active_allocated")),
+    ]
+    plan = plan_release(allocations, snapshot, kv)
+    assert plan.release == [0x1000_0000]
+    assert plan.release_bytes == 64 * MiB
+    assert plan.kv_bytes == 128 * MiB and plan.kv_bytes_covered == 64 * MiB
+    assert "outside the KV-cache tensors" in plan.kept[0x2000_0000]
+    assert "outside the KV-cache tensors" in plan.kept[0x3000_0000]
+    assert "no segment of this extent" in plan.kept[0x5000_0000]
+    assert 0x4000_0000 not in plan.kept  # other tags are not even considered
+
+
+def test_a_segment_shared_by_two_kv_tensors_and_free_slack_is_released():
+    kv = [(100 * MiB, 130 * MiB), (130 * MiB, 160 * MiB)]  # adjacent tensors merge into one range
+    allocations = [(100 * MiB, 62 * MiB, KV_TAG)]
+    snapshot = [seg(100 * MiB, 62 * MiB, (100 * MiB, 30 * MiB, "active_allocated"),
+                    (130 * MiB, 30 * MiB, "active_pending_free"), (160 * MiB, 2 * MiB, "inactive"))]
+    plan = plan_release(allocations, snapshot, kv)
+    assert plan.release == [100 * MiB] and not plan.kept and plan.kv_bytes_covered == 60 * MiB
+
+
+def test_nothing_releasable_when_the_pool_holds_no_kv_block():
+    plan = plan_release([(0, 2 * MiB, KV_TAG)], [seg(0, 2 * MiB, (0, 2 * MiB, "inactive"))], [(10 * MiB, 20 * MiB)])
+    assert plan.release == [] and "no live block" in plan.kept[0]
