@@ -19,7 +19,8 @@ import torch
 from compilepass.core.errors import CompilepassError, ConfigError
 from compilepass.core.models import add_lora, build_model
 from compilepass.standby.grpo.checkpoint import (CheckpointError, capture_rng_state, cleanup_partial, find_latest,
-                                                 list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint)
+                                                 find_latest_valid, list_checkpoints, load_checkpoint, restore_rng_state,
+                                                 save_checkpoint, verify_checkpoint)
 from compilepass.standby.grpo.data import PromptBatcher, load_dataset
 from compilepass.standby.grpo.metrics import MetricsLogger, ProgressBar, peak_memory_gib, read_metrics
 
@@ -140,6 +141,9 @@ def test_keep_last_k_and_resave_same_step(tmp_path):
     save_checkpoint(tmp_path, 5, model=model, optimizer=opt, scheduler=sched, keep_last=2, extra={"v": 2})
     assert load_checkpoint(tmp_path, model).extra == {"v": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000004", "step-00000005"]
+    with pytest.raises(CheckpointError, match=r"keep_last must be an integer >= 1 \(got 0\)"):
+        save_checkpoint(tmp_path, 6, model=model, keep_last=0)
+    assert find_latest(tmp_path) == tmp_path / "step-00000005"
 
 
 def test_stale_temp_dir_is_ignored_and_cleaned(tmp_path):
@@ -190,6 +194,115 @@ def test_sigkill_during_save_keeps_a_loadable_checkpoint(tmp_path, stage, expect
     assert not any(p.name.startswith(".tmp-") for p in out.iterdir())
 
 
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _rewrite_state_unsafely(ckpt: Path) -> None:
+    """A trainer_state.pt holding a pickled object, with meta.json's digests updated to match: only
+    torch.load(weights_only=True) can tell."""
+    import datetime
+    import hashlib
+
+    torch.save({"step": 2, "when": datetime.timedelta(days=1)}, ckpt / "trainer_state.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    data = (ckpt / "trainer_state.pt").read_bytes()
+    meta["files"]["trainer_state.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda c: (c / "adapter_model.safetensors").write_bytes((c / "adapter_model.safetensors").read_bytes()[:500]),
+     r"adapter_model.safetensors is 500 bytes, meta.json recorded \d+ \(truncated or overwritten\)"),
+    (lambda c: (c / "trainer_state.pt").write_bytes((c / "trainer_state.pt").read_bytes()[:-1]),
+     r"trainer_state.pt is \d+ bytes, meta.json recorded \d+"),
+    (lambda c: _flip_byte(c / "adapter_model.safetensors", -5),
+     r"adapter_model.safetensors does not match the sha256 that meta.json recorded \(corrupt\)"),
+    (lambda c: (c / "meta.json").write_bytes(b"\xff\xfe garbage"), r"meta.json is unreadable \(UnicodeDecodeError"),
+    (lambda c: (c / "meta.json").write_text("[1, 2]"), r"meta.json is not a JSON object"),
+    (lambda c: (c / "trainer_state.pt").unlink(), r"trainer_state.pt is missing"),
+    (_rewrite_state_unsafely, r"trainer_state.pt does not load with torch.load\(weights_only=True\) "
+                              r"\(UnpicklingError: WeightsUnpickler error: Unsupported global"),
+], ids=["truncated-adapter", "truncated-state", "flipped-adapter-byte", "meta-not-utf8", "meta-not-object",
+        "state-missing", "state-not-weights-only"])
+def test_a_damaged_checkpoint_does_not_verify(tmp_path, damage, reason):
+    """Each kind of damage: verify_checkpoint names it; load_checkpoint refuses it in one line
+    without touching the model; find_latest_valid passes over it to the one before and deletes
+    nothing."""
+    model, opt, sched = make_trainer()
+    for step in (1, 2):
+        train_steps(model, opt, sched, 1)
+        save_checkpoint(tmp_path, step, model=model, optimizer=opt, scheduler=sched)
+    bad = tmp_path / "step-00000002"
+    verify_checkpoint(bad)
+    damage(bad)
+    with pytest.raises(CheckpointError, match=reason) as ei:
+        verify_checkpoint(bad)
+    assert "\n" not in str(ei.value) and ei.value.reason is not None
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    other, _, _ = make_trainer(seed=7)
+    weights = lora_state(other)
+    with pytest.raises(CheckpointError, match=f"checkpoint {bad} is unusable: " + reason):
+        load_checkpoint(bad, other)
+    assert all(torch.equal(w, weights[n]) for n, w in lora_state(other).items())
+    found, skipped = find_latest_valid(tmp_path)
+    assert found == tmp_path / "step-00000001" and [p for p, _ in skipped] == [bad]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    assert load_checkpoint(found, other).step == 1
+
+
+def test_find_latest_valid_edge_cases(tmp_path):
+    assert find_latest_valid(tmp_path / "absent") == (None, [])
+    assert find_latest_valid(tmp_path) == (None, [])
+    (tmp_path / "step-00000003").mkdir()  # incomplete: named, since it is newer than what is chosen
+    model, opt, sched = make_trainer()
+    save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched)
+    found, skipped = find_latest_valid(tmp_path)
+    assert found == tmp_path / "step-00000002" and skipped == [(tmp_path / "step-00000003", "meta.json is missing")]
+    meta = json.loads((tmp_path / "step-00000002" / "meta.json").read_text())
+    assert set(meta["files"]) == {"adapter_model.safetensors", "adapter_config.json", "trainer_state.pt"}
+    del meta["files"]  # a checkpoint from before the digests: verified by loading alone
+    (tmp_path / "step-00000002" / "meta.json").write_text(json.dumps(meta))
+    verify_checkpoint(tmp_path / "step-00000002")
+
+
+SAVE_FAILS = textwrap.dedent("""
+    import resource, sys
+    from compilepass.standby.grpo import checkpoint as c
+    from compilepass.core.errors import CompilepassError
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint import make_trainer, train_steps
+    out = sys.argv[1]
+    model, opt, sched = make_trainer()
+    train_steps(model, opt, sched, 1)
+    c.save_checkpoint(out, 1, model=model, optimizer=opt, scheduler=sched)
+    size = (c.Path(out) / "step-00000001" / "trainer_state.pt").stat().st_size
+    def limit(stage):
+        if stage == "adapter":
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, resource.RLIM_INFINITY))
+    try:
+        c.save_checkpoint(out, 2, model=model, optimizer=opt, scheduler=sched, on_stage=limit)
+    except CompilepassError as e:
+        print(type(e).__name__, e)
+""")
+
+
+def test_save_failing_half_way_raises_one_line_and_keeps_the_previous(tmp_path):
+    """A trainer_state.pt write cut short by RLIMIT_FSIZE (set in a child): CheckpointError in one
+    line, the temp directory gone, step 1 still the newest and loadable."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", SAVE_FAILS.format(tests=str(REPO / "tests")), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    assert line.startswith("CheckpointError cannot write checkpoint step-00000002") and "trainer_state.pt" in line
+    assert line.endswith("step-00000001 is still the newest checkpoint"), line
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step-00000001"]
+    verify_checkpoint(out / "step-00000001")
+
+
 # ---------------------------------------------------------------------------------------- metrics
 
 
@@ -220,9 +333,9 @@ def test_metrics_append_and_truncate_on_resume(tmp_path):
 
 
 def test_tensorboard_missing_is_a_config_error(tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(ConfigError, match="tensorboard package is not installed"):
             MetricsLogger(tmp_path, tensorboard=True)
     else:
@@ -235,6 +348,11 @@ def test_progress_bar_formats_and_runs(tmp_path):
     s = ProgressBar.format_stats({"reward": torch.tensor(0.5), "kl": 0.01, "tokens_per_s": 12345.6,
                                   "peak_mem_gib": 1.5, "other": 3})
     assert s == "reward 0.500  kl 0.0100  tok/s 12,346  peak 1.50 GiB"
+    assert ProgressBar.format_line(3, 14, {"reward": 0.12345, "loss": -0.0012, "step_s": 0.123, "tokens_per_s": 1234.5,
+                                           "kl": 0.1}) == "grpo: step 3/14  reward 0.1235  loss -0.0012  0.12 s  1,234 tok/s"
+    assert ProgressBar(3, enabled="lines").mode == "lines" and ProgressBar(3, enabled=False).mode == "off"
+    with pytest.raises(ConfigError, match="progress must be"):
+        ProgressBar(3, enabled="yes")
     with ProgressBar(3, enabled=True) as bar:
         for step in range(1, 4):
             bar.update(step, {"reward": 0.1})

@@ -63,3 +63,22 @@ def test_cap_above_the_card_caps_nothing_and_too_little_free_is_refused():
     finally:
         del hog
         torch.cuda.empty_cache()
+
+
+def test_grpo_and_bench_context_take_the_cap_and_refuse_it_without_cuda(tmp_path):
+    from cli_helpers import assert_one_line_error, run_cli
+
+    from compilepass.core.errors import ConfigError
+    from compilepass.standby.grpo import default_config, load_config
+
+    assert load_config(None, ["run.device_memory_gib=80"], base=default_config("tiny")).run.device_memory_gib == 80.0
+    with pytest.raises(ConfigError, match="run.device_memory_gib"):
+        load_config(None, ["run.device_memory_gib=0"], base=default_config("tiny"))
+    if CUDA:
+        return
+    proc = run_cli("grpo", "--preset", "tiny", "--no-progress", "run.device_memory_gib=80",
+                   f"run.output_dir={tmp_path / 'run'}", timeout=300)
+    assert_one_line_error(proc, "run.device_memory_gib caps a CUDA device")
+    proc = run_cli("bench", "context", "--model", "tiny", "--allow-cpu", "--min-len", "4", "--max-len", "4",
+                   "--device-memory-gib", "80", timeout=300)
+    assert_one_line_error(proc, "needs a CUDA device")

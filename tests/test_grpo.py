@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from faults import oom_in, oom_over_rows
+from faults import cli_with_fault, oom_in, oom_over_rows
 
 from compilepass import cli
 from compilepass.standby.grpo.config import default_config, load_config
@@ -108,14 +107,17 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
                          cwd=tmp_path, timeout=300)
     assert ref.returncode == 0, ref.stderr
 
-    a = read_metrics(killed / "metrics.jsonl")
-    b = read_metrics(full / "metrics.jsonl")
-    assert [r["step"] for r in a] == list(range(1, steps + 1))  # each step exactly once
+    assert_same_metrics(read_metrics(killed / "metrics.jsonl"), read_metrics(full / "metrics.jsonl"), steps)
+    print(f"resume: killed after step {k}, steps {k + 1}..{steps} match")
+
+
+def assert_same_metrics(a: list[dict], b: list[dict], steps: int) -> None:
+    """Two runs' metrics.jsonl records: steps 1..steps each exactly once, the COMPARED keys equal."""
+    assert [r["step"] for r in a] == list(range(1, steps + 1))
     assert [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b):
         for key in COMPARED:
-            assert ra[key] == pytest.approx(rb[key], abs=1e-6, rel=1e-6), (ra["step"], key, k)
-    print(f"resume: killed after step {k}, steps {k + 1}..{steps} match")
+            assert ra[key] == pytest.approx(rb[key], abs=1e-6, rel=1e-6), (ra["step"], key)
 
 
 # ------------------------------------------------------------------------------- (c) reward error
@@ -272,23 +274,11 @@ def test_automatic_micro_batch_halves_on_oom(tmp_path, caplog):
         _one_step(tmp_path, "one", "loss.beta=0.05", faults=oom_over_rows(0))
 
 
-# The CLI in a child process whose trainer gets an out-of-memory at the start of generation.
-OOM_CHILD = textwrap.dedent("""
-    import functools, sys
-    sys.path.insert(0, {tests!r})
-    from faults import oom_in
-    from compilepass.cli import main
-    from compilepass.standby.grpo.trainer import GRPOTrainer
-    GRPOTrainer.__init__ = functools.partialmethod(GRPOTrainer.__init__, faults=oom_in("generate"))
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
 def test_oom_in_generation_cli_one_line(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-c", OOM_CHILD.format(tests=str(REPO / "tests")), "grpo", "--preset", "tiny",
-                        "--no-progress", f"run.output_dir={out}", "run.max_steps=2", "data.prompts_per_step=2",
-                        "generation.num_generations=2"],
+    r = subprocess.run(cli_with_fault('faults.oom_in("generate")') + [
+                        "grpo", "--preset", "tiny", "--no-progress", f"run.output_dir={out}", "run.max_steps=2",
+                        "data.prompts_per_step=2", "generation.num_generations=2"],
                        env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("compilepass: error:")]

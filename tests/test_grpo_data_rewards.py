@@ -271,3 +271,40 @@ def test_reward_error_names_function_sample_and_prompt(user_rewards):
         RewardSet.from_specs(["my_rewards:text"]).score(["a", "b"], ["x", "y"], [None, None])
     with pytest.raises(RewardError, match="'exact_match' failed on sample 0 .*has none"):
         RewardSet.from_specs(["exact_match"]).score(["a"], ["1"], [None])
+
+
+def test_reward_error_quotes_the_original_exception(tmp_path, monkeypatch):
+    """The batch call's exception is quoted, not the one of the sample-by-sample rerun (which here
+    fails differently); the rerun only locates the sample."""
+    (tmp_path / "flaky_rewards.py").write_text(textwrap.dedent("""
+        calls = []
+
+        def flaky(prompts, completions, answers, **meta):
+            calls.append(len(completions))
+            if len(calls) == 1:
+                raise ValueError("the original problem\\nwith a second line")
+            raise KeyError("only on the rerun")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(RewardError) as e:
+            RewardSet.from_specs(["flaky_rewards:flaky"]).score(["p0", "p1"], ["a", "b"], [None, None])
+    finally:
+        sys.modules.pop("flaky_rewards", None)
+    msg = str(e.value)
+    assert msg == ("reward 'flaky_rewards:flaky' failed on sample 0 (prompt 'p0'): "
+                   "ValueError: the original problem with a second line"), msg
+    assert "KeyError" not in msg
+
+
+def test_reward_metric_labels():
+    from compilepass.standby.grpo.rewards import metric_labels
+
+    names = ["repeat_letter", "/tmp/x/myrewards.py:contains_answer", "pkg.mod:contains_answer",
+             "other:Scorer.contains_answer", "contains_answer_2:f", "m:contains_answer_2"]
+    assert metric_labels(names) == {
+        "repeat_letter": "repeat_letter", "/tmp/x/myrewards.py:contains_answer": "contains_answer",
+        "pkg.mod:contains_answer": "contains_answer_2", "other:Scorer.contains_answer": "contains_answer_3",
+        "contains_answer_2:f": "f", "m:contains_answer_2": "contains_answer_2_2"}
+    assert RewardSet.from_specs(["exact_match", "format_answer_tag"]).labels == {
+        "exact_match": "exact_match", "format_answer_tag": "format_answer_tag"}

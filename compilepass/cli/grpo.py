@@ -6,7 +6,9 @@ free of torch's import time."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +22,9 @@ def add_grpo(sub) -> None:
     p.add_argument("--preset", default=None, help="a built-in config (tiny) to start from; --config merges on top")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. optim.lr=1e-4 run.max_steps=20")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: one plain line per logged step instead (the default when stderr "
+                        "is not a terminal)")
     p.set_defaults(func=cmd_grpo)
 
 
@@ -48,6 +52,8 @@ def add_bench(sub) -> None:
     q.add_argument("--compile", choices=["auto", "eager", "default"], default=None,
                    help="the engine's decode step: tuned flags (auto; the CUDA default), eager (no compile; "
                         "the CPU default), or torch's default options")
+    q.add_argument("--device-memory-gib", type=float, default=None,
+                   help="run as on an N GiB card: the rest of the GPU is held for the run (e.g. 80 for an 80 GB card)")
     q.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke tests; measures nothing about GPUs)")
     q.add_argument("--out", default=None, help="write the result as JSON here")
     q.set_defaults(func=cmd_bench_context)
@@ -55,18 +61,34 @@ def add_bench(sub) -> None:
 
 def cmd_grpo(args) -> int:
     from compilepass.standby.grpo.config import default_config, load_config
-    from compilepass.standby.grpo.trainer import run_grpo  # imports torch: only when the command runs
+    from compilepass.standby.grpo.trainer import TrainingInterrupted, run_grpo  # imports torch: only when the command runs
 
     if args.config is None and args.preset is None:
         raise CompilepassError("grpo needs --config FILE or --preset NAME (e.g. --preset tiny)")
     base = default_config(args.preset) if args.preset else None
     config = load_config(args.config, args.overrides, base=base)
+
+    def interrupt(signum, frame):
+        raise TrainingInterrupted(signum)
+
+    # Until the loop handles it (GRPOTrainer.train), a SIGTERM ends the command as a Ctrl-C does.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, interrupt) if in_main else None
     try:
-        summary = run_grpo(config, progress=False if args.no_progress else "auto")
+        summary = run_grpo(config, progress="lines" if args.no_progress else "auto")
+    except TrainingInterrupted as e:
+        where = (f"state as of step {e.step} saved in {e.checkpoint}" if e.checkpoint is not None
+                 else f"the checkpoints in {config.run.output_dir} are as they were")
+        print(f"compilepass: stopped by {e.signal_name}: {where}; the same command continues "
+              f"(run.resume=auto)", file=sys.stderr, flush=True)
+        return e.exit_code
     except KeyboardInterrupt:
         print("compilepass: interrupted; the same command resumes from the last checkpoint in "
-              f"{config.run.output_dir} (run.resume=auto)", file=sys.stderr)
+              f"{config.run.output_dir} (run.resume=auto)", file=sys.stderr, flush=True)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     last = summary.metrics[-1] if summary.metrics else {}
     reward = f", reward {last['reward']:.4f}" if "reward" in last else ""
     print(f"grpo: steps {summary.start_step + 1}..{summary.final_step} done in {summary.wall_s:.1f}s{reward}; "
@@ -87,17 +109,14 @@ def cmd_bench_context(args) -> int:
             write_json_atomic(args.out, {"complete": False, "model": args.model, "standby": args.standby == "on",
                                          "command": " ".join(sys.argv), "trials": done})
 
-    if args.generate_tokens is not None and args.generate_tokens < 1:
-        raise CompilepassError(f"--generate-tokens must be >= 1 (got {args.generate_tokens})")
-    if args.mlp_chunk_tokens < 0:
-        raise CompilepassError(f"--mlp-chunk-tokens must be >= 0 (got {args.mlp_chunk_tokens})")
     compile_options = {None: None, "auto": "auto", "eager": False, "default": {}}[args.compile]
     result = max_context(args.model, standby=args.standby == "on", generations=args.generations,
                          lora_rank=args.lora_rank, min_len=args.min_len, max_len=args.max_len,
                          resolution=args.resolution, prompt_len=args.prompt_len, dtype=args.dtype,
                          allow_cpu=args.allow_cpu, compile_options=compile_options,
                          generate_tokens=args.generate_tokens, offload_activations=args.offload_activations,
-                         mlp_chunk_tokens=args.mlp_chunk_tokens, on_trial=on_trial)
+                         mlp_chunk_tokens=args.mlp_chunk_tokens, on_trial=on_trial,
+                         device_memory_gib=args.device_memory_gib)
     out = {"complete": True, **result.to_dict(), "command": " ".join(sys.argv)}
     if args.out:
         write_json_atomic(args.out, out)

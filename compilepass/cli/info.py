@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from compilepass.core.env import current_environment
+from compilepass.core.errors import ConfigError
 from compilepass.flags import FlagSpace
 from compilepass.selection import select
 
@@ -24,6 +25,10 @@ def add_info(sub) -> None:
 
 
 def cmd_info(args) -> int:
+    for option in ("batch", "prompt_len", "new_tokens"):
+        value = getattr(args, option)
+        if value is not None and value < 1:  # not given is None: matched to the nearest measured bucket
+            raise ConfigError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     env = current_environment()
     space = FlagSpace(env=env)
     rows = space.describe()

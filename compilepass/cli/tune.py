@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 
-from compilepass.core.atomic import write_json_atomic
+from compilepass.core.atomic import sweep_stale_temp_files, write_json_atomic
 from compilepass.core.errors import CompilepassError
 from compilepass.core.paths import cache_dir
+from compilepass.core.procs import interrupt_exit_code, interrupt_name, owner_tag, sigterm_raises_terminated
 from compilepass.core.shapes import resolve_model_source
 from compilepass.core.workload_spec import WorkloadSpec
-from compilepass.db import NotRecordable, record_tune_result, user_db_path
+from compilepass.db import NotRecordable, check_db_writable, record_tune_result, user_db_path
 from compilepass.tuning.search import TuneConfig, Tuner, measured_trials
 
 
@@ -48,17 +53,59 @@ def add_tune(sub) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+def _given(value, default):
+    """An option's value, or ``default`` when it was not given (None): 0 is a value, and invalid."""
+    return default if value is None else value
+
+
+def _is_cuda(args) -> bool:
+    return args.device.startswith("cuda") or (args.device == "auto" and _cuda_available())
+
+
 def _workload_from_args(args):
-    cuda = args.device.startswith("cuda") or (args.device == "auto" and _cuda_available())
+    cuda = _is_cuda(args)
     spec = WorkloadSpec(kind=args.workload, model=args.model, dtype=args.dtype, device=args.device,
-                        lora_rank=args.lora_rank, seed=args.seed, engine=args.engine)
-    spec.batch = args.batch or (32 if cuda else 8)
-    spec.prompt_len = args.prompt_len or (128 if cuda else 16)
-    spec.new_tokens = args.new_tokens or (256 if cuda else 16)
-    spec.seq_len = args.seq_len or (1024 if cuda else 64)
+                        lora_rank=args.lora_rank, seed=args.seed, engine=args.engine,
+                        batch=_given(args.batch, 32 if cuda else 8),
+                        prompt_len=_given(args.prompt_len, 128 if cuda else 16),
+                        new_tokens=_given(args.new_tokens, 256 if cuda else 16),
+                        seq_len=_given(args.seq_len, 1024 if cuda else 64))
+    spec.validate()  # sizes first: one line, before the model is resolved or anything is opened
     if args.workload != "mlp":
         resolve_model_source(args.model)  # fail here, in one line, before any study is created
     return spec
+
+
+def _config_from_args(args) -> TuneConfig:
+    workload = _workload_from_args(args)
+    config = TuneConfig(
+        workload=workload, trials=args.trials, time_budget_s=args.time_budget, storage=args.storage,
+        study_name=args.study_name, policy=args.policy, max_compile_ratio=args.max_compile_ratio,
+        verify_candidates=args.verify_candidates, verify_rounds=args.verify_rounds,
+        repeats=_given(args.repeats, 10 if workload.resolved_device().startswith("cuda") else 5),
+        trial_timeout_s=args.trial_timeout, include_flags=args.flags, exclude_flags=args.exclude_flags,
+        seed=args.seed, verify=not args.no_verify,
+    )
+    config.validate()
+    return config
+
+
+def _check_outputs(args) -> None:
+    """Before the first trial: the user database parses and can be written (when the result will be
+    recorded), and ``--out`` can be written."""
+    if not args.no_record and not args.no_verify and args.workload != "mlp":  # mlp results are never recorded
+        check_db_writable(user_db_path())
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=f".{out.name}.{owner_tag()}.", suffix=".tmp", dir=out.parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise CompilepassError(f"cannot write --out {out}: {exc.strerror}") from None
+        for path in sweep_stale_temp_files(out.parent):
+            logging.getLogger("compilepass.cli").info("removed %s (left by a writer that no longer runs)", path)
 
 
 def _cuda_available() -> bool:
@@ -68,31 +115,62 @@ def _cuda_available() -> bool:
 
 
 def cmd_tune(args) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) at any point ends with one line: the running trial
+    or verification is killed with its whole process group, the study keeps every finished trial."""
+    with sigterm_raises_terminated():
+        stage = {"now": "setup"}
+        try:
+            return _tune(args, stage)
+        except KeyboardInterrupt as exc:
+            print(f"compilepass: {interrupt_name(exc)}: {_stopped_line(stage)}", file=sys.stderr)
+            return interrupt_exit_code(exc)
 
+
+def _stopped_line(stage: dict) -> str:
+    if stage["now"] == "setup":
+        return "stopped before the first trial; nothing was measured or recorded"
+    where = {"search": "the running trial was abandoned", "verify": "verification was abandoned",
+             "record": "stopped while recording; the database holds the old or the new entry"}[stage["now"]]
+    study = stage["study"]
+    return (f"{where}; study {study.study_name} keeps its {len(measured_trials(study))} finished trials, "
+            f"run the same command to resume")
+
+
+def _tune(args, stage: dict) -> int:
+    from rich.console import Console
 
     console = Console(stderr=True)
-    workload = _workload_from_args(args)
-    config = TuneConfig(
-        workload=workload, trials=args.trials, time_budget_s=args.time_budget, storage=args.storage,
-        study_name=args.study_name, policy=args.policy, max_compile_ratio=args.max_compile_ratio,
-        verify_candidates=args.verify_candidates, verify_rounds=args.verify_rounds,
-        repeats=args.repeats or (10 if workload.resolved_device().startswith("cuda") else 5),
-        trial_timeout_s=args.trial_timeout, include_flags=args.flags, exclude_flags=args.exclude_flags,
-        seed=args.seed, verify=not args.no_verify,
-    )
-    tuner = Tuner(config)  # every user error surfaces here, before the progress bar
+    config = _config_from_args(args)  # bad numbers: one line, nothing opened or recorded
+    _check_outputs(args)
+    tuner = Tuner(config)  # sweeps leftovers, opens the study: every user error before the first trial
+    stage.update(now="search", study=tuner.study)
+    result = _run_with_progress(tuner, config, console, stage)
+    stage["now"] = "record"
+    print_tune_table(result)
+    if args.out:
+        write_json_atomic(args.out, result.to_dict())
+        console.print(f"result written to {args.out}")
+    if not args.no_record:
+        _record(result, args, console)
+    return 0
+
+
+def _run_with_progress(tuner, config, console, stage: dict):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # Where stderr is no terminal, a progress display would print its last frame when interrupted.
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console) as progress:
+                  TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console,
+                  disable=not console.is_terminal) as progress:
         task = progress.add_task("trials", total=config.trials, last="")
 
-        def on_phase(phase, obj):
-            if phase == "search":
+        def on_phase(name, obj):
+            stage["now"] = name
+            if name == "search":
                 done = len(measured_trials(obj))
                 progress.update(task, completed=min(done, config.trials),
                                 last=f"study {obj.study_name} ({done} measured already)" if done else "")
-            elif phase == "verify":
+            elif name == "verify":
                 progress.update(task, description="verifying", last=f"{len(obj)} candidates vs defaults, interleaved")
 
         def on_trial(number, flags, result):
@@ -104,14 +182,7 @@ def cmd_tune(args) -> int:
                     else result.status)
             progress.update(task, last=f"#{number} {what}")
 
-        result = tuner.run(on_trial=on_trial, on_phase=on_phase)
-    print_tune_table(result)
-    if args.out:
-        write_json_atomic(args.out, result.to_dict())
-        console.print(f"result written to {args.out}")
-    if not args.no_record:
-        _record(result, args, console)
-    return 0
+        return tuner.run(on_trial=on_trial, on_phase=on_phase)
 
 
 def _record(result, args, console) -> None:
@@ -133,6 +204,8 @@ def _record(result, args, console) -> None:
 
 
 def print_tune_table(result) -> None:
+    """Trial ratios are marked ``~`` (unverified: trials ran one after another, each in its own
+    process); verified ratios and compile ratios come from the side-by-side process."""
     from rich.console import Console
     from rich.table import Table
 
@@ -140,7 +213,8 @@ def print_tune_table(result) -> None:
     defaults = result.defaults
     verified = {json.dumps(c["flags"], sort_keys=True): c for c in result.candidates}
     table = Table(title=f"compilepass tune: {result.study_name}")
-    for col in ("#", "flags (vs torch defaults)", "status", "compile s", "tok/s", "trial ratio", "verified ratio (95% CI)"):
+    for col in ("#", "flags (vs torch defaults)", "status", "compile s", "tok/s", "trial ratio (~ unverified)",
+                "verified ratio (95% CI)", "compile ratio (verified)"):
         table.add_column(col, overflow="fold")
     for row in result.trials:
         if not row["measured"]:
@@ -148,13 +222,17 @@ def print_tune_table(result) -> None:
         flags = ", ".join(f"{k}={v}" for k, v in row["flags"].items()) or "(torch defaults)"
         ratio = ""
         if defaults and row["throughput"]:
-            ratio = f"{row['throughput'] / defaults['throughput']:.3f}"
-        ver = verified.get(json.dumps(row["flags"], sort_keys=True), {}).get("verified_ratio")
+            ratio = f"~{row['throughput'] / defaults['throughput']:.3f}"
+        cand = verified.get(json.dumps(row["flags"], sort_keys=True), {})
+        ver = cand.get("verified_ratio")
         vtxt = f"{ver['ratio']:.3f} ({ver['low']:.3f}-{ver['high']:.3f})" if ver else ""
+        ctxt = f"{cand['compile_ratio_in_process']:.2f}" if cand.get("compile_ratio_in_process") is not None else ""
         table.add_row(str(row["number"]), flags, row["status"],
                       f"{row['compile_s']:.1f}" if row["compile_s"] else "",
-                      f"{row['throughput']:,.0f}" if row["throughput"] else "", ratio, vtxt)
+                      f"{row['throughput']:,.0f}" if row["throughput"] else "", ratio, vtxt, ctxt)
     console.print(table)
+    console.print("~ unverified: each trial ran in its own process, one after another; only the verified "
+                  "columns come from the side-by-side run")
     console.print(f"[bold]{result.decision}[/bold]")
     if result.winner:
         console.print("flags: " + json.dumps(result.winner, sort_keys=True))

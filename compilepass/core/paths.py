@@ -10,10 +10,15 @@ from platformdirs import user_cache_dir
 from compilepass.core.errors import StorageError
 
 
+def cache_path() -> Path:
+    """Where the cache dir is (``COMPILEPASS_CACHE_DIR`` or the platform's user cache dir), without
+    creating it."""
+    return Path(os.environ.get("COMPILEPASS_CACHE_DIR") or user_cache_dir("compilepass"))
+
+
 def cache_dir() -> Path:
-    """``COMPILEPASS_CACHE_DIR`` or the platform's user cache dir, created and checked writable
-    (StorageError, one line, if it is not)."""
-    path = Path(os.environ.get("COMPILEPASS_CACHE_DIR") or user_cache_dir("compilepass"))
+    """:func:`cache_path`, created and checked writable (StorageError, one line, if it is not)."""
+    path = cache_path()
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"

@@ -69,5 +69,8 @@ class WorkloadSpec:
         if self.engine == "vllm" and self.kind != "rollout":
             raise ConfigError(f"--engine vllm measures generation: use --workload rollout (got {self.kind})")
         for name in ("batch", "prompt_len", "new_tokens", "seq_len", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            value, option = getattr(self, name), "--" + name.replace("_", "-")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{option} must be an integer, got {value!r}")
+            if value < 1:
+                raise ConfigError(f"{option} must be >= 1, got {value}")

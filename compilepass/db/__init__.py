@@ -19,16 +19,16 @@ from compilepass.db.lookup import (LEVEL_NAMES, NEARBY_FACTOR, SAFE_DEFAULTS, SI
                                    bucket_dims_from_string, lookup)
 from compilepass.db.recording import NotRecordable, entry_from_tune_result, record_tune_result, resolved_dtype_name
 from compilepass.db.store import (REQUIRED_ENTRY_FIELDS, SCHEMA_VERSION, SHIPPED_DB_NAME, USER_DB_NAME, DatabaseError,
-                                  add_entries, empty_db, find_entry, load_db, load_shipped, locked, merge_entries,
-                                  merged_view, now_iso, parse_date, parse_db, remove_entry, save_db, shipped_db_path,
-                                  user_db_path)
+                                  add_entries, check_db_writable, empty_db, find_entry, load_db, load_shipped, locked,
+                                  merge_entries, merged_view, now_iso, parse_date, parse_db, remove_entry, save_db,
+                                  shipped_db_path, user_db_path)
 
 __all__ = [
     "ENGINES", "POLICIES", "ModelSignature", "TuneKey", "arch_of", "bucket_dims", "bucket_distance", "bucket_string",
     "bucket_within", "dtype_name", "parse_bucket", "torch_minor", "LEVEL_NAMES", "NEARBY_FACTOR", "SAFE_DEFAULTS",
     "SIMILAR_PARAMS", "Match", "Query", "bucket_dims_from_string", "lookup", "NotRecordable",
     "entry_from_tune_result", "record_tune_result", "resolved_dtype_name", "REQUIRED_ENTRY_FIELDS", "SCHEMA_VERSION",
-    "SHIPPED_DB_NAME", "USER_DB_NAME", "DatabaseError", "add_entries", "empty_db", "find_entry", "load_db",
-    "load_shipped", "locked", "merge_entries", "merged_view", "now_iso", "parse_date", "parse_db", "remove_entry",
-    "save_db", "shipped_db_path", "user_db_path",
+    "SHIPPED_DB_NAME", "USER_DB_NAME", "DatabaseError", "add_entries", "check_db_writable", "empty_db", "find_entry",
+    "load_db", "load_shipped", "locked", "merge_entries", "merged_view", "now_iso", "parse_date", "parse_db",
+    "remove_entry", "save_db", "shipped_db_path", "user_db_path",
 ]

@@ -59,14 +59,24 @@ def _as_dict(result) -> dict:
     return dict(result)
 
 
+def _judged_compile_ratio(row: Mapping) -> Optional[float]:
+    """The compile-time ratio the policy judged: measured side by side in the verification process
+    (results since that measurement decides), else the trial ratio older results were judged on."""
+    if "compile_ratio_in_process" in row:
+        return row["compile_ratio_in_process"]
+    return row.get("compile_ratio")
+
+
 def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str = "native",
                            note: Optional[str] = None, date: Optional[str] = None,
                            model_shape=None) -> dict:
     """A database entry from a tune result (a ``TuneResult`` or its JSON dict).
 
     Refuses (``NotRecordable``) results that must not be recorded: a ``--no-verify`` run, a
-    verification that did not complete, a run whose defaults trial failed. ``policy`` defaults to
-    the ``--policy`` in the result's command, else "balanced".
+    verification that did not complete, a run whose defaults trial failed, the ``mlp`` test
+    workload (no model to key it on). ``policy`` defaults to
+    the ``--policy`` in the result's command, else "balanced". ``engine_options`` are the native
+    engine's options the rollout ran with (None for other workloads and older results).
     """
     r = _as_dict(result)
     for k in ("environment", "workload", "command", "decision", "study_name"):
@@ -81,6 +91,8 @@ def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str 
         raise NotRecordable("not recorded: the defaults trial did not complete, nothing was measured against it")
     if verification is not None and verification.get("status") != "ok":
         raise NotRecordable("not recorded: the verification round did not complete")
+    if (r.get("workload") or {}).get("kind") == "mlp":
+        raise NotRecordable("not recorded: the mlp workload measures the tuner's machinery, not a model")
     policy = policy or _option_value(command, "--policy") or "balanced"
     if policy not in POLICIES:
         raise NotRecordable(f"unknown policy {policy!r}")
@@ -120,7 +132,7 @@ def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str 
             raise NotRecordable("not recorded: the winner has no verified measurement in the result")
         ci = row["verified_ratio"]
         m.update(winner_compile_s=row.get("compile_s"), winner_throughput=row.get("throughput"),
-                 compile_ratio=row.get("compile_ratio"), ratio=ci["ratio"], ratio_ci_low=ci["low"],
+                 compile_ratio=_judged_compile_ratio(row), ratio=ci["ratio"], ratio_ci_low=ci["low"],
                  ratio_ci_high=ci["high"], verify_rounds=ci.get("n", m["verify_rounds"]),
                  winner_compile_s_in_process=verdict.get("compile_s_in_process"))
         m["verified_repeats"]["winner"] = verdict.get("throughput")
@@ -130,7 +142,7 @@ def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str 
             best = max(measured, key=lambda c: c["verified_ratio"]["ratio"])
             ci = best["verified_ratio"]
             m["best_candidate"] = {"flags": best["flags"], "ratio": ci["ratio"], "ratio_ci_low": ci["low"],
-                                   "ratio_ci_high": ci["high"], "compile_ratio": best.get("compile_ratio")}
+                                   "ratio_ci_high": ci["high"], "compile_ratio": _judged_compile_ratio(best)}
 
     return {
         "id": key.entry_id(),
@@ -141,6 +153,7 @@ def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str 
         "decision": r["decision"],
         "model_name": spec.model if os.sep not in spec.model else Path(spec.model).name,
         "workload_spec": wl,
+        "engine_options": r.get("engine_options"),
         "measurements": m,
         "provenance": {
             "date": date or now_iso(),

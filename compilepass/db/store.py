@@ -6,7 +6,8 @@ the user one (``<cache dir>/tuning_db.json``); a user entry replaces a shipped e
 
 Writes are atomic (:func:`compilepass.core.atomic.write_json_atomic`) and serialized by an ``fcntl`` lock
 on ``<file>.lock``: two writers never lose each other's entries, a writer killed mid-write leaves
-the previous file intact.
+the previous file intact (and a temp file named after its pid, which
+:func:`compilepass.core.atomic.sweep_stale_temp_files` removes once that pid is gone).
 
 Merge rule (``merge_entries``, ``compilepass db merge``): entries with the same id (same key) are one
 entry; the one whose ``provenance.date`` is later is kept; on equal dates the incoming one is kept.
@@ -20,6 +21,7 @@ import datetime as _dt
 import fcntl
 import json
 import os
+import tempfile
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -27,6 +29,7 @@ from typing import Any, Iterable, Optional, Union
 from compilepass.core.atomic import write_json_atomic
 from compilepass.core.errors import CompilepassError
 from compilepass.core.paths import cache_dir
+from compilepass.core.procs import owner_tag
 from compilepass.db.keys import TuneKey
 
 SCHEMA_VERSION = 1
@@ -118,6 +121,22 @@ def load_db(path: Union[str, os.PathLike], missing_ok: bool = True) -> dict:
     return parse_db(text, str(path))
 
 
+def check_db_writable(path: Union[str, os.PathLike]) -> dict:
+    """Read and parse the database at ``path`` (missing: empty) and prove that a write would go
+    through (its lock can be taken, a temp file created beside it). Returns the parsed document;
+    DatabaseError naming ``path`` otherwise."""
+    path = Path(path)
+    doc = load_db(path)
+    with locked(path):
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
+        except OSError as exc:
+            raise DatabaseError(f"cannot write tuning database {path}: {exc.strerror}") from None
+        os.close(fd)
+        os.unlink(probe)
+    return doc
+
+
 def load_shipped() -> dict:
     path = shipped_db_path()
     if not path.is_file():
@@ -129,9 +148,9 @@ def load_shipped() -> dict:
 def locked(path: Union[str, os.PathLike]):
     """An exclusive ``fcntl`` lock on ``<path>.lock`` for a read-modify-write of ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise DatabaseError(f"cannot lock tuning database {path}: {exc.strerror}") from None

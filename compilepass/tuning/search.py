@@ -9,11 +9,14 @@
    a flag set already measured is not measured again.
 2. The study lives in an Optuna storage (SQLite in the user cache dir by default, or any storage
    URL). Every finished trial is committed as it finishes, so a study killed with -9 resumes with
-   every completed trial kept; trials left RUNNING by a dead process are failed by Optuna's
-   heartbeat and their flag sets retried.
-3. The Pareto candidates that pass the compile-time policy are verified side by side with the
-   defaults (:mod:`compilepass.tuning.verify`); the winner is the one whose throughput ratio's 95% CI lies
-   above 1, else the answer is "keep defaults".
+   every completed trial kept. A trial interrupted by Ctrl-C or SIGTERM is FAIL with the user attr
+   ``abandoned``; one left RUNNING by a dead tuner on this host is made so when the study is opened
+   next (elsewhere Optuna's heartbeat fails it); either flag set is enqueued again, once.
+3. The Pareto candidates, faster than the defaults in their own trials (unverified), are verified
+   side by side with the defaults (:mod:`compilepass.tuning.verify`); the winner is the one whose
+   throughput ratio's 95% CI lies above ``1 + min_gain`` and, under the balanced policy, whose
+   compile time measured in that same process is at most ``max_compile_ratio`` times the
+   defaults'. Else the answer is "keep defaults".
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from compilepass.core.atomic import sweep_stale_temp_files
 from compilepass.core.env import EnvironmentKey, current_environment
 from compilepass.core.errors import ConfigError, StorageError
-from compilepass.core.paths import cache_dir
+from compilepass.core.paths import cache_dir, cache_path
+from compilepass.core.procs import interrupt_name, owner_alive, owner_tag, parse_owner_tag
 from compilepass.core.workload_spec import WorkloadSpec
 from compilepass.flags import FlagSpace
+from compilepass.tuning.isolation import sweep_stale_run_dirs
 from compilepass.tuning.trial import TrialSpec, run_trial
 from compilepass.tuning.verify import VerifyResult, VerifySpec, verify
 from compilepass.tuning.workloads import validate_workload
@@ -65,15 +71,37 @@ class TuneConfig:
     verify: bool = True
 
     def validate(self) -> None:
+        """Every count and size (ConfigError, one line, named as its command-line option)."""
         validate_workload(self.workload)
-        if self.trials < 1:
-            raise ConfigError(f"--trials must be >= 1, got {self.trials}")
+        _check_int("--trials", self.trials, 1)
+        _check_int("--repeats", self.repeats, 1)
+        _check_int("--verify-candidates", self.verify_candidates, 1)
+        _check_int("--verify-rounds", self.verify_rounds, 3, " for a confidence interval")
+        _check_int("heartbeat_s", self.heartbeat_s, 1)
+        _check_positive("--trial-timeout", self.trial_timeout_s, " seconds")
+        _check_positive("--max-compile-ratio", self.max_compile_ratio)
+        if self.time_budget_s is not None:
+            _check_positive("--time-budget", self.time_budget_s, " seconds")
+        if not _is_number(self.min_gain) or not math.isfinite(self.min_gain) or self.min_gain < 0:
+            raise ConfigError(f"min_gain must be a number >= 0, got {self.min_gain!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise ConfigError("--time-budget must be positive")
-        if self.verify_rounds < 3:
-            raise ConfigError("--verify-rounds must be >= 3 for a confidence interval")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, minimum: int, why: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}{why}, got {value}")
+
+
+def _check_positive(name: str, value, unit: str = "") -> None:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0{unit}, got {value!r}")
 
 
 @dataclass
@@ -92,6 +120,7 @@ class TuneResult:
     search_wall_s: float
     verify_wall_s: float
     command: str
+    engine_options: Optional[dict] = None  # the native engine's options the rollout ran with
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,6 +204,14 @@ class _Objective:
         return flags
 
     def __call__(self, trial) -> tuple[float, float]:
+        try:
+            trial.set_user_attr("owner", owner_tag())  # who to ask whether a RUNNING trial is still running
+            return self._run(trial)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: Optuna fails the trial and re-raises
+            trial.set_user_attr("abandoned", f"interrupted by {interrupt_name(exc)}")
+            raise
+
+    def _run(self, trial) -> tuple[float, float]:
         import optuna
 
         flags = self.sample(trial)
@@ -208,6 +245,9 @@ class _Objective:
         trial.set_user_attr("throughput_repeats", result.throughput_repeats)
         trial.set_user_attr("wall_s", result.wall_s)
         trial.set_user_attr("cache", result.cache)
+        engine_options = (result.details.get("workload") or {}).get("engine_options")
+        if engine_options is not None:
+            trial.set_user_attr("engine_options", engine_options)
         if not result.ok:
             trial.set_user_attr("error_tail", result.error_tail[-1500:])
         if self.on_trial:
@@ -235,14 +275,40 @@ def space_size(space: FlagSpace) -> int:
     return len(seen)
 
 
-def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentKey):
+class _QuietInterrupts(logging.Filter):
+    """Optuna logs a trial that Ctrl-C or SIGTERM ended as a failure in two records, the first with
+    the traceback; the tuner reports the interruption itself, in one line."""
+
+    def __init__(self):
+        super().__init__()
+        self._follow_up: Optional[str] = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self._follow_up = record.getMessage().split(" failed with parameters")[0] + " failed with value"
+            return False
+        if self._follow_up and record.getMessage().startswith(self._follow_up):
+            self._follow_up = None
+            return False
+        return True
+
+
+def _quiet_optuna() -> None:
     import warnings
 
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _QuietInterrupts) for f in optimize_log.filters):
+        optimize_log.addFilter(_QuietInterrupts())
 
+
+def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentKey):
+    import optuna
+
+    _quiet_optuna()
     url = config.storage or default_storage_url()
     storage = open_storage(url, config.heartbeat_s)
     name = config.study_name or study_name_for(env, config.workload, config.workload.engine)
@@ -256,9 +322,7 @@ def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentK
         raise StorageError(f"cannot create or load study {name!r} in {url!r}: {msg}") from None
     meta = {"workload": config.workload.to_dict(), "environment": env.to_dict(), "space": space.names}
     stored = study.user_attrs.get("compilepass")
-    if stored is None:
-        study.set_user_attr("compilepass", meta)
-    else:
+    if stored is not None:
         was_workload = {"engine": "native", **(stored.get("workload") or {})}  # studies from before engines
         if was_workload != meta["workload"] or stored.get("space") != meta["space"]:
             raise ConfigError(f"study {name!r} in {url} was created for another workload or flag space; "
@@ -270,7 +334,42 @@ def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentK
             now = ", ".join(f"{k}={meta['environment'][k]}" for k in keys)
             raise ConfigError(f"study {name!r} was measured with {was}; this machine has {now}; "
                               f"measurements from different machines are not mixed: pass --study-name")
+    try:  # a storage that reads but cannot be written fails here, before any trial runs
+        if stored is None:
+            study.set_user_attr("compilepass", meta)
+        study.set_user_attr("compilepass_opened_by", owner_tag())
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(f"cannot write to Optuna storage {url!r}: {msg}") from None
+    reclaim_abandoned(study, storage)
     return study, url
+
+
+def reclaim_abandoned(study, storage) -> list[int]:
+    """Trials that a dead tuner on this host left RUNNING become FAIL with the user attr
+    ``abandoned``; every abandoned trial not retried yet is enqueued again, once (its flag set is
+    measured first when the search resumes). Returns the numbers of the trials enqueued again."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    for t in study.get_trials(deepcopy=False, states=(state.RUNNING,)):
+        owner = t.user_attrs.get("owner")
+        if owner and not owner_alive(owner):
+            pid = parse_owner_tag(owner)[0]
+            storage.set_trial_user_attr(t._trial_id, "abandoned", f"its tuner (pid {pid}) died")
+            storage.set_trial_state_values(t._trial_id, state.FAIL)
+            log.info("trial %d: its tuner (pid %d) died; marked failed (abandoned)", t.number, pid)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    again = []
+    for t in trials:
+        if t.state == state.FAIL and t.user_attrs.get("abandoned") and t.number not in retried and t.params:
+            attrs = {"retry_of": t.number}
+            if "role" in t.user_attrs:
+                attrs["role"] = t.user_attrs["role"]
+            study.enqueue_trial(t.params, user_attrs=attrs)
+            again.append(t.number)
+    return again
 
 
 def measured_trials(study) -> list:
@@ -288,7 +387,9 @@ def run_search(config: TuneConfig, space: FlagSpace, study, on_trial: Optional[C
     defaults = {s.name: encode_choice(space.torch_defaults[s.name]) for s in space.specs
                 if s.requires is None or space.torch_defaults.get(s.requires[0]) == s.requires[1]}
     if not any(flag_key(t.user_attrs.get("flags", {})) == flag_key({}) for t in measured_trials(study)):
-        already = any(t.state == optuna.trial.TrialState.WAITING and t.params == defaults
+        # an enqueued trial keeps its parameters in the fixed_params system attr until it starts
+        already = any(t.state == optuna.trial.TrialState.WAITING
+                      and (t.params or t.system_attrs.get("fixed_params")) == defaults
                       for t in study.get_trials(deepcopy=False))
         if not already:
             study.enqueue_trial(defaults, user_attrs={"role": "defaults"})
@@ -326,7 +427,11 @@ def pareto_candidates(study, space: FlagSpace) -> list[dict]:
 
 
 def select_candidates(front: list[dict], defaults: Optional[dict], config: TuneConfig) -> tuple[list[dict], str]:
-    """Pick the Pareto points worth verifying under the policy (at most ``verify_candidates``)."""
+    """Pick the Pareto points worth verifying (at most ``verify_candidates``): those faster than the
+    defaults in their own trials. The trials ran one after another, so their ratios are unverified:
+    they choose what is verified, not what wins. Under the balanced policy the ones whose trial
+    compile time is within the limit are verified first; the limit itself is judged in
+    :func:`decide`, on compile times measured side by side."""
     if defaults is None:
         return [], "the defaults trial did not complete; nothing to compare against"
     picks = []
@@ -335,34 +440,57 @@ def select_candidates(front: list[dict], defaults: Optional[dict], config: TuneC
             continue  # that is the defaults
         if row["throughput"] <= defaults["throughput"]:
             continue  # not faster even in its own trial
-        ratio = row["compile_s"] / defaults["compile_s"] if defaults["compile_s"] else math.inf
-        row = dict(row, compile_ratio=ratio)
-        if config.policy == "balanced" and ratio > config.max_compile_ratio:
-            continue
-        picks.append(row)
+        compile_ratio = row["compile_s"] / defaults["compile_s"] if defaults["compile_s"] else math.inf
+        picks.append(dict(row, unverified_trial_ratio=row["throughput"] / defaults["throughput"],
+                          unverified_compile_ratio=compile_ratio))
+    if config.policy == "balanced":
+        picks.sort(key=lambda r: r["unverified_compile_ratio"] > config.max_compile_ratio)  # stable: by throughput
     picks = picks[: config.verify_candidates]
     if not picks:
-        why = ("no measured flag set was faster than the defaults" if config.policy != "balanced" else
-               f"no measured flag set was faster than the defaults with compile time <= "
-               f"{config.max_compile_ratio:g}x the defaults'")
-        return [], why
+        return [], "no measured flag set was faster than the defaults in its own trial"
     return picks, ""
 
 
-def decide(picks: list[dict], verification: Optional[VerifyResult], min_gain: float = 0.01
-           ) -> tuple[Optional[dict], str, list[dict]]:
-    """The verified winner (highest geometric-mean ratio among those whose 95% CI lies above
-    ``1 + min_gain``) or None for "keep defaults"."""
+def _compile_ratio_in_process(verdict, verification: VerifyResult) -> Optional[float]:
+    base, mine = verification.defaults_compile_s_in_process, verdict.compile_s_in_process
+    return mine / base if base and mine is not None else None
+
+
+def decide(picks: list[dict], verification: Optional[VerifyResult], min_gain: float = 0.01,
+           max_compile_ratio: Optional[float] = None) -> tuple[Optional[dict], str, list[dict]]:
+    """The verified winner or None for "keep defaults".
+
+    The winner is the candidate with the highest geometric-mean ratio among those whose 95% CI lies
+    above ``1 + min_gain`` and (when ``max_compile_ratio`` is given: the balanced policy) whose
+    compile time in the verification process is at most ``max_compile_ratio`` times the defaults'
+    there. The decision text names a faster candidate that the compile limit excluded."""
     if verification is None or verification.status != "ok":
         why = verification.error_tail.strip().splitlines()[-1] if verification and verification.error_tail else ""
         return None, f"keep defaults: verification did not complete ({why})", []
     rows = []
     for pick, verdict in zip(picks, verification.verdicts()):
         ci = verdict.ci
+        compile_ratio = _compile_ratio_in_process(verdict, verification)
+        within = max_compile_ratio is None or (compile_ratio is not None and compile_ratio <= max_compile_ratio)
         rows.append(dict(pick, verified_ratio=verdict.ratio, verify_status=verdict.status,
+                         compile_ratio_in_process=compile_ratio, within_compile_limit=within,
                          beats_defaults=bool(ci and ci.beats(1.0 + min_gain))))
-    winners = [r for r in rows if r["beats_defaults"]]
+    beating = [r for r in rows if r["beats_defaults"]]
+    winners = [r for r in beating if r["within_compile_limit"]]
+    too_slow = [r for r in beating if not r["within_compile_limit"]]
+
+    def compile_note(r: dict) -> str:
+        ratio = r["compile_ratio_in_process"]
+        compiled = f"compiles {ratio:.2f}x" if ratio is not None else "has no compile time"
+        return (f"{compiled} the defaults' in the verification process, above --max-compile-ratio "
+                f"{max_compile_ratio:g}")
+
     if not winners:
+        if too_slow:
+            best = max(too_slow, key=lambda r: r["verified_ratio"]["ratio"])
+            ci = best["verified_ratio"]
+            return None, (f"keep defaults: the fastest candidate that beats torch's defaults ({ci['ratio']:.3f}x, "
+                          f"95% CI {ci['low']:.3f}-{ci['high']:.3f}) {compile_note(best)}"), rows
         best = max((r for r in rows if r["verified_ratio"]), key=lambda r: r["verified_ratio"]["ratio"], default=None)
         if best is None:
             return None, "keep defaults: no candidate could be measured side by side", rows
@@ -372,36 +500,58 @@ def decide(picks: list[dict], verification: Optional[VerifyResult], min_gain: fl
                       f"{ci['ratio']:.3f}, 95% CI {ci['low']:.3f}-{ci['high']:.3f})"), rows
     win = max(winners, key=lambda r: r["verified_ratio"]["ratio"])
     ci = win["verified_ratio"]
-    return win["flags"], (f"winner: {ci['ratio']:.3f}x the defaults' throughput (95% CI {ci['low']:.3f}-"
-                          f"{ci['high']:.3f}), compile {win['compile_ratio']:.2f}x the defaults'"), rows
+    compiled = (f"compile {win['compile_ratio_in_process']:.2f}x the defaults' in the same process"
+                if win["compile_ratio_in_process"] is not None else "compile time not measured")
+    text = (f"winner: {ci['ratio']:.3f}x the defaults' throughput (95% CI {ci['low']:.3f}-{ci['high']:.3f}), "
+            f"{compiled}")
+    faster = [r for r in too_slow if r["verified_ratio"]["ratio"] > ci["ratio"]]
+    if faster:
+        best = max(faster, key=lambda r: r["verified_ratio"]["ratio"])
+        text += f"; a faster candidate ({best['verified_ratio']['ratio']:.3f}x) {compile_note(best)}"
+    return win["flags"], text, rows
 
 
-def trial_rows(study) -> list[dict]:
+def trial_rows(study, defaults: Optional[dict] = None) -> list[dict]:
+    """One row per trial; ``unverified_trial_ratio`` is its throughput over the defaults trial's,
+    measured in different processes one after another (never side by side)."""
     rows = []
+    base = (defaults or {}).get("throughput")
     for t in study.get_trials(deepcopy=False):
+        throughput = t.user_attrs.get("throughput")
         rows.append({
             "number": t.number,
             "state": t.state.name,
             "status": t.user_attrs.get("status", t.state.name.lower()),
             "flags": t.user_attrs.get("flags", t.params),
             "compile_s": t.user_attrs.get("compile_s"),
-            "throughput": t.user_attrs.get("throughput"),
+            "throughput": throughput,
+            "unverified_trial_ratio": throughput / base if base and throughput else None,
             "throughput_repeats": t.user_attrs.get("throughput_repeats"),
             "measured": bool(t.user_attrs.get("measured")),
             "duplicate_of": t.user_attrs.get("duplicate_of"),
             "cache": t.user_attrs.get("cache"),
             "error_tail": t.user_attrs.get("error_tail", ""),
+            "abandoned": t.user_attrs.get("abandoned"),
         })
     return rows
 
 
+def sweep_leftovers() -> list:
+    """Remove what killed tuners and writers left: trial run directories under the temp dir and
+    atomic-write temp files in the cache dir, only where their owner no longer runs."""
+    return sweep_stale_run_dirs() + sweep_stale_temp_files(cache_path())
+
+
 class Tuner:
-    """A prepared tuning run: construction validates the config, builds the flag space and opens
-    (or resumes) the study, so every user error surfaces before any measurement starts."""
+    """A prepared tuning run: construction validates the config, sweeps what killed runs left,
+    builds the flag space and opens (or resumes) the study, so every user error surfaces before any
+    measurement starts."""
 
     def __init__(self, config: TuneConfig):
         config.validate()
         self.config = config
+        for path in sweep_leftovers():
+            log.info("removed %s (left by a process that no longer runs)", path)
         self.env = current_environment()
         device_kind = "cuda" if config.workload.resolved_device().startswith("cuda") else "cpu"
         exclude = list(config.exclude_flags)
@@ -438,7 +588,8 @@ class Tuner:
             verification = verify(VerifySpec(config.workload, {}, [p["flags"] for p in picks],
                                              rounds=config.verify_rounds,
                                              timeout_s=max(config.trial_timeout_s * (len(picks) + 1), 600)))
-            winner, decision, rows = decide(picks, verification, config.min_gain)
+            limit = config.max_compile_ratio if config.policy == "balanced" else None
+            winner, decision, rows = decide(picks, verification, config.min_gain, limit)
         elif picks:
             winner, decision, rows = None, "keep defaults: verification was switched off, so no winner is declared", picks
         else:
@@ -446,11 +597,20 @@ class Tuner:
         verify_wall = time.perf_counter() - t1
         return TuneResult(
             study_name=study.study_name, storage=self.storage_url, environment=self.env.to_dict(),
-            workload=config.workload.to_dict(), space=space.describe(), trials=trial_rows(study), defaults=defaults,
-            verification=None if verification is None else verification.to_dict(),
+            workload=config.workload.to_dict(), space=space.describe(), trials=trial_rows(study, defaults),
+            defaults=defaults, verification=None if verification is None else verification.to_dict(),
             candidates=rows, winner=winner, decision=decision, search_wall_s=search_wall, verify_wall_s=verify_wall,
             command=" ".join(shlex.quote(a) for a in sys.argv),
+            engine_options=_engine_options(defaults_trial, measured, verification),
         )
+
+
+def _engine_options(defaults_trial, measured: list, verification: Optional[VerifyResult]) -> Optional[dict]:
+    """The engine options the rollout ran with (the engine's own defaults: the same in every trial)."""
+    for t in ([defaults_trial] if defaults_trial is not None else []) + list(measured):
+        if t.user_attrs.get("engine_options") is not None:
+            return t.user_attrs["engine_options"]
+    return verification.engine_options if verification is not None else None
 
 
 def tune(config: TuneConfig, on_trial: Optional[Callable] = None, on_phase: Optional[Callable] = None) -> TuneResult:

@@ -1,9 +1,10 @@
 """One honest measurement: one flag set on one workload, in its own process.
 
-Each trial runs ``python -m compilepass.tuning.trial`` in a new process session with fresh Inductor and
-Triton cache directories and a hard timeout (the whole process group is killed). The child checks
-Inductor's cache counters to prove the compile missed the cache, times the cold compile (trace,
-compile, autotune, first calls, CUDA-graph capture) and then many repeats of the workload.
+Each trial runs in a child process of its own (:mod:`compilepass.tuning.isolation`: a new session,
+fresh Inductor and Triton cache directories, a hard timeout, and a process group that dies with the
+tuner). The child checks Inductor's cache counters to prove the compile missed the cache, times the
+cold compile (trace, compile, autotune, first calls, CUDA-graph capture) and then many repeats of
+the workload.
 A crash, an out-of-memory or a timeout is a :class:`TrialResult` with the tail of its error output,
 never an exception in the caller.
 """
@@ -12,11 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import Optional
 
 from compilepass.core.atomic import write_json_atomic
 from compilepass.core.workload_spec import WorkloadSpec
+from compilepass.tuning.isolation import IsolatedRun, run_isolated
 from compilepass.tuning.stats import summarize
 from compilepass.tuning.workload_base import HasWorkloadSpec, synchronize
 from compilepass.tuning.workloads import make_workload
@@ -66,67 +64,16 @@ class TrialResult:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-@dataclass
-class IsolatedRun:
-    """What a child process left behind: its result payload (if any), how it ended, its output tail."""
-    status: Optional[str]  # "timeout" or None (then look at payload / returncode)
-    returncode: Optional[int]
-    payload: Optional[dict]
-    tail: str
-    wall_s: float
-
-
-def run_isolated(module: str, payload: dict, timeout_s: float, extra_env: Optional[dict] = None,
-                 keep_dir: Optional[str] = None) -> IsolatedRun:
-    """Run ``python -m MODULE spec.json result.json`` in a new session with fresh compile caches."""
-    work = Path(tempfile.mkdtemp(prefix="compilepass-run-"))
-    spec_path, result_path, log_path = work / "spec.json", work / "result.json", work / "output.log"
-    write_json_atomic(spec_path, payload)
-    env = dict(os.environ)
-    env.update({k: str(v) for k, v in (extra_env or {}).items()})
-    env.update({
-        "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),
-        "TRITON_CACHE_DIR": str(work / "triton"),
-        "PYTHONUNBUFFERED": "1",
-    })
-    # Remote caches would defeat the cold-cache guarantee.
-    for key in ("TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", module, str(spec_path), str(result_path)]
-    t0 = time.perf_counter()
-    status = None
-    try:
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
-            try:
-                returncode = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                returncode, status = None, "timeout"
-            except BaseException:
-                _kill_group(proc)  # the caller was interrupted: leave no orphaned compile behind
-                raise
-        wall = time.perf_counter() - t0
-        payload_out = None
-        if status is None and result_path.exists():
-            payload_out = json.loads(result_path.read_text())
-        return IsolatedRun(status, returncode, payload_out, _tail(log_path), wall)
-    finally:
-        if keep_dir:
-            shutil.copytree(work, Path(keep_dir) / work.name, dirs_exist_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def failure_status(run: IsolatedRun) -> str:
     if run.status == "timeout":
         return "timeout"
     return "oom" if _looks_like_oom(run.tail) else "failed"
 
 
-def run_trial(spec: TrialSpec, keep_dir: Optional[str] = None) -> TrialResult:
+def run_trial(spec: TrialSpec, keep_dir: Optional[str] = None, lifeline: Optional[str] = None) -> TrialResult:
     """Run one trial in a fresh subprocess and return what happened, whatever happened."""
-    run = run_isolated("compilepass.tuning.trial", spec.to_dict(), spec.timeout_s, spec.extra_env, keep_dir)
+    run = run_isolated("compilepass.tuning.trial", spec.to_dict(), spec.timeout_s, spec.extra_env, keep_dir,
+                       lifeline=lifeline)
     if run.payload is not None:
         result = TrialResult.from_dict(run.payload)
         if not result.ok and not result.error_tail:
@@ -137,22 +84,6 @@ def run_trial(spec: TrialSpec, keep_dir: Optional[str] = None) -> TrialResult:
         result = TrialResult(failure_status(run), spec.flags, error_tail=f"exit code {run.returncode}\n" + run.tail)
     result.wall_s = run.wall_s
     return result
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def _tail(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return ""
-    return data[-_TAIL_CHARS:].decode("utf-8", errors="replace")
 
 
 def _looks_like_oom(text: str) -> bool:

@@ -1,10 +1,11 @@
 """Side-by-side verification: candidates against torch's defaults in one process, interleaved.
 
-Every variant is compiled in the same process over the same model and inputs; then for each round
-each variant runs one unit of work, in an order that rotates every round (A B C, B C A, ...). The
-ratio of a candidate's throughput to the defaults' in the same round is one paired sample; the
-geometric mean over rounds with a 95% t-interval is the reported ratio. A candidate wins only if
-its whole interval lies above 1.
+Every variant is compiled in the same process over the same model and inputs, the defaults first;
+each variant's compile time there (``compile_s_in_process``) is what the balanced policy judges.
+Then for each round each variant runs one unit of work, in an order that rotates every round
+(A B C, B C A, ...). The ratio of a candidate's throughput to the defaults' in the same round is one
+paired sample; the geometric mean over rounds with a 95% t-interval is the reported ratio. A
+candidate wins only if its whole interval lies above 1.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Optional
 
 from compilepass.core.atomic import write_json_atomic
 from compilepass.core.workload_spec import WorkloadSpec
+from compilepass.tuning.isolation import run_isolated
 from compilepass.tuning.stats import RatioCI, paired_ratio_ci
-from compilepass.tuning.trial import failure_status, run_isolated
+from compilepass.tuning.trial import failure_status
 from compilepass.tuning.workload_base import HasWorkloadSpec
 from compilepass.tuning.workloads import make_workload
 
@@ -57,6 +59,7 @@ class VerifyResult:
     order: list = field(default_factory=list)
     wall_s: float = 0.0
     error_tail: str = ""
+    engine_options: Optional[dict] = None  # the native engine's, for rollout workloads
 
     def verdicts(self) -> list[CandidateVerdict]:
         return [CandidateVerdict(**c) for c in self.candidates]
@@ -119,7 +122,8 @@ def measure_side_by_side(spec: VerifySpec) -> VerifyResult:
             continue
         ci = paired_ratio_ci(samples[i], base)
         verdicts.append(CandidateVerdict(variants[i], ci.to_dict(), samples[i], compile_s[i]))
-    return VerifyResult("ok", base, compile_s[0], [asdict(v) for v in verdicts], order_log)
+    return VerifyResult("ok", base, compile_s[0], [asdict(v) for v in verdicts], order_log,
+                        engine_options=workload.describe().get("engine_options"))
 
 
 def _child_main(spec_path: str, result_path: str) -> int:

@@ -28,6 +28,11 @@ train peak + (region if standby off else 0))``. On CPU: the process's peak resid
 
 CPU runs are refused (they measure nothing useful about a GPU) unless ``allow_cpu=True`` (smoke
 tests with tiny lengths).
+
+Every count and size argument is checked before any work (the same checks for the command's
+flags and for these functions' arguments): an integer, >= 1 (``generations`` >= 2,
+``mlp_chunk_tokens`` >= 0, where 0 turns tiling off), ``max_len`` >= ``min_len``; anything else
+is one :class:`~compilepass.core.errors.CompilepassError` line naming the flag.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from compilepass.core.models import add_lora, build_model
 from compilepass.core.shapes import resolve_model_source
 from compilepass.kernels import grpo_loss
 from compilepass.standby.grpo.metrics import peak_memory_gib
+from compilepass.standby.memory.cap import DeviceMemoryCap
 from compilepass.standby.rollout.engine import RolloutEngine
 from compilepass.standby.training.checkpointing import enable_checkpointing
 from compilepass.standby.training.logprobs import policy_logprobs
@@ -86,9 +92,10 @@ class ContextBenchResult:
     mlp_chunk_tokens: int  # 0: MLP tiling off
     max_completion_len: int  # the largest length that fit; 0 when even min_len did not
     peak_mem_gib: Optional[float]  # of the trial at max_completion_len
-    device_total_gib: Optional[float]
+    device_total_gib: Optional[float]  # the card as the run saw it (the capped size under a cap)
     trials: list[ContextTrial] = field(default_factory=list)
     wall_s: float = 0.0
+    device_memory_cap: Optional[dict] = None  # DeviceMemoryCap.describe() when the run was capped
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,10 +105,27 @@ def _gib(n: float) -> float:
     return n / 2**30
 
 
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _check_int(flag: str, value, minimum: int, optional: bool = False, why: str = "") -> None:
+    """``value`` an integer >= ``minimum`` (or None when ``optional``), else one error line naming ``flag``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CompilepassError(f"{flag} must be an integer (got {value!r})")
+    if value < minimum:
+        raise CompilepassError(f"{flag} must be >= {minimum}{why} (got {value})")
+
+
 def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: int = 16, standby: bool = True,
               compile_options=False, lr: float = 1e-5, seed: int = 0, generate_tokens: Optional[int] = None,
               offload_activations: bool = False) -> ContextTrial:
     """One GRPO step at ``completion_len`` on ``model`` (a peft model); out of memory -> ok=False."""
+    _check_int("completion_len", completion_len, 1)
+    _check_int("--generations", generations, 2, why=": GRPO compares completions within a group")
+    _check_int("--prompt-len", prompt_len, 1)
+    _check_int("--generate-tokens", generate_tokens, 1, optional=True)
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     trial = ContextTrial(completion_len=completion_len, ok=False)
@@ -190,24 +214,48 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
                 min_len: int = 256, max_len: int = 65536, resolution: Optional[int] = None, prompt_len: int = 16,
                 dtype: Optional[str] = None, device: Optional[str] = None, allow_cpu: bool = False,
                 compile_options=None, generate_tokens: Optional[int] = None, offload_activations: bool = False,
-                mlp_chunk_tokens: int = 4096, on_trial: Optional[Callable[[ContextTrial], None]] = None) -> ContextBenchResult:
+                mlp_chunk_tokens: int = 4096, on_trial: Optional[Callable[[ContextTrial], None]] = None,
+                device_memory_gib: Optional[float] = None) -> ContextBenchResult:
     """Search the largest completion length (per generation) for which one GRPO step fits.
 
     Doubling from ``min_len`` while steps fit (capped at ``max_len``), then bisection to
     ``resolution`` tokens (default ``max(1, min_len // 4)``). ``dtype``: default bfloat16 on
     CUDA, float32 on CPU. ``compile_options``: the engine's (default: "auto" on CUDA, eager on
-    CPU). Raises CompilepassError on CPU unless ``allow_cpu``.
+    CPU). Raises CompilepassError on CPU unless ``allow_cpu``. ``device_memory_gib``: run on an
+    N GiB card (:class:`~compilepass.standby.memory.cap.DeviceMemoryCap`, taken before the model is
+    built, released at the end; recorded as ``device_memory_cap``).
     """
 
-    if min_len < 1 or max_len < min_len:
+    _check_int("--min-len", min_len, 1)
+    _check_int("--max-len", max_len, 1)
+    if max_len < min_len:
         raise CompilepassError(f"need 1 <= --min-len <= --max-len (got {min_len}, {max_len})")
-    if generations < 2:
-        raise CompilepassError(f"--generations must be >= 2 (got {generations})")
+    _check_int("--resolution", resolution, 1, optional=True)
+    _check_int("--generations", generations, 2, why=": GRPO compares completions within a group")
+    _check_int("--lora-rank", lora_rank, 1)
+    _check_int("--prompt-len", prompt_len, 1)
+    _check_int("--generate-tokens", generate_tokens, 1, optional=True)
+    _check_int("--mlp-chunk-tokens", mlp_chunk_tokens, 0, why=" (0 turns MLP tiling off)")
+    if dtype is not None and dtype not in DTYPES:
+        raise CompilepassError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type != "cuda" and not allow_cpu:
         raise CompilepassError("bench context measures GPU memory and needs CUDA; this machine has none "
                                "(--allow-cpu runs it on the CPU anyway, for smoke tests with small lengths)")
     resolve_model_source(model)
+    if device_memory_gib is None:
+        return _search(model, dev, standby, generations, lora_rank, min_len, max_len, resolution, prompt_len, dtype,
+                       compile_options, generate_tokens, offload_activations, mlp_chunk_tokens, on_trial)
+    with DeviceMemoryCap(device_memory_gib, dev) as cap:
+        result = _search(model, dev, standby, generations, lora_rank, min_len, max_len, resolution, prompt_len, dtype,
+                         compile_options, generate_tokens, offload_activations, mlp_chunk_tokens, on_trial)
+        result.device_memory_cap = cap.describe()
+        result.device_total_gib = result.device_memory_cap["visible_total_gib"]
+    return result
+
+
+def _search(model, dev, standby, generations, lora_rank, min_len, max_len, resolution, prompt_len, dtype,
+            compile_options, generate_tokens, offload_activations, mlp_chunk_tokens, on_trial) -> ContextBenchResult:
     tdtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if compile_options is None:
         compile_options = "auto" if dev.type == "cuda" else False
@@ -219,7 +267,8 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
     if mlp_chunk_tokens:
         tile_mlp(causal_lm, mlp_chunk_tokens)
     peft_model.train()
-    resolution = resolution or max(1, min_len // 4)
+    if resolution is None:
+        resolution = max(1, min_len // 4)
 
     trials: list[ContextTrial] = []
     cache: dict[int, ContextTrial] = {}

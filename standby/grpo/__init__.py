@@ -6,7 +6,8 @@ the Python API under ``compilepass grpo``; ``load_config`` / ``default_config``
 """
 
 from compilepass.standby.grpo.config import GRPOConfig, default_config, load_config
-from compilepass.standby.grpo.trainer import GRPOSummary, GRPOTrainer, TrainingOutOfMemoryError, run_grpo, step_seed
+from compilepass.standby.grpo.trainer import (GRPOSummary, GRPOTrainer, TrainingInterrupted, TrainingOutOfMemoryError,
+                                              run_grpo, step_seed)
 
-__all__ = ["GRPOConfig", "GRPOSummary", "GRPOTrainer", "TrainingOutOfMemoryError", "default_config", "load_config",
-           "run_grpo", "step_seed"]
+__all__ = ["GRPOConfig", "GRPOSummary", "GRPOTrainer", "TrainingInterrupted", "TrainingOutOfMemoryError",
+           "default_config", "load_config", "run_grpo", "step_seed"]

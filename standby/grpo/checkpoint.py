@@ -8,6 +8,9 @@ Layout under a checkpoint directory (normally ``run.output_dir``)::
         meta.json             # step, time, versions, config, the last metrics lines
     latest                    # "step-00000050\\n", replaced atomically after each save
 
+``meta.json`` records the size and sha256 of every other file (``files``), so a truncated or
+corrupt checkpoint is recognised before anything is loaded from it (:func:`verify_checkpoint`).
+
 A save writes everything into ``.tmp-step-XXXXXXXX-<random>/`` in the same directory, fsyncs
 every file and the directory, renames it to ``step-XXXXXXXX`` (the commit point), fsyncs the
 parent, then rewrites ``latest`` atomically and deletes all but the newest ``keep_last``
@@ -21,11 +24,18 @@ so it loads with ``torch.load(weights_only=True)``: RNG states are converted (Py
 
 :func:`load_checkpoint` restores the adapter weights *in place* into the existing peft model
 (``set_peft_model_state_dict``; parameters keep their storage, so an engine holding the same
-modules and CUDA graphs over them stays valid), then the optimizer, scheduler and RNG states.
+modules and CUDA graphs over them stays valid), then the optimizer, scheduler and RNG states. It
+verifies the checkpoint first: a bad one is a one-line :class:`CheckpointError`.
+:func:`find_latest_valid` (``run.resume=auto``) returns the newest checkpoint that verifies and
+the newer ones it passed over, with the reason; it changes nothing on disk.
+
+A save that fails (disk full, a file-size limit, an I/O error) removes its temp directory and
+raises :class:`CheckpointError` naming the checkpoint that is still the newest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -44,12 +54,13 @@ from compilepass.core.errors import CompilepassError
 
 __all__ = [
     "CheckpointError", "CheckpointState", "save_checkpoint", "load_checkpoint", "find_latest",
-    "list_checkpoints", "cleanup_partial", "capture_rng_state", "restore_rng_state",
-    "checkpoint_name", "FORMAT_VERSION",
+    "find_latest_valid", "verify_checkpoint", "list_checkpoints", "cleanup_partial", "capture_rng_state",
+    "restore_rng_state", "checkpoint_name", "FORMAT_VERSION",
 ]
 
 FORMAT_VERSION = 1
 ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
@@ -57,7 +68,12 @@ TMP_PREFIX = ".tmp-step-"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 class CheckpointError(CompilepassError):
-    """No checkpoint where one was expected, or one that does not match the model."""
+    """No checkpoint where one was expected, one that does not verify or does not match the model,
+    or a save that failed. ``reason``: what :func:`verify_checkpoint` found wrong, else None."""
+
+    def __init__(self, message: str, reason: Optional[str] = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -162,6 +178,26 @@ def find_latest(directory: str | os.PathLike) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def find_latest_valid(directory: str | os.PathLike) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """The newest checkpoint in ``directory`` that passes :func:`verify_checkpoint`, and the newer
+    ``step-*`` directories passed over as ``(path, reason)``, newest first (an incomplete one
+    included). ``(None, [])``: no checkpoint at all; ``(None, skipped)``: none verifies."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None, []
+    steps = sorted(((int(m.group(1)), child) for child in d.iterdir()
+                    if (m := _STEP_DIR.match(child.name)) and child.is_dir()), reverse=True)
+    skipped = []
+    for _, path in steps:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append((path, e.reason))
+            continue
+        return path, skipped
+    return None, skipped
+
+
 def cleanup_partial(directory: str | os.PathLike) -> list[Path]:
     """Delete ``.tmp-step-*`` directories and stale ``latest`` temp files left by a killed save.
     Call only while no other process saves into ``directory``. Returns what was removed."""
@@ -226,13 +262,14 @@ def save_checkpoint(
     process there to show that a crash at any point leaves a loadable checkpoint).
     """
     stage = on_stage or (lambda name: None)
-    if keep_last < 1:
-        raise ValueError("keep_last must be >= 1")
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise CheckpointError(f"keep_last must be an integer >= 1 (got {keep_last!r})")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cleanup_partial(d)
     name = checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{int(step):08d}-", dir=d))
+    writing = ADAPTER_FILE  # named in the error of a failed write
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if not (tmp / ADAPTER_FILE).is_file():
@@ -247,6 +284,7 @@ def save_checkpoint(
             "data": data_state,
             "extra": extra or {},
         }
+        writing = STATE_FILE
         torch.save(state, tmp / STATE_FILE)
         stage("state")
         meta = {
@@ -257,8 +295,12 @@ def save_checkpoint(
             "config": config_dict,
             "metrics_tail": metrics_tail or [],
         }
+        meta["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                         for f in (tmp / ADAPTER_FILE, tmp / ADAPTER_CONFIG_FILE, tmp / STATE_FILE) if f.is_file()}
+        writing = META_FILE
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         stage("meta")
+        writing = "the checkpoint directory"
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync(f)
@@ -279,10 +321,20 @@ def save_checkpoint(
             os.rename(tmp, final)
         _fsync(d)
         stage("renamed")
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = find_latest(d)
+        still = f"{newest.name} is still the newest checkpoint" if newest is not None else "no checkpoint was kept"
+        raise CheckpointError(f"cannot write checkpoint {name} in {d}: writing {writing} failed ({one_line(e)}"
+                              f"{_write_limits(d)}); {still}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_bytes_atomic(d / LATEST_FILE, (name + "\n").encode())
+    try:
+        write_bytes_atomic(d / LATEST_FILE, (name + "\n").encode())
+    except OSError as e:  # the checkpoint itself is committed; only the pointer for people and tools is stale
+        raise CheckpointError(f"checkpoint {final} was written, but updating {d / LATEST_FILE} failed: "
+                              f"{one_line(e)}") from None
     stage("latest")
     for _, old in list_checkpoints(d)[:-keep_last]:
         _remove_checkpoint(old)
@@ -295,6 +347,45 @@ def _remove_checkpoint(path: Path) -> None:
     trash = path.parent / f"{TMP_PREFIX}{path.name[len('step-'):]}-del-{os.getpid()}"
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_limits(d: Path) -> str:
+    """What may have stopped a write, as facts: a file-size limit, a nearly full file system
+    (torch.save reports neither by name)."""
+    import resource
+
+    out = []
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        out.append(f"the file-size limit (RLIMIT_FSIZE, ulimit -f) is {soft} bytes")
+    try:
+        st = os.statvfs(d)
+        free = st.f_bavail * st.f_frsize
+        if free < 64 * 2**20:
+            out.append(f"{d} has {free / 2**20:.1f} MiB free")
+    except OSError:
+        pass
+    return "".join(f"; {x}" for x in out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def one_line(e: BaseException, limit: int = 240) -> str:
+    """``Type: message`` on one line: torch's multi-line messages keep their most specific line."""
+    text = str(e)
+    for marker in ("WeightsUnpickler error:",):
+        if marker in text:
+            text = text[text.index(marker):].splitlines()[0]
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _versions() -> dict[str, str]:
@@ -313,20 +404,70 @@ def _versions() -> dict[str, str]:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A ``step-*`` directory, its parent (the newest complete checkpoint in it) or a ``latest``
-    file -> the checkpoint directory. Raises CheckpointError when there is none."""
+    file -> the checkpoint directory (not yet verified). Raises CheckpointError when there is none."""
     p = Path(path)
     if p.is_file() and p.name == LATEST_FILE:
         p = p.parent / p.read_text().strip()
     if p.is_dir() and _STEP_DIR.match(p.name):
-        if not _is_complete(p):
-            raise CheckpointError(f"checkpoint {str(p)!r} is incomplete (missing {STATE_FILE}, {META_FILE} or {ADAPTER_FILE})")
-        return p
+        return p  # whether it is complete and sound: verify_checkpoint says, naming the file
     if p.is_dir():
         latest = find_latest(p)
         if latest is None:
             raise CheckpointError(f"no complete checkpoint (step-XXXXXXXX/) in {str(p)!r}")
         return latest
     raise CheckpointError(f"checkpoint {str(p)!r} not found")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check that the checkpoint directory ``path`` can be loaded, reading every file: each file
+    present; ``meta.json`` a JSON object; each file's size and sha256 as ``meta.json`` recorded
+    them (checkpoints written before the digests existed skip this); ``trainer_state.pt`` loads
+    with ``torch.load(weights_only=True)`` and names the same step; the adapter's safetensors
+    parse. Raises :class:`CheckpointError` (``reason`` set) at the first problem."""
+    _read_checkpoint(Path(path))
+
+
+def _read_checkpoint(ckpt: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(trainer state, meta, adapter tensors on the CPU) of a verified checkpoint."""
+    from safetensors.torch import load_file
+
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {ckpt} is unusable: {reason}", reason=reason)
+
+    for name in (META_FILE, STATE_FILE, ADAPTER_FILE):
+        if not (ckpt / name).is_file():
+            raise bad(f"{name} is missing")
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise bad(f"{META_FILE} is unreadable ({one_line(e)})") from None
+    if not isinstance(meta, dict):
+        raise bad(f"{META_FILE} is not a JSON object")
+    files = meta.get("files")
+    for name, rec in (files.items() if isinstance(files, dict) else ()):
+        f = ckpt / name
+        try:
+            size = f.stat().st_size
+            if isinstance(rec, dict) and "bytes" in rec and size != rec["bytes"]:
+                raise bad(f"{name} is {size} bytes, {META_FILE} recorded {rec['bytes']} (truncated or overwritten)")
+            if isinstance(rec, dict) and "sha256" in rec and _sha256(f) != rec["sha256"]:
+                raise bad(f"{name} does not match the sha256 that {META_FILE} recorded (corrupt)")
+        except OSError as e:
+            raise bad(f"{name} is unreadable ({one_line(e)})") from None
+    try:
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to load is the checkpoint's, reported in one line
+        raise bad(f"{STATE_FILE} does not load with torch.load(weights_only=True) ({one_line(e)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise bad(f"{STATE_FILE} holds no trainer state (no integer 'step')")
+    m = _STEP_DIR.match(ckpt.name)
+    if m and state["step"] != int(m.group(1)):
+        raise bad(f"{STATE_FILE} is the state of step {state['step']}, not of step {int(m.group(1))}")
+    try:
+        adapter = load_file(str(ckpt / ADAPTER_FILE), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type, a truncated or garbled file
+        raise bad(f"{ADAPTER_FILE} is unreadable ({one_line(e)})") from None
+    return state, meta, adapter
 
 
 def load_checkpoint(
@@ -340,25 +481,20 @@ def load_checkpoint(
     """Restore a checkpoint into existing objects and return its :class:`CheckpointState`.
 
     ``path``: a ``step-*`` directory, a run directory (its newest complete checkpoint) or its
-    ``latest`` file. The adapter weights are copied into ``model``'s existing LoRA parameters (no
-    new tensors, no new modules). ``optimizer`` / ``scheduler`` get their saved state (skipped when
-    None). RNG states are restored unless ``restore_rng=False``. Leftover temp directories next
-    to the checkpoint are removed. Raises CheckpointError for a missing checkpoint or one whose
-    adapter does not fit the model (other rank or target modules).
+    ``latest`` file. The checkpoint is verified first (:func:`verify_checkpoint`); nothing is
+    restored from one that does not verify. The adapter weights are copied into ``model``'s
+    existing LoRA parameters (no new tensors, no new modules). ``optimizer`` / ``scheduler`` get
+    their saved state (skipped when None). RNG states are restored unless ``restore_rng=False``.
+    Leftover temp directories next to the checkpoint are removed. Raises CheckpointError for a
+    missing or unusable checkpoint or one whose adapter does not fit the model (other rank or
+    target modules).
     """
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     ckpt = resolve_checkpoint(path)
     cleanup_partial(ckpt.parent)
-    try:
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read {ckpt / STATE_FILE}: {type(e).__name__}: {e}") from None
-    meta = json.loads((ckpt / META_FILE).read_text())
+    state, meta, adapter = _read_checkpoint(ckpt)
 
-    device = next(model.parameters()).device
-    adapter = load_file(str(ckpt / ADAPTER_FILE), device=str(device))
     expected = _adapter_state_dict(model)
     # peft's saved keys drop the adapter name; compare against the model's own adapter keys
     missing = sorted(set(expected) - set(adapter))

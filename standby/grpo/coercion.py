@@ -76,6 +76,8 @@ def coerce(value: Any, tp, key: str, source: str):
             raise bad()
         if math.isnan(value):
             raise bad()
+        if math.isinf(value):
+            raise ConfigError(f"{prefix(source)}'{key}' must be a finite number (got {value!r})")
         return value
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -14,6 +14,11 @@ the defaults), applies ``section.key=value`` overrides (values parsed with ``yam
 ``8``, ``1.0e-3``, ``true``, ``[a, b]`` work; float fields also accept ``1e-3``), and validates
 everything. Each problem raises one :class:`~compilepass.core.errors.ConfigError` whose one-line
 message names the key (``generation.num_generations``) and, for unknown names, lists the valid ones.
+A config built in Python (``GRPOConfig(run=RunConfig(max_steps=...))``) gets the same checks from
+``validate()`` (which :class:`~compilepass.standby.grpo.trainer.GRPOTrainer` calls): every value's
+type, then its range. Counts and sizes must be >= 1 where 0 would mean nothing; the few where 0
+means something say what (``run.save_every``, ``optim.micro_batch_size``, ``model.mlp_chunk_tokens``,
+``generation.top_k``, ``optim.warmup_steps``).
 
 ``GRPOConfig.to_dict()`` is plain JSON-able data (saved in every checkpoint's meta.json);
 ``GRPOConfig.from_dict(d)`` reads it back through the same validation.
@@ -103,6 +108,7 @@ class ModelConfig:
         _require(self.lora_rank >= 1, "model.lora_rank", f"must be >= 1 (got {self.lora_rank})")
         _require(self.lora_alpha > 0, "model.lora_alpha", f"must be > 0 (got {self.lora_alpha})")
         _require(len(self.lora_targets) > 0, "model.lora_targets", "must name at least one module")
+        _require(all(t != "" for t in self.lora_targets), "model.lora_targets", "module names must not be empty")
         _require(self.init_std is None or self.init_std > 0, "model.init_std", f"must be > 0 or null (got {self.init_std})")
         _require(self.mlp_chunk_tokens >= 0, "model.mlp_chunk_tokens",
                  f"must be >= 0, 0 turns MLP tiling off (got {self.mlp_chunk_tokens})")
@@ -144,7 +150,7 @@ class GenerationConfig:
                  f"must be in (0, 1] (got {self.gpu_memory_utilization})")
         _require(all(s != "" for s in self.stop), "generation.stop", "stop strings must not be empty")
         _require(all(t >= 0 for t in self.stop_token_ids), "generation.stop_token_ids",
-                 "token ids must be >= 0")
+                 f"must be token ids >= 0 (got {self.stop_token_ids})")
 
 
 @dataclass
@@ -260,6 +266,7 @@ class DataConfig:
                      f"unknown built-in task {name!r}; valid: {', '.join('builtin:' + n for n in BUILTIN_TASKS)}")
         _require(self.prompts_per_step >= 1, "data.prompts_per_step", f"must be >= 1 (got {self.prompts_per_step})")
         _require(self.builtin_size >= 1, "data.builtin_size", f"must be >= 1 (got {self.builtin_size})")
+        _require(0 <= self.seed < 2**63, "data.seed", f"must be in [0, 2**63) (got {self.seed})")
 
 
 @dataclass
@@ -305,10 +312,14 @@ class RunConfig:
     tensorboard: bool = False
     resume: str = "auto"
     device: str = "auto"  # "auto": cuda if available, else cpu
+    device_memory_gib: Optional[float] = None  # run as on an N GiB card (DeviceMemoryCap); None: the whole GPU
 
     def _validate(self) -> None:
         _require(self.output_dir != "", "run.output_dir", "must not be empty")
         _require(self.max_steps >= 1, "run.max_steps", f"must be >= 1 (got {self.max_steps})")
+        _require(0 <= self.seed < 2**63, "run.seed", f"must be in [0, 2**63) (got {self.seed})")
+        _require(self.device_memory_gib is None or (math.isfinite(self.device_memory_gib) and self.device_memory_gib > 0),
+                 "run.device_memory_gib", f"must be > 0 GiB or null (got {self.device_memory_gib})")
         _require(self.log_every >= 1, "run.log_every", f"must be >= 1 (got {self.log_every})")
         _require(self.save_every >= 0, "run.save_every", f"must be >= 0, 0 saves only at the end (got {self.save_every})")
         _require(self.keep_last >= 1, "run.keep_last", f"must be >= 1 (got {self.keep_last})")
@@ -348,9 +359,15 @@ class GRPOConfig:
         return _from_mapping(data, source)
 
     def validate(self) -> "GRPOConfig":
-        """Check every value's range and the cross-section rules; raises ConfigError. Returns self."""
-        for name in SECTIONS:
-            getattr(self, name)._validate()
+        """Check every value's type (converting as the loaders do: an integer for a float key, a
+        name or ``{name, weight}`` for a reward), its range and the cross-section rules; raises
+        ConfigError. Returns self."""
+        for name, cls in SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                raise ConfigError(f"'{name}' must be a {cls.__name__} (got {type(section).__name__})")
+            _check_types(section, name)
+            section._validate()
         if not self.reward.functions:
             _require(self.data.dataset.startswith("builtin:"), "reward.functions",
                      "is empty; a JSONL dataset needs at least one reward function")
@@ -519,15 +536,32 @@ def _build_section(cls: type, section: str, values: dict, source: str):
     return cls(**kwargs)
 
 
+def _check_types(section, name: str) -> None:
+    """Each field of a section object through :func:`coerce` (values stored back converted)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if name == "reward" and f.name == "functions":
+            value = _reward_specs(value, "config")
+        else:
+            value = coerce(value, hints[f.name], f"{name}.{f.name}", "config")
+        setattr(section, f.name, value)
+
+
 def _reward_specs(value: Any, source: str) -> list[RewardSpec]:
-    if isinstance(value, (str, dict)):
+    if isinstance(value, (str, dict, RewardSpec)):
         value = [value]
+    if isinstance(value, tuple):
+        value = list(value)
     if not isinstance(value, list):
         raise ConfigError(f"{prefix(source)}'reward.functions' must be a list of names or {{name, weight}} mappings")
     specs = []
     for i, item in enumerate(value):
         key = f"reward.functions[{i}]"
-        if isinstance(item, str):
+        if isinstance(item, RewardSpec):
+            specs.append(RewardSpec(coerce(item.name, str, key + ".name", source),
+                                    coerce(item.weight, float, key + ".weight", source)))
+        elif isinstance(item, str):
             specs.append(RewardSpec(item, 1.0))
         elif isinstance(item, dict):
             unknown = set(item) - {"name", "weight"}

@@ -1,4 +1,5 @@
-"""Per-step metrics: an fsynced ``metrics.jsonl``, optional TensorBoard, and a progress bar.
+"""Per-step metrics: an fsynced ``metrics.jsonl``, optional TensorBoard, and a progress bar (or,
+when stderr is not a terminal, one plain line per logged step).
 
 ``MetricsLogger(output_dir, resume_step=S)`` first drops every line of an existing
 ``metrics.jsonl`` whose step is > S (and a torn last line from a killed process), so after a
@@ -21,7 +22,7 @@ from typing import Any, Mapping
 from compilepass.core.atomic import write_bytes_atomic
 from compilepass.core.errors import ConfigError
 
-__all__ = ["MetricsLogger", "ProgressBar", "peak_memory_gib", "read_metrics", "METRICS_FILE"]
+__all__ = ["MetricsLogger", "ProgressBar", "PROGRESS_MODES", "peak_memory_gib", "read_metrics", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -146,23 +147,36 @@ def peak_memory_gib(device: Any = None) -> float:
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB on Linux
 
 
+PROGRESS_MODES = (True, False, "auto", "lines")
+
+
 class ProgressBar:
-    """A rich progress bar over training steps with the latest reward, KL, tokens/s and peak
-    memory. Use as a context manager; ``update(step, metrics)`` reads the keys ``reward``, ``kl``,
-    ``tokens_per_s`` and ``peak_mem_gib`` when present. ``enabled=False`` (or a non-terminal
-    stderr with ``auto``) makes it a no-op."""
+    """What a run shows on stderr per step. Use as a context manager.
+
+    ``enabled``: ``True`` a rich progress bar with the latest reward, KL, tokens/s and peak
+    memory; ``"lines"`` one plain line per logged step (:meth:`format_line`), flushed, for logs
+    that are not a terminal (nohup, CI, a pipe); ``"auto"`` the bar when stderr is a terminal, else
+    the lines; ``False`` nothing. ``update(step, metrics, logged=True)`` reads the keys ``reward``,
+    ``loss``, ``kl``, ``step_s``, ``tokens_per_s`` and ``peak_mem_gib`` when present; a line is
+    written only for a logged step. ``note(text)`` writes one line (above the bar while it runs).
+    ``mode`` is "bar", "lines" or "off"."""
 
     def __init__(self, total_steps: int, start_step: int = 0, enabled: bool | str = "auto",
                  description: str = "grpo"):
+        if not any(enabled is m or (isinstance(m, str) and enabled == m) for m in PROGRESS_MODES):
+            raise ConfigError(f"progress must be true, false, 'auto' or 'lines' (got {enabled!r})")
         self.total = total_steps
         self.start = start_step
-        self.enabled = sys.stderr.isatty() if enabled == "auto" else bool(enabled)
+        if enabled == "auto":
+            enabled = True if sys.stderr.isatty() else "lines"
+        self.mode = "lines" if enabled == "lines" else ("bar" if enabled else "off")
+        self.enabled = self.mode == "bar"
         self.description = description
         self._progress = None
         self._task = None
 
     def __enter__(self) -> "ProgressBar":
-        if self.enabled:
+        if self.mode == "bar":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
@@ -183,9 +197,33 @@ class ProgressBar:
                 parts.append(f"{label} " + fmt.format(v))
         return "  ".join(parts)
 
-    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+    @staticmethod
+    def format_line(step: int, total: int, metrics: Mapping[str, Any], description: str = "grpo") -> str:
+        """``grpo: step 3/14  reward 0.1234  loss -0.001234  0.12 s  1,234 tok/s`` (missing keys left out)."""
+        parts = [f"{description}: step {step}/{total}"]
+        for key, fmt in (("reward", "reward {:.4f}"), ("loss", "loss {:.6g}"), ("step_s", "{:.2f} s"),
+                         ("tokens_per_s", "{:,.0f} tok/s")):
+            v = _plain(metrics.get(key)) if key in metrics else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                parts.append(fmt.format(v))
+        return "  ".join(parts)
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None, logged: bool = True) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=self.format_stats(metrics or {}))
+        elif self.mode == "lines" and logged:
+            self._write(self.format_line(step, self.total, metrics or {}, self.description))
+
+    def note(self, text: str) -> None:
+        """One line of text: above the live bar, or on stderr (flushed); nothing when off."""
+        if self._progress is not None:
+            self._progress.console.print(text, markup=False, highlight=False)
+        elif self.mode != "off":
+            self._write(text)
+
+    @staticmethod
+    def _write(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:

@@ -12,6 +12,7 @@ import torch
 from compilepass.core.errors import CompilepassError
 from compilepass.standby.grpo.config import GRPOConfig
 from compilepass.standby.grpo.metrics import peak_memory_gib
+from compilepass.standby.memory.region import free_device_memory
 
 _TRIED = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
 
@@ -28,7 +29,7 @@ def memory_measured(device: torch.device) -> str:
     """The step's memory high-water mark, in words: the allocator's peak on CUDA, the RSS peak on CPU."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-        _, total = torch.cuda.mem_get_info(device)
+        _, total = free_device_memory(device)  # under a DeviceMemoryCap: the capped card
         return f"peak allocated {_fmt_gib(peak)} of {_fmt_gib(total)}"
     return f"peak resident {peak_memory_gib():.2f} GiB"
 

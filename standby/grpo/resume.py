@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 _FREE_KEYS = {"run.output_dir", "run.log_every", "run.save_every", "run.keep_last", "run.tensorboard",
               "run.resume", "run.max_steps", "generation.gpu_memory_utilization", "generation.standby"}
 #: Config keys whose change is warned about on resume but not refused (numerics differ slightly).
-_WARN_KEYS = {"run.max_steps", "run.device", "generation.engine", "model.gradient_checkpointing",
+_WARN_KEYS = {"run.max_steps", "run.device", "run.device_memory_gib", "generation.engine", "model.gradient_checkpointing",
               "model.offload_activations", "optim.micro_batch_size"}
 RESULT_AFFECTING_KEYS = "every key except " + ", ".join(sorted(_FREE_KEYS | _WARN_KEYS))
 

@@ -17,7 +17,13 @@ shaped rewards ``repeat_letter`` and ``copy_similarity``. A user function is nam
 :class:`RewardSet` scores a batch: ``total, parts = rewards.score(prompts, completions, answers,
 meta)``. A function that raises, returns the wrong number of scores, or a non-finite or
 non-numeric score raises :class:`RewardError`, naming the function, the sample index and the
-(truncated) prompt; the loop saves its state and exits with that one line.
+(truncated) prompt; the loop saves its state and exits with that one line. For a function that
+raises, the message quotes that exception (type and message); the sample is found by calling the
+function again on one sample at a time.
+
+Metric names: ``RewardSet.labels`` maps each function's name to a short label, its function name
+(``rewards/contains_answer`` rather than ``rewards//tmp/x/myrewards.py:contains_answer``); a
+label taken by an earlier function gets ``_2``, ``_3``, ... in listed order.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from compilepass.core.errors import CompilepassError, ConfigError
 __all__ = [
     "RewardError", "RewardSet", "RewardFn", "BUILTIN_REWARDS", "resolve_reward", "extract_answer",
     "normalize_answer", "exact_match", "format_answer_tag", "format_think_answer", "repeat_letter",
-    "copy_similarity",
+    "copy_similarity", "metric_labels",
 ]
 
 RewardFn = Callable[..., Sequence[float]]
@@ -224,6 +230,7 @@ class RewardSet:
         if dup:
             raise ConfigError(f"reward {dup[0]!r} is listed twice")
         self.functions = [(n, f, float(w)) for n, f, w in functions]
+        self.labels = metric_labels(names)
 
     @classmethod
     def from_specs(cls, specs: Sequence[Any], default: Sequence[str] = ()) -> "RewardSet":
@@ -289,15 +296,39 @@ class RewardSet:
 
     @staticmethod
     def _locate_failure(name, fn, error, prompts, completions, answers, kw) -> RewardError:
-        """Rerun sample by sample to name the first one that fails."""
+        """Rerun sample by sample to name the first one that fails; the message quotes ``error``,
+        the exception of the call that failed (a rerun may fail differently, or not at all)."""
+        what = _exception_line(error)
         for i in range(len(completions)):
             try:
                 fn([prompts[i]], [completions[i]], [answers[i]], **{k: [v[i]] for k, v in kw.items()})
-            except Exception as e:  # noqa: BLE001
-                return RewardError(f"reward {name!r} failed on sample {i} (prompt {_short(prompts[i])}): "
-                                   f"{type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001
+                return RewardError(f"reward {name!r} failed on sample {i} (prompt {_short(prompts[i])}): {what}")
         return RewardError(f"reward {name!r} failed on the batch of {len(completions)} (no single sample fails "
-                           f"alone; first prompt {_short(prompts[0]) if prompts else '-'}): {type(error).__name__}: {error}")
+                           f"alone; first prompt {_short(prompts[0]) if prompts else '-'}): {what}")
+
+
+def _exception_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (whitespace collapsed, long messages cut)."""
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def metric_labels(names: Sequence[str]) -> dict[str, str]:
+    """Each reward name -> its metric label: the function name (the part after the last ``:`` and
+    the last ``.``), with ``_2``, ``_3``, ... when an earlier name took it."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in names:
+        base = name.rpartition(":")[2].rpartition(".")[2] or name
+        label, k = base, 2
+        while label in taken:
+            label, k = f"{base}_{k}", k + 1
+        taken.add(label)
+        out[name] = label
+    return out
 
 
 def _meta_kwargs(meta, n: int) -> dict[str, list]:

@@ -9,7 +9,7 @@
     old_logp  <- logp.detach() (num_iterations == 1) or one no-grad pass before the updates
     ref_logp  <- the same with the adapter disabled (beta > 0 only)
     loss      <- grpo_loss(...); backward (micro-batches: gradient accumulation); clip; optimizer.step(); scheduler.step()
-    metrics.jsonl, progress bar; checkpoint every run.save_every steps and at the end
+    metrics.jsonl, progress bar (or one line per logged step); checkpoint every run.save_every steps and at the end
 
 One copy of the weights: :class:`~compilepass.standby.rollout.engine.RolloutEngine` decodes with the peft
 model's own modules; its KV cache lives in a standby region that sleeps while training runs.
@@ -22,10 +22,26 @@ sampling generator) or checkpointed (adapter, optimizer, scheduler, data positio
 dropout is 0. A run killed after its step-k checkpoint and resumed with ``run.resume=auto``
 logs the same metrics for steps > k as an uninterrupted run on the same machine.
 
+Resuming: ``run.resume=auto`` takes the newest checkpoint in ``run.output_dir`` that verifies
+(:func:`~compilepass.standby.grpo.checkpoint.verify_checkpoint`: sizes and sha256 digests, meta.json,
+``torch.load(weights_only=True)``, the adapter); each newer one it passes over is named in a
+warning with the reason, and left where it is. A checkpoint named in ``run.resume`` must verify.
+
 Failures (each a :class:`~compilepass.core.errors.CompilepassError`: one line from the CLI, exit 2):
 a reward function raising (:class:`~compilepass.standby.grpo.rewards.RewardError`) or running out of
 memory (:class:`TrainingOutOfMemoryError`) first saves the state as of the start of the failing
-step (checkpoint ``step-<last completed step>``), so ``resume=auto`` retries that step.
+step (checkpoint ``step-<last completed step>``), so ``resume=auto`` retries that step. A
+checkpoint that cannot be written (disk full, a file-size limit) is a
+:class:`~compilepass.standby.grpo.checkpoint.CheckpointError` and leaves the previous one as it was.
+
+Stop requests: during :meth:`GRPOTrainer.train` (main thread, ``handle_signals=True``) SIGTERM and
+SIGINT are handled at safe points (:mod:`~compilepass.standby.grpo.stop`): a signal between steps
+ends the run after the current step; one during a step abandons the step if its optimizer update
+has not begun (after generation, after the rewards, before each training forward) and finishes
+it otherwise. The state as of the last completed step is then saved (unless that checkpoint
+exists already) and :class:`~compilepass.standby.grpo.stop.TrainingInterrupted` is raised with
+its path; ``resume=auto`` continues from it as from any checkpoint. A second signal is delivered
+to the handlers that were there before (Ctrl-C twice stops at once).
 
 Training memory without tuning: ``optim.micro_batch_size=0`` (the default) runs the whole batch
 in one forward/backward and, on a CUDA out-of-memory, halves the sequences per forward (gradients
@@ -34,8 +50,11 @@ it fits; the token count that fitted is kept for later steps. A fixed size is us
 
 Faults: ``GRPOTrainer(..., faults=fn)`` calls ``fn(phase, step, rows)`` before generation
 (``phase="generate"``), before training (``"train"``) and before each training-side forward
-(``"forward"``, with its number of sequences); whatever it raises takes the path a real error
-would. The tests inject out-of-memory errors through it; by default nothing is called.
+(``"forward"``, with its number of sequences) and at each stage of a checkpoint save
+(``"checkpoint:adapter"``, ``"checkpoint:state"``, ... the ``on_stage`` names of
+:func:`~compilepass.standby.grpo.checkpoint.save_checkpoint`, with the step saved); whatever it
+raises takes the path a real error would. The tests inject out-of-memory errors, signals and
+file-size limits through it; by default nothing is called.
 
 CPU: the trainer turns on ``torch.set_flush_denormal(True)`` when it is built (before the model,
 so that worker threads created later inherit it) until :meth:`GRPOTrainer.close` (back to
@@ -61,15 +80,19 @@ import torch
 from compilepass.core.errors import ConfigError
 from compilepass.core.models import add_lora, build_model
 from compilepass.core.shapes import ModelShape, causal_lm_of
-from compilepass.standby.grpo.checkpoint import (capture_rng_state, find_latest, list_checkpoints, load_checkpoint,
-                                                 resolve_checkpoint, save_checkpoint)
+from compilepass.standby.grpo.checkpoint import (CheckpointError, capture_rng_state, find_latest_valid,
+                                                 list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint,
+                                                 verify_checkpoint)
 from compilepass.standby.grpo.config import GRPOConfig
 from compilepass.standby.grpo.data import PromptBatcher, load_dataset, load_tokenizer
 from compilepass.standby.grpo.metrics import MetricsLogger, ProgressBar, peak_memory_gib
 from compilepass.standby.grpo.oom import TrainingOutOfMemoryError, memory_measured, out_of_memory_error
 from compilepass.standby.grpo.resume import check_resume_config
 from compilepass.standby.grpo.rewards import RewardError, RewardSet
+from compilepass.standby.grpo.stop import STOP_SIGNALS, StopRequest, TrainingInterrupted
+from compilepass.standby.memory.cap import DeviceMemoryCap
 from compilepass.standby.memory.errors import StandbyMemoryError
+from compilepass.standby.memory.region import free_device_memory
 from compilepass.standby.rollout.engine import RolloutEngine
 from compilepass.standby.rollout.kv_plan import plan_kv_batch
 from compilepass.standby.rollout.vllm.engine import VllmEngine
@@ -83,7 +106,7 @@ from compilepass.standby.training.train_memory import lora_mixed_precision, tile
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GRPOTrainer", "GRPOSummary", "run_grpo", "TrainingOutOfMemoryError", "step_seed"]
+__all__ = ["GRPOTrainer", "GRPOSummary", "run_grpo", "TrainingOutOfMemoryError", "TrainingInterrupted", "step_seed"]
 
 #: ``faults(phase, step, rows)``: see the module docstring.
 FaultHook = Callable[[str, int, Optional[int]], None]
@@ -95,9 +118,17 @@ def step_seed(seed: int, step: int) -> int:
 
 @dataclass
 class _StepState:
-    """What a failing step needs to save the state as of its start."""
+    """What a failing or abandoned step needs to save the state as of its start."""
     step: int
     data_state: dict
+    rng_states: dict
+
+
+class _StepAbandoned(Exception):
+    """A stop request reached a safe point of a step before its optimizer update."""
+    def __init__(self, state: _StepState):
+        super().__init__(f"step {state.step} abandoned")
+        self.state = state
 
 
 @dataclass
@@ -129,22 +160,35 @@ class GRPOTrainer:
     checkpoint, KV region that cannot fit) is raised here, before any step. ``train()`` runs the
     remaining steps and returns a :class:`GRPOSummary`. ``on_step(step, record)`` is called after
     each logged step. ``compile_options`` overrides the engine's (default: "auto" on CUDA, eager
-    on CPU).
+    on CPU). ``progress``: see :class:`~compilepass.standby.grpo.metrics.ProgressBar` (True, False,
+    "auto", "lines"). ``handle_signals``: turn SIGTERM / SIGINT during ``train()`` into stop
+    requests (see the module docstring).
     """
 
     def __init__(self, config: GRPOConfig, *, progress: bool | str = "auto",
                  on_step: Optional[Callable[[int, dict], None]] = None, compile_options: Any = "default",
-                 faults: Optional[FaultHook] = None):
+                 faults: Optional[FaultHook] = None, handle_signals: bool = True):
         self.config = config.validate()
         c = self.config
+        ProgressBar(1, enabled=progress)  # a bad value is refused here, before any work
         self.progress = progress
+        self.handle_signals = handle_signals
         self.on_step = on_step
         self._faults = faults
         self._current_step = 0  # the step running (named to the fault hook)
+        self._step_state: Optional[_StepState] = None  # the running step's start (for a stop request)
+        self._committed = False  # the running step's optimizer update has begun: it cannot be abandoned
+        self._stop: Optional[StopRequest] = None  # set while train() runs
+        self._saved_step: Optional[int] = None  # the step whose state self.last_checkpoint holds
         self.output_dir = Path(c.run.output_dir)
         if c.generation.engine == "vllm":  # vLLM missing or a refused version: one line, before any work
             check_vllm()
         self.device = self._resolve_device(c.run.device)
+        self.memory_cap: Optional[DeviceMemoryCap] = None
+        if c.run.device_memory_gib is not None:  # before anything is allocated: the run sees an N GiB card
+            if self.device.type != "cuda":
+                raise ConfigError(f"run.device_memory_gib caps a CUDA device; this run is on {self.device}")
+            self.memory_cap = DeviceMemoryCap(c.run.device_memory_gib, self.device)
         # Before any thread pool exists where possible: worker threads inherit the calling thread's FP mode.
         self._flush_denormal = self.device.type == "cpu" and torch.set_flush_denormal(True)
         self.tokenizer = load_tokenizer(c.model.name_or_path)
@@ -155,13 +199,20 @@ class GRPOTrainer:
         # Where to start: decided before building anything expensive.
         resume_from: Optional[Path] = None
         if c.run.resume == "auto":
-            resume_from = find_latest(self.output_dir)
+            resume_from, skipped = find_latest_valid(self.output_dir)
+            for path, reason in skipped:
+                log.warning("skipping checkpoint %s: %s", path, reason)
+            if resume_from is None and skipped:
+                raise CheckpointError(f"run.resume is 'auto' but no checkpoint in {str(self.output_dir)!r} verifies "
+                                      f"(the newest, {skipped[0][0].name}: {skipped[0][1]}); move them out of the way "
+                                      f"to start over, or use another run.output_dir")
         elif c.run.resume == "never":
             if list_checkpoints(self.output_dir):
                 raise ConfigError(f"run.resume is 'never' but {str(self.output_dir)!r} already holds checkpoints; "
                                   f"use run.resume=auto to continue, or another run.output_dir")
         else:
             resume_from = resolve_checkpoint(c.run.resume)
+            verify_checkpoint(resume_from)  # named explicitly: a bad one is an error, never passed over
         if resume_from is not None:
             check_resume_config(resume_from, self.config.to_dict())
 
@@ -193,13 +244,13 @@ class GRPOTrainer:
             # the automatic micro-batch size learned before the kill: the same splits as an uninterrupted run
             self.micro_batch.fit_tokens = state.extra.get("fit_tokens")
             self.resumed_from = state.path
-            log.info("resumed from %s (step %d)", state.path, state.step)
 
         self.engine = self._build_engine(compile_options)
         if c.generation.standby:
             self.engine.sleep()  # training owns the memory until the first generation
         self._metrics_logger = None
         self.last_checkpoint: Optional[Path] = self.resumed_from
+        self._saved_step = self.step if self.resumed_from is not None else None
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -226,7 +277,7 @@ class GRPOTrainer:
         max_batch = c.data.prompts_per_step * c.generation.num_generations
         max_len = c.generation.max_prompt_len + c.generation.max_completion_len
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
+            free, total = free_device_memory(self.device)  # under a DeviceMemoryCap: the capped card
             # after the first step, the LoRA gradients and AdamW's two moments stay allocated across wakes
             reserve = 3 * sum(p.numel() * p.element_size() for p in self.params)
             max_batch = plan_kv_batch(ModelShape.from_hf_config(self.causal_lm.config), c.model.torch_dtype,
@@ -248,28 +299,55 @@ class GRPOTrainer:
 
     # -- state -------------------------------------------------------------------------------------
 
-    def save(self, step: int, data_state: Optional[dict] = None) -> Path:
-        """Checkpoint the adapter, optimizer, scheduler, RNG states and data position as ``step``."""
+    def save(self, step: int, data_state: Optional[dict] = None, rng_states: Optional[dict] = None) -> Path:
+        """Checkpoint the adapter, optimizer, scheduler, RNG states and data position as ``step``
+        (the data position and RNG states given, or the current ones)."""
         tail = self._metrics_logger.tail(5) if self._metrics_logger is not None else []
+        on_stage = (lambda stage: self._fault(f"checkpoint:{stage}", step)) if self._faults is not None else None
         path = save_checkpoint(self.output_dir, step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, rng_states=capture_rng_state(),
+                               scheduler=self.scheduler,
+                               rng_states=rng_states if rng_states is not None else capture_rng_state(),
                                data_state=data_state if data_state is not None else self.batcher.state_dict(),
                                config_dict=self.config.to_dict(), metrics_tail=tail,
                                keep_last=self.config.run.keep_last,
-                               extra={"fit_tokens": self.micro_batch.fit_tokens})
+                               extra={"fit_tokens": self.micro_batch.fit_tokens}, on_stage=on_stage)
         self.last_checkpoint = path
+        self._saved_step = step
         return path
 
-    def _save_after_failure(self, st: _StepState) -> Optional[Path]:
-        """Save the state as of the start of the failing step; never mask the original error."""
+    def _save_step_start(self, st: _StepState, reuse: bool = False) -> Path:
+        """The state as of the start of step ``st.step`` (= the end of the step before) as a
+        checkpoint. ``reuse``: the existing checkpoint of that step when there is one (a failure
+        saves anyway: the micro-batch size it learned goes into the checkpoint)."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if (reuse and self._saved_step == st.step - 1 and self.last_checkpoint is not None
+                and self.last_checkpoint.is_dir()):
+            return self.last_checkpoint
+        return self.save(st.step - 1, data_state=st.data_state, rng_states=st.rng_states)
+
+    def _save_after_failure(self, st: _StepState) -> Optional[Path]:
+        """Save the state as of the start of the failing step; never mask the original error."""
         try:
-            return self.save(st.step - 1, data_state=st.data_state)
+            return self._save_step_start(st)
         except Exception as e:  # noqa: BLE001
             log.error("could not save the state after the failure: %s", e)
             return None
+
+    def _stop_point(self) -> None:
+        """A safe point of the running step: abandon it if a stop was requested and its optimizer
+        update has not begun."""
+        if (self._stop is not None and self._stop.requested is not None and not self._committed
+                and self._step_state is not None):
+            raise _StepAbandoned(self._step_state)
+
+    def _interrupted(self, signum: int, st: Optional[_StepState] = None) -> TrainingInterrupted:
+        """Save the state as of the last completed step and the exception that reports it."""
+        if st is None:
+            path = self.last_checkpoint if self._saved_step == self.step else self.save(self.step)
+            return TrainingInterrupted(signum, self.step, path)
+        return TrainingInterrupted(signum, st.step - 1, self._save_step_start(st, reuse=True))
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -337,6 +415,7 @@ class GRPOTrainer:
     def _slice_logprobs(self, sl: slice, prompt_ids, completion_ids, mask) -> torch.Tensor:
         """Per-token log-probs of rows ``sl`` (one training-side forward; gradients as enabled)."""
         self._fault("forward", self._current_step, completion_ids[sl].shape[0])
+        self._stop_point()
         return policy_logprobs(self.model, prompt_ids[sl], completion_ids[sl], mask[sl],
                                self.config.generation.temperature, self.engine.pad_token_id)
 
@@ -384,6 +463,7 @@ class GRPOTrainer:
                 return acc
 
             acc = self.micro_batch.run(rows, width, "training", accumulate)
+            self._committed = True
             if c.optim.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.optim.max_grad_norm))
             else:
@@ -409,7 +489,8 @@ class GRPOTrainer:
         c = self.config
         self._current_step = step
         G = c.generation.num_generations
-        st = _StepState(step=step, data_state=self.batcher.state_dict())
+        st = _StepState(step=step, data_state=self.batcher.state_dict(), rng_states=capture_rng_state())
+        self._step_state, self._committed = st, False
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -419,6 +500,7 @@ class GRPOTrainer:
             out = self._generate(step, prompt_ids)
         except (torch.OutOfMemoryError, StandbyMemoryError) as e:
             raise self._oom("generate", st, e) from None
+        self._stop_point()
         mask = self._apply_stop_strings(out.completion_ids, out.completion_mask)
         ids_cpu = out.completion_ids.cpu()
         lengths = mask.sum(1).tolist()
@@ -434,6 +516,7 @@ class GRPOTrainer:
             suffix = f" (state saved in {saved})" if saved is not None else " (the state could NOT be saved)"
             raise RewardError(f"step {step}: {e}{suffix}") from None
         adv, zero_std = group_advantages(total, G, c.loss.scale_rewards)
+        self._stop_point()
         t_rew = time.perf_counter()
         gen_peak = None
         if self.device.type == "cuda":  # generation's and training's peaks are taken apart (see _peak_gib)
@@ -449,7 +532,7 @@ class GRPOTrainer:
         rec = {
             "reward": float(total.mean()),
             "reward_std": float(grouped.std(1).mean()) if G > 1 else 0.0,
-            **{f"rewards/{k}": float(v.mean()) for k, v in parts.items()},
+            **{f"rewards/{self.rewards.labels[k]}": float(v.mean()) for k, v in parts.items()},
             "zero_std_groups": zero_std,
             "loss": train_m.pop("loss"),
             "kl": train_m.pop("kl"),
@@ -481,7 +564,8 @@ class GRPOTrainer:
 
     def train(self) -> GRPOSummary:
         """Run steps ``self.step + 1 .. run.max_steps``; checkpoint every ``save_every`` steps and at
-        the end. Returns a :class:`GRPOSummary`."""
+        the end. Returns a :class:`GRPOSummary`; raises :class:`TrainingInterrupted` after a stop
+        request (see the module docstring)."""
         c = self.config
         t0 = time.perf_counter()
         start = self.step
@@ -492,27 +576,50 @@ class GRPOTrainer:
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
         self._flush_denormal = self._flush_denormal or flush
         try:
-            with ProgressBar(c.run.max_steps, start_step=start, enabled=self.progress) as bar:
+            with StopRequest(STOP_SIGNALS if self.handle_signals else ()) as stop, \
+                    ProgressBar(c.run.max_steps, start_step=start, enabled=self.progress) as bar:
+                self._stop = stop
+                if self.resumed_from is not None:
+                    self._announce(bar, f"resumed from {self.resumed_from} (step {start})")
                 for step in range(start + 1, c.run.max_steps + 1):
-                    rec = self.train_step(step)
+                    try:
+                        rec = self.train_step(step)
+                    except _StepAbandoned as a:
+                        raise self._interrupted(stop.requested, a.state) from None
                     self.step = step
-                    if step % c.run.log_every == 0 or step == c.run.max_steps:
+                    logged = step % c.run.log_every == 0 or step == c.run.max_steps
+                    if logged:
                         records.append(logger.log(step, rec))
                         if self.on_step is not None:
                             self.on_step(step, records[-1])
-                    bar.update(step, rec)
+                    bar.update(step, rec, logged=logged)
                     if (c.run.save_every and step % c.run.save_every == 0) or step == c.run.max_steps:
                         self.save(step)
+                    if stop.requested is not None and step < c.run.max_steps:
+                        raise self._interrupted(stop.requested)
         finally:
+            self._stop = None
+            self._step_state = None
             logger.close()
             self._metrics_logger = None
         return GRPOSummary(output_dir=str(self.output_dir), start_step=start, steps_done=self.step - start,
                            final_step=self.step, last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                            wall_s=time.perf_counter() - t0, metrics=records)
 
+    @staticmethod
+    def _announce(bar: ProgressBar, text: str) -> None:
+        """One line where the run's progress goes (the log at INFO when it shows nothing)."""
+        if bar.mode == "off":
+            log.info("%s", text)
+        else:
+            bar.note(f"grpo: {text}")
+
     def close(self) -> None:
-        """Free the engine's KV region and restore torch's default (off) flush-denormal mode."""
+        """Free the engine's KV region and the memory cap's hold, and restore torch's default (off)
+        flush-denormal mode."""
         self.engine.close()
+        if self.memory_cap is not None:
+            self.memory_cap.close()
         if self._flush_denormal:
             torch.set_flush_denormal(False)
             self._flush_denormal = False

@@ -46,6 +46,7 @@ class DeviceMemoryCap:
             raise StandbyError(f"a device-memory cap applies to a CUDA device, not {self.device}")
         self.gib = gib
         self.region: Optional[KVRegion] = None
+        self.held_bytes = 0
         free, total = torch.cuda.mem_get_info(self.device)
         self.physical_total = int(total)
         target = int(gib * GiB)
@@ -82,6 +83,12 @@ class DeviceMemoryCap:
             self.region.close()
             self.region = None
             self.held_bytes = 0
+
+    def __del__(self) -> None:  # a cap dropped without close() (e.g. a constructor that raised after it)
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
 
     def __enter__(self) -> "DeviceMemoryCap":
         return self
