@@ -10,7 +10,10 @@ import logging
 import sys
 from typing import Optional
 
-from compilepass.cli import db_commands, grpo, info, tune
+from compilepass.cli.db_commands import add_db
+from compilepass.cli.grpo import add_bench, add_grpo
+from compilepass.cli.info import add_info
+from compilepass.cli.tune import add_tune
 from compilepass.core.errors import CompilepassError
 
 
@@ -18,11 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compilepass", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    tune.add_tune(sub)
-    info.add_info(sub)
-    db_commands.add_db(sub)
-    grpo.add_grpo(sub)
-    grpo.add_bench(sub)
+    add_tune(sub)
+    add_info(sub)
+    add_db(sub)
+    add_grpo(sub)
+    add_bench(sub)
     return parser
 
 
