@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from compilepass.core.checks import check_int
 from compilepass.core.errors import ConfigError
 
 #: Rollout engines: the workload's ``engine`` and a database key's.
@@ -69,8 +70,4 @@ class WorkloadSpec:
         if self.engine == "vllm" and self.kind != "rollout":
             raise ConfigError(f"--engine vllm measures generation: use --workload rollout (got {self.kind})")
         for name in ("batch", "prompt_len", "new_tokens", "seq_len", "lora_rank"):
-            value, option = getattr(self, name), "--" + name.replace("_", "-")
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{option} must be an integer, got {value!r}")
-            if value < 1:
-                raise ConfigError(f"{option} must be >= 1, got {value}")
+            check_int("--" + name.replace("_", "-"), getattr(self, name), 1)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from compilepass.core.atomic import sweep_stale_temp_files
+from compilepass.core.checks import check_int, check_positive, is_number
 from compilepass.core.env import EnvironmentKey, current_environment
 from compilepass.core.errors import ConfigError, StorageError
 from compilepass.core.paths import cache_dir, cache_path
@@ -73,35 +74,19 @@ class TuneConfig:
     def validate(self) -> None:
         """Every count and size (ConfigError, one line, named as its command-line option)."""
         validate_workload(self.workload)
-        _check_int("--trials", self.trials, 1)
-        _check_int("--repeats", self.repeats, 1)
-        _check_int("--verify-candidates", self.verify_candidates, 1)
-        _check_int("--verify-rounds", self.verify_rounds, 3, " for a confidence interval")
-        _check_int("heartbeat_s", self.heartbeat_s, 1)
-        _check_positive("--trial-timeout", self.trial_timeout_s, " seconds")
-        _check_positive("--max-compile-ratio", self.max_compile_ratio)
+        check_int("--trials", self.trials, 1)
+        check_int("--repeats", self.repeats, 1)
+        check_int("--verify-candidates", self.verify_candidates, 1)
+        check_int("--verify-rounds", self.verify_rounds, 3, " for a confidence interval")
+        check_int("heartbeat_s", self.heartbeat_s, 1)
+        check_positive("--trial-timeout", self.trial_timeout_s, " seconds")
+        check_positive("--max-compile-ratio", self.max_compile_ratio)
         if self.time_budget_s is not None:
-            _check_positive("--time-budget", self.time_budget_s, " seconds")
-        if not _is_number(self.min_gain) or not math.isfinite(self.min_gain) or self.min_gain < 0:
+            check_positive("--time-budget", self.time_budget_s, " seconds")
+        if not is_number(self.min_gain) or not math.isfinite(self.min_gain) or self.min_gain < 0:
             raise ConfigError(f"min_gain must be a number >= 0, got {self.min_gain!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value, minimum: int, why: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}{why}, got {value}")
-
-
-def _check_positive(name: str, value, unit: str = "") -> None:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0{unit}, got {value!r}")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from compilepass.core.errors import CompilepassError
 from compilepass.standby.grpo.config import GRPOConfig
 from compilepass.standby.grpo.metrics import peak_memory_gib
+from compilepass.standby.memory.errors import fmt_gib
 from compilepass.standby.memory.region import free_device_memory
 
 _TRIED = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
@@ -21,16 +22,12 @@ class TrainingOutOfMemoryError(CompilepassError):
     """Generation or the training step ran out of memory (the state was saved first)."""
 
 
-def _fmt_gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def memory_measured(device: torch.device) -> str:
     """The step's memory high-water mark, in words: the allocator's peak on CUDA, the RSS peak on CPU."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         _, total = free_device_memory(device)  # under a DeviceMemoryCap: the capped card
-        return f"peak allocated {_fmt_gib(peak)} of {_fmt_gib(total)}"
+        return f"peak allocated {fmt_gib(peak)} of {fmt_gib(total)}"
     return f"peak resident {peak_memory_gib():.2f} GiB"
 
 
@@ -42,8 +39,8 @@ def out_of_memory_error(phase: str, step: int, err: BaseException, config: GRPOC
     need = f"tried to allocate {tried.group(1)} more, {measured}" if tried else measured
     if getattr(err, "needed", None):  # StandbyMemoryError: waking the KV region failed
         free = getattr(err, "free", None)
-        need = (f"waking the KV region needs {_fmt_gib(err.needed)}"
-                + (f", {_fmt_gib(free)} free" if free is not None else "") + f"; {measured}")
+        need = (f"waking the KV region needs {fmt_gib(err.needed)}"
+                + (f", {fmt_gib(free)} free" if free is not None else "") + f"; {measured}")
     where = f"state saved in {saved}" if saved is not None else "the state could NOT be saved"
     hints = (f"lower generation.max_completion_len (now {c.generation.max_completion_len}) or "
              f"data.prompts_per_step (now {c.data.prompts_per_step}) or generation.num_generations "

@@ -43,3 +43,8 @@ class RegionClosedError(StandbyError):
 
 def fmt_bytes(n: int) -> str:
     return f"{n / GiB:.2f} GiB ({n} bytes)"
+
+
+def fmt_gib(n: float) -> str:
+    """Bytes as GiB with two decimals, for one-line messages."""
+    return f"{n / GiB:.2f} GiB"

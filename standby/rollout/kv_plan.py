@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from compilepass.core.errors import CompilepassError
+from compilepass.standby.memory.errors import fmt_gib
 from compilepass.standby.memory.layout import required_bytes
 from compilepass.standby.rollout.kv_cache import kv_cache_specs
 
@@ -14,10 +15,6 @@ log = logging.getLogger(__name__)
 
 class KVMemoryError(CompilepassError):
     """The engine's KV region does not fit in ``gpu_memory_utilization`` of the free GPU memory."""
-
-
-def _fmt_gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 def plan_kv_batch(shape, dtype, batch: int, max_len: int, free: int, total: int, utilization: float,
@@ -37,13 +34,13 @@ def plan_kv_batch(shape, dtype, batch: int, max_len: int, free: int, total: int,
     fit = min(batch - 1, int(budget // max(need(1), 1)))
     while fit >= 1 and need(fit) > budget:
         fit -= 1
-    held = f" - {_fmt_gib(reserve)} kept for the LoRA gradients and optimizer state" if reserve else ""
-    where = (f"{_fmt_gib(budget)} is available ({utilization:g} x ({_fmt_gib(free)} free of {_fmt_gib(total)}"
+    held = f" - {fmt_gib(reserve)} kept for the LoRA gradients and optimizer state" if reserve else ""
+    where = (f"{fmt_gib(budget)} is available ({utilization:g} x ({fmt_gib(free)} free of {fmt_gib(total)}"
              f"{held}))")
     if fit < 1:
         raise KVMemoryError(
             f"the KV cache of one sequence of {max_len} tokens (max_prompt_len + max_completion_len) needs "
-            f"{_fmt_gib(need(1))} but {where}; lower generation.max_completion_len or generation.max_prompt_len")
+            f"{fmt_gib(need(1))} but {where}; lower generation.max_completion_len or generation.max_prompt_len")
     log.warning("the KV cache of all %d sequences (prompts_per_step x num_generations) needs %s but %s: "
-                "generating %d sequences at a time", batch, _fmt_gib(full), where, fit)
+                "generating %d sequences at a time", batch, fmt_gib(full), where, fit)
     return fit
