@@ -241,6 +241,10 @@ def run_child(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
+        import faulthandler
+
+        # a stuck child prints where it is before the parent kills it
+        faulthandler.dump_traceback_later(float(os.environ.get("BENCH_DUMP_S", "185")), repeat=False)
         row = run_child(args)
         Path(args.out).write_text(json.dumps(row, indent=1))
         return 0
@@ -254,7 +258,8 @@ def main(argv=None) -> int:
     for name in args.only:
         tmp = Path(tempfile.mkdtemp(prefix=f"bench-vllm-{name}-"))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_DISABLE_COMPILE_CACHE="1",
-                   TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), TRITON_CACHE_DIR=str(tmp / "triton"))
+                   TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), TRITON_CACHE_DIR=str(tmp / "triton"),
+                   BENCH_DUMP_S=str(max(10.0, args.child_timeout_s - 15)))
         cmd = [sys.executable, __file__, "--child", name, "--out", str(tmp / "row.json"), "--model", args.model,
                "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--new-tokens",
                str(args.new_tokens), "--repeats", str(args.repeats), "--gc-objects", str(args.gc_objects)]

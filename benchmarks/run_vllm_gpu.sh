@@ -2,6 +2,7 @@
 # The vLLM-on-GPU runs of issue 14, in stages that each fit one device call (see benchmarks/README.md).
 # Run after vLLM 0.26 is unpacked into /root/vsite and `source benchmarks/device_setup.sh`:
 #   bash benchmarks/run_vllm_gpu.sh tests   # cumem probe + tests/vllm_env on CUDA       -> $OUT
+#   bash benchmarks/run_vllm_gpu.sh kv      # the KV-only release test alone (CUDA sleep/wake cycles)
 #   bash benchmarks/run_vllm_gpu.sh bench   # native / VllmEngine / plain vLLM; gc patch -> $OUT
 #   bash benchmarks/run_vllm_gpu.sh grpo    # GRPO steps, engine vllm vs native; a short vLLM tune
 set -uo pipefail
@@ -15,6 +16,11 @@ tests)
   timeout 120 python3 benchmarks/probe_vllm_cumem.py --out "$out/vllm_cumem_probe_$tag.json" 2>&1 | tail -40
   COMPILEPASS_VLLM_TESTS=1 timeout "${TESTS_S:-420}" python3 -m pytest -q -p no:cacheprovider --timeout 240 -rA \
     tests/vllm_env tests/test_vllm_kv_release.py 2>&1 | tee "$out/pytest_vllm_$tag.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|Error" | tail -60
+  ;;
+kv)
+  COMPILEPASS_VLLM_TESTS=1 timeout "${TESTS_S:-230}" python3 -m pytest -q -p no:cacheprovider --timeout "${TEST_TIMEOUT_S:-210}" -rA \
+    tests/vllm_env -k "cuda_sleep or gates" 2>&1 > "$out/pytest_vllm_kv_$tag.log"; echo "pytest exit $?"
+  grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|Error|assert|Timeout|File \"/work" "$out/pytest_vllm_kv_$tag.log" | tail -40
   ;;
 bench)
   timeout 560 python3 benchmarks/bench_vllm.py --out "$out/vllm_side_by_side_$tag.json" --child-timeout-s 200 \

@@ -1,6 +1,7 @@
-"""The KV-only release plan for vLLM builds without ``release_kv_cache_memory``: only cumem allocations
-whose every live block is KV-cache tensor memory are released; engine metadata in the same pool
-(vllm-project/vllm#53343) keeps its allocation mapped. Pure planning, no vLLM needed."""
+"""The KV-only release plan for vLLM builds without ``release_kv_cache_memory``: the cumem allocations
+that hold KV-cache tensor memory are released, the engine metadata that shares them
+(vllm-project/vllm#53343) is listed to be preserved (copied out and back), allocations of metadata
+alone stay mapped. Pure planning, no vLLM needed."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def seg(addr, size, *blocks):
             "blocks": [{"address": a, "size": n, "state": st} for a, n, st in blocks]}
 
 
-def test_only_allocations_holding_nothing_but_kv_are_released():
+def test_allocations_with_kv_are_released_and_their_metadata_preserved():
     kv = [(0x1000_0000, 0x1000_0000 + 64 * MiB), (0x2000_0000, 0x2000_0000 + 64 * MiB)]
     allocations = [
         (0x1000_0000, 64 * MiB, KV_TAG),           # one KV tensor, exactly its segment
@@ -32,11 +33,14 @@ def test_only_allocations_holding_nothing_but_kv_are_released():
         seg(0x5000_0000, 4 * MiB, (0x5000_0000, 4 * MiB, "active_allocated")),
     ]
     plan = plan_release(allocations, snapshot, kv)
-    assert plan.release == [0x1000_0000]
-    assert plan.release_bytes == 64 * MiB
-    assert plan.kv_bytes == 128 * MiB and plan.kv_bytes_covered == 64 * MiB
-    assert "outside the KV-cache tensors" in plan.kept[0x2000_0000]
-    assert "outside the KV-cache tensors" in plan.kept[0x3000_0000]
+    assert plan.release == [0x1000_0000, 0x2000_0000]
+    assert plan.release_bytes == 130 * MiB
+    assert plan.kv_bytes == 128 * MiB and plan.kv_bytes_covered == 128 * MiB
+    # the engine block in the second allocation's slack is preserved; the free block is not copied
+    assert plan.preserve == [(0x2000_0000 + 64 * MiB, 0x2000_0000 + 64 * MiB + 1536 * 1024)]
+    assert plan.preserve_bytes == 1536 * 1024
+    assert 0x2000_0000 not in plan.kept
+    assert "no KV-cache tensor in it" in plan.kept[0x3000_0000]  # metadata alone: stays mapped
     assert "no segment of this extent" in plan.kept[0x5000_0000]
     assert 0x4000_0000 not in plan.kept  # other tags are not even considered
 
@@ -48,6 +52,7 @@ def test_a_segment_shared_by_two_kv_tensors_and_free_slack_is_released():
                     (130 * MiB, 30 * MiB, "active_pending_free"), (160 * MiB, 2 * MiB, "inactive"))]
     plan = plan_release(allocations, snapshot, kv)
     assert plan.release == [100 * MiB] and not plan.kept and plan.kv_bytes_covered == 60 * MiB
+    assert plan.preserve == [] and plan.preserve_bytes == 0
 
 
 def test_nothing_releasable_when_the_pool_holds_no_kv_block():

@@ -3,17 +3,20 @@
 vLLM's sleep mode puts every allocation made while it sets up the KV cache into the cumem pool tagged
 ``kv_cache``. ``LLM.sleep(level=1)`` would also offload the weights, which the trainer shares, and the
 ``kv_cache`` tag alone is not safe to drop on such builds: before vllm-project/vllm#53508 the whole of
-``initialize_kv_cache`` ran inside that pool, so block tables, attention metadata and other tensors
-that live for the engine's lifetime sit there too (vllm-project/vllm#53343) and would come back as
-garbage after a wake.
+``initialize_kv_cache`` ran inside that pool (on 0.26's V2 model runner too), so block tables,
+attention metadata, CUDA-graph input buffers and other tensors that live for the engine's lifetime
+sit there, some in the same physical allocations as KV-cache tensors (vllm-project/vllm#53343), and
+would come back as garbage after a wake.
 
-This module releases less than the tag: only the ``kv_cache``-tagged cumem allocations (one
-physical allocation per segment of torch's caching allocator) whose every live block lies inside one
-of the model runner's KV-cache tensors, checked against ``torch.cuda.memory_snapshot()``. A segment
-that holds anything else stays mapped (and is reported). ``release()`` unmaps and releases those
-allocations' physical memory through vLLM's own ``unmap_and_release``; ``restore()`` maps fresh
-memory at the same virtual addresses (``create_and_map``), zeroes the KV tensors and runs the model
-runner's ``post_kv_cache_wake_up``. Captured CUDA graphs keep working: no address moves.
+This module releases the ``kv_cache``-tagged cumem allocations (one physical allocation per segment
+of torch's caching allocator) that hold KV-cache tensor memory, and *preserves* every other live
+block in them: before the unmap, each live block of ``torch.cuda.memory_snapshot()`` that is not
+inside one of the model runner's KV-cache tensors is copied to pinned host memory; after the
+allocations are mapped again at the same virtual addresses (vLLM's ``create_and_map``), the KV
+tensors are zeroed, those bytes copied back, and the model runner's ``post_kv_cache_wake_up`` runs.
+Engine metadata comes back bit for bit (kilobytes to megabytes of host copies); the KV cache's
+bytes are given back to the device. Allocations without any KV-cache block stay mapped. Captured
+CUDA graphs keep working: no address moves.
 
 :func:`plan_release` is the selection as a pure function (tested on CPU); :class:`CuMemKvRelease`
 applies it to a live in-process ``vllm.LLM``.
@@ -39,6 +42,8 @@ class ReleasePlan:
     kept: dict[int, str] = field(default_factory=dict)  # address -> reason it stays mapped
     kv_bytes: int = 0  # bytes of the KV-cache tensors' storages
     kv_bytes_covered: int = 0  # of which inside a released allocation
+    preserve: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of live non-KV blocks released
+    preserve_bytes: int = 0
 
 
 def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -60,8 +65,9 @@ def plan_release(allocations: Iterable[tuple[int, int, str]], snapshot: Sequence
     """``allocations``: (address, size, tag) of every cumem allocation; ``snapshot``: the segments of
     ``torch.cuda.memory_snapshot()`` (``address``, ``total_size``, ``blocks`` with ``address``,
     ``size``, ``state``); ``kv_ranges``: [start, end) of each KV-cache tensor's storage. An allocation
-    is released only if it is tagged ``kv_cache``, torch's snapshot knows it as one segment of the
-    same extent, it holds at least one KV block, and every live block in it lies inside a KV range."""
+    is released if it is tagged ``kv_cache``, torch's snapshot knows it as one segment of the same
+    extent, and at least one of its live blocks lies inside a KV range; its other live blocks are
+    listed in ``preserve`` (copied out and back around the release)."""
     kv = _merge(kv_ranges)
     plan = ReleasePlan(kv_bytes=sum(hi - lo for lo, hi in kv))
     segments = {int(s["address"]): s for s in snapshot}
@@ -78,14 +84,31 @@ def plan_release(allocations: Iterable[tuple[int, int, str]], snapshot: Sequence
             plan.kept[addr] = "no live block (nothing of the KV cache in it)"
             continue
         other = [(lo, hi) for lo, hi in live if not _inside(lo, hi, kv)]
-        if other:
-            plan.kept[addr] = f"{len(other)} live block(s) outside the KV-cache tensors (engine metadata)"
+        if len(other) == len(live):
+            plan.kept[addr] = f"no KV-cache tensor in it ({len(other)} live block(s) of engine metadata)"
             continue
         plan.release.append(addr)
         plan.release_bytes += int(size)
+        plan.preserve.extend(other)
+        plan.preserve_bytes += sum(hi - lo for lo, hi in other)
         plan.kv_bytes_covered += sum(min(hi, addr + size) - max(lo, addr) for lo, hi in kv
                                      if lo < addr + size and addr < hi)
     return plan
+
+
+class _DeviceBytes:
+    """``n`` bytes of device memory at ``ptr`` as a CUDA array (``torch.as_tensor`` makes a view)."""
+
+    def __init__(self, ptr: int, n: int):
+        self.__cuda_array_interface__ = {"shape": (int(n),), "typestr": "|u1", "data": (int(ptr), False),
+                                         "version": 3, "strides": None}
+
+
+def device_view(ptr: int, n: int):
+    """A ``uint8`` CUDA tensor viewing ``n`` bytes at address ``ptr`` (no copy, no ownership)."""
+    import torch
+
+    return torch.as_tensor(_DeviceBytes(ptr, n), device="cuda")
 
 
 def cumem_release_available() -> bool:
@@ -112,7 +135,8 @@ def kv_storage_ranges(runner) -> list[tuple[int, int]]:
 
 
 class CuMemKvRelease:
-    """Release and restore the KV cache of an in-process ``vllm.LLM`` built with sleep mode.
+    """Release and restore the KV cache of an in-process ``vllm.LLM`` built with sleep mode, keeping
+    the engine metadata that shares its allocations (copied to host memory and back).
 
     Plans once at construction (after the engine has allocated its KV cache and captured its
     graphs; nothing allocates into the ``kv_cache`` pool afterwards). Raises RuntimeError when
@@ -139,6 +163,8 @@ class CuMemKvRelease:
             log.warning("KV-only release frees %.2f of the KV cache's %.2f GiB", self.plan.kv_bytes_covered / 2**30,
                         self.plan.kv_bytes / 2**30)
         self._data = [data[ptr] for ptr in self.plan.release]
+        self._allocations = allocations
+        self._saved: list[tuple[int, Any]] = []
         self.released = False
 
     @property
@@ -153,14 +179,24 @@ class CuMemKvRelease:
         import torch
 
         torch.cuda.synchronize()
+        # what else lives in the released allocations now (re-read: temporaries may have come and gone)
+        plan = plan_release(self._allocations, torch.cuda.memory_snapshot(), kv_storage_ranges(self._runner))
+        if sorted(plan.release) != sorted(self.plan.release):
+            raise RuntimeError("the kv_cache pool's layout changed since the engine started; refusing to release it")
+        self._saved = []
+        for lo, hi in plan.preserve:
+            host = torch.empty(hi - lo, dtype=torch.uint8, pin_memory=True)
+            host.copy_(device_view(lo, hi - lo))
+            self._saved.append((lo, host))
+        torch.cuda.synchronize()
         for d in self._data:
             self._cumem.unmap_and_release(d.handle)
             d.is_asleep = True
         self.released = True
 
     def restore(self) -> None:
-        """Map fresh memory at the same addresses, zero the KV cache, let the runner re-initialize
-        what it keeps about it (idempotent)."""
+        """Map fresh memory at the same addresses, zero the KV cache, copy the preserved engine
+        metadata back, let the runner re-initialize what it keeps about it (idempotent)."""
         if not self.released:
             return
         for d in self._data:
@@ -171,6 +207,12 @@ class CuMemKvRelease:
             for x in (t if isinstance(t, (list, tuple)) else [t]):
                 if x is not None:
                     x.zero_()
+        for lo, host in self._saved:  # engine metadata, bit for bit, at its own address
+            device_view(lo, host.numel()).copy_(host)
+        import torch
+
+        torch.cuda.synchronize()
+        self._saved = []
         post = getattr(self._runner, "post_kv_cache_wake_up", None)
         if callable(post):
             post()
