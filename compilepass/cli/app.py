@@ -13,6 +13,7 @@ from typing import Optional
 from compilepass.cli.db_commands import add_db
 from compilepass.cli.grpo import add_bench, add_grpo
 from compilepass.cli.info import add_info
+from compilepass.cli.model_commands import add_model
 from compilepass.cli.tune import add_tune
 from compilepass.core.errors import CompilepassError
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_db(sub)
     add_grpo(sub)
     add_bench(sub)
+    add_model(sub)
     return parser
 
 
