@@ -178,6 +178,33 @@ def test_triton_matches_reference_on_the_new_options(loss_type):
                         torch.testing.assert_close(out[1][2][k], out[0][2][k], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_triton
+@pytest.mark.parametrize("loss_type", LOSSES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_triton_cuda_matches_reference_on_the_new_options(loss_type, level):
+    g = torch.Generator().manual_seed(8)
+    B, T = 16, 1000
+    logp = -torch.rand(B, T, generator=g) * 4
+    old, ref = logp + 0.4 * torch.randn(B, T, generator=g), logp + 0.3 * torch.randn(B, T, generator=g)
+    adv, mask, isw = torch.randn(B, generator=g), (torch.rand(B, T, generator=g) > 0.25).float(), torch.rand(B, T, generator=g)
+    mask[3] = 0
+    args = [t.cuda() for t in (old, ref, adv, mask)]
+    kw = dict(loss_type=loss_type, beta=0.04, epsilon_high=1.2 if loss_type == "cispo" else 0.28,
+              importance_sampling_level=level, is_weight=isw.cuda(), use_bias_correction_kl=True)
+    out = []
+    for fn in (grpo_loss_reference, grpo_loss_triton):
+        x = logp.cuda().requires_grad_(True)
+        loss, m = fn(x, *args, **kw)
+        loss.backward()
+        out.append((loss.detach(), x.grad, m))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-9)
+    for k in out[0][2]:
+        torch.testing.assert_close(out[1][2][k], out[0][2][k], rtol=1e-5, atol=1e-7)
+
+
 def test_bad_loss_arguments_raise():
     x, m, a = torch.zeros(2, 3), torch.ones(2, 3), torch.ones(2)
     with pytest.raises(ValueError, match="importance_sampling_level"):
