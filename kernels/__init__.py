@@ -3,14 +3,15 @@
 Entry points (dispatching per call, see :mod:`compilepass.kernels.dispatch`):
 
 * :func:`selective_log_softmax` - per-token log-probs from hidden states and the lm_head weight;
-* :func:`grpo_loss` - the GRPO policy loss (grpo / bnpo / dr_grpo / dapo) and its metrics.
+* :func:`grpo_loss` - the GRPO policy loss (grpo / bnpo / dr_grpo / dapo / cispo; token- or
+  sequence-level (GSPO) importance weights; an optional rollout IS weight) and its metrics.
 
 Implementations: ``logprobs`` (reference, chunked PyTorch, Triton) and ``grpo_loss`` (reference,
 Triton). Triton is imported only when a Triton path runs.
 """
 
 from .dispatch import BACKENDS, ENV_VAR, backend_for, grpo_loss, selective_log_softmax
-from .grpo_loss import LOSS_TYPES, grpo_loss_reference, grpo_loss_triton
+from .grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, grpo_loss_reference, grpo_loss_triton
 from .logprobs import (
     selective_log_softmax_chunked,
     selective_log_softmax_reference,
@@ -24,6 +25,7 @@ __all__ = [
     "ENV_VAR",
     "BACKENDS",
     "LOSS_TYPES",
+    "IMPORTANCE_SAMPLING_LEVELS",
     "selective_log_softmax_reference",
     "selective_log_softmax_chunked",
     "selective_log_softmax_triton",

@@ -78,8 +78,13 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: Optional[int] = None,
     num_items_in_batch: Optional[Number] = None,
+    *,
+    importance_sampling_level: str = "token",
+    is_weight: Optional[torch.Tensor] = None,
+    use_bias_correction_kl: bool = False,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """GRPO loss and metrics; see :mod:`compilepass.kernels.grpo_loss` for the definition."""
     fn = grpo_loss_triton if backend_for(logp) == "triton" else grpo_loss_reference
     return fn(logp, old_logp, ref_logp, advantages, completion_mask, epsilon_low, epsilon_high, beta, loss_type,
-              max_completion_length, num_items_in_batch)
+              max_completion_length, num_items_in_batch, importance_sampling_level=importance_sampling_level,
+              is_weight=is_weight, use_bias_correction_kl=use_bias_correction_kl)

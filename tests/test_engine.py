@@ -175,6 +175,48 @@ def test_logprobs_match_a_reference_forward():
         assert out.logprobs.dtype == torch.float32
 
 
+def _filtered_logprobs(logits, temperature, top_k, top_p):
+    """log_softmax of the distribution sampled from: logits / T, the top_k largest, then the smallest
+    prefix (by probability) whose mass reaches top_p; plain PyTorch, one row at a time."""
+    out = []
+    for row in logits / temperature:
+        keep = torch.ones_like(row, dtype=torch.bool)
+        if top_k:
+            keep &= row >= torch.topk(row, top_k).values[-1]
+        probs = torch.where(keep, row, float("-inf")).softmax(-1)
+        order = probs.argsort(descending=True)
+        mass_before = probs[order].cumsum(0) - probs[order]
+        drop = torch.zeros_like(keep)
+        drop[order] = mass_before >= top_p
+        out.append(torch.where(keep & ~drop, row, float("-inf")).log_softmax(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("graph_sampling", [False, True])
+def test_sampling_logprobs_are_the_sampled_distributions(graph_sampling):
+    """RolloutOutput.sampling_logprobs: the drawn token's log-prob under the top-k / top-p truncated,
+    renormalized distribution (vLLM's processed_logprobs); equal to logprobs without a filter."""
+    model, engine = shared("tiny-qwen2", lora=True, variant="graph_sampling" if graph_sampling else "baseline")
+    ps = prompts()
+    for temperature, top_k, top_p in ((0.7, 20, 1.0), (1.3, 0, 0.6), (0.9, 12, 0.8), (0.8, 0, 1.0)):
+        out = engine.generate(ps, max_new_tokens=NEW, temperature=temperature, top_k=top_k, top_p=top_p, seed=5)
+        assert out.sampling_logprobs.shape == out.logprobs.shape and out.sampling_logprobs.dtype == torch.float32
+        if top_k == 0 and top_p == 1.0:
+            assert torch.equal(out.sampling_logprobs, out.logprobs)
+        else:  # the truncated distribution puts more mass on each kept token
+            assert (out.sampling_logprobs >= out.logprobs - 1e-6).all()
+            assert (out.sampling_logprobs > out.logprobs + 1e-3).any()
+        for b, p in enumerate(ps):
+            n = int(out.completion_lengths[b])
+            comp = out.completion_ids[b, :n]
+            assert (out.sampling_logprobs[b, n:] == 0).all()
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p + comp.tolist()])).logits[0].float()[len(p) - 1:-1]
+            ref = _filtered_logprobs(logits, temperature, top_k, top_p).gather(-1, comp[:, None])[:, 0]
+            assert torch.isfinite(ref).all()  # every drawn token is inside the filter
+            torch.testing.assert_close(out.sampling_logprobs[b, :n], ref, rtol=1e-4, atol=1e-4)
+
+
 def test_sleep_wake_round_trips_and_is_idempotent():
     model = make_model("tiny")
     engine = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False)

@@ -122,7 +122,7 @@ def test_default_tiny_config_is_valid():
     ("generation.gpu_memory_utilization=1.2", "'generation.gpu_memory_utilization' must be in (0, 1]"),
     ("generation.top_p=0", "'generation.top_p' must be in (0, 1]"),
     ("generation.temperature=0", "'generation.temperature' must be > 0"),
-    ("loss.loss_type=ppo", "'loss.loss_type' must be one of grpo, bnpo, dr_grpo, dapo (got 'ppo')"),
+    ("loss.loss_type=ppo", "'loss.loss_type' must be one of grpo, bnpo, dr_grpo, dapo, cispo (got 'ppo')"),
     ("generation.engine=sglang", "'generation.engine' must be one of native, vllm"),
     ("optim.scheduler=step", "'optim.scheduler' must be one of constant, cosine, linear"),
     ("optim.lr=0", "'optim.lr' must be > 0"),

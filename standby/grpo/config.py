@@ -37,9 +37,10 @@ from typing import Any, Iterable, Literal, Optional
 from compilepass.core.errors import ConfigError
 from compilepass.core.shapes import PRESETS
 from compilepass.core.workload_spec import ENGINES
-from compilepass.kernels.grpo_loss import LOSS_TYPES
+from compilepass.kernels.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 from compilepass.standby.grpo.coercion import coerce, prefix
 from compilepass.standby.grpo.data import BUILTIN_TASKS
+from compilepass.standby.grpo.loss_options import IS_MODES, check_loss_options
 from compilepass.standby.grpo.rewards import BUILTIN_REWARDS
 
 __all__ = [
@@ -164,6 +165,23 @@ class LossConfig:
     penalty to the reference (the base model, adapter disabled). ``num_iterations`` is the number
     of optimizer updates per generated batch (> 1 is off-policy and needs the old log-probs).
     ``scale_rewards`` divides advantages by the group's reward std.
+
+    TRL's options, under TRL's names (trl 1.16; definitions in :mod:`compilepass.kernels.grpo_loss`
+    and :mod:`compilepass.standby.training.importance`): ``loss_type: cispo`` (the importance
+    weight capped at ``epsilon_high`` -- a cap, TRL's epsilon_max, recommended 5.0 -- detached,
+    times the log-prob; normalized as dapo). ``importance_sampling_level: sequence`` is GSPO (one
+    weight per completion, the exp of its mean log-ratio; pair it with ``loss_type: grpo`` for
+    GSPO's per-sequence objective). ``mask_truncated_completions`` drops completions that end
+    without a stop token or stop string from the loss. ``use_bias_correction_kl`` weights the KL
+    term by the importance weight (TRL's default is true, ours false).
+    ``importance_sampling_correction`` (TRL: ``vllm_importance_sampling_correction``; it applies to
+    whichever engine generated) weights the policy term by the truncated ratio of the trainer's to
+    the engine's sampling probabilities: ``importance_sampling_mode`` token_truncate / token_mask /
+    sequence_truncate / sequence_mask, bounds ``importance_sampling_clip_min`` /
+    ``importance_sampling_clip_max`` (TRL: ``vllm_importance_sampling_mode``, ``..._clip_min``,
+    ``..._clip_max``; its deprecated ``..._cap`` is clip_max). TRL turns it on by default with
+    vLLM; ours is off by default (the native engine samples from the trainer's own weights).
+    :data:`compilepass.standby.grpo.loss_options.TRL_LOSS_NAMES` maps TRL's names onto these keys.
     """
 
     loss_type: Literal[LOSS_TYPES] = "grpo"
@@ -172,6 +190,13 @@ class LossConfig:
     beta: float = 0.0
     num_iterations: int = 1
     scale_rewards: bool = True
+    importance_sampling_level: Literal[IMPORTANCE_SAMPLING_LEVELS] = "token"
+    mask_truncated_completions: bool = False
+    use_bias_correction_kl: bool = False
+    importance_sampling_correction: bool = False
+    importance_sampling_mode: Literal[IS_MODES] = "sequence_mask"
+    importance_sampling_clip_max: Optional[float] = 3.0
+    importance_sampling_clip_min: Optional[float] = None
 
     def _validate(self) -> None:
         _require(self.epsilon_low >= 0, "loss.epsilon_low", f"must be >= 0 (got {self.epsilon_low})")
@@ -179,6 +204,7 @@ class LossConfig:
         _require(self.epsilon_high >= 0, "loss.epsilon_high", f"must be >= 0 (got {self.epsilon_high})")
         _require(self.beta >= 0, "loss.beta", f"must be >= 0 (got {self.beta})")
         _require(self.num_iterations >= 1, "loss.num_iterations", f"must be >= 1 (got {self.num_iterations})")
+        check_loss_options(self, _require)
 
 
 @dataclass

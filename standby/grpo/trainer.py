@@ -85,6 +85,7 @@ from compilepass.standby.grpo.checkpoint import (CheckpointError, capture_rng_st
                                                  verify_checkpoint)
 from compilepass.standby.grpo.config import GRPOConfig
 from compilepass.standby.grpo.data import PromptBatcher, load_dataset, load_tokenizer
+from compilepass.standby.grpo.loss_options import loss_inputs
 from compilepass.standby.grpo.metrics import MetricsLogger, ProgressBar, peak_memory_gib
 from compilepass.standby.grpo.oom import TrainingOutOfMemoryError, memory_measured, out_of_memory_error
 from compilepass.standby.grpo.resume import check_resume_config
@@ -99,7 +100,7 @@ from compilepass.standby.rollout.vllm.engine import VllmEngine
 from compilepass.standby.rollout.vllm.gates import check_vllm
 from compilepass.standby.training.checkpointing import enable_checkpointing
 from compilepass.standby.training.logprobs import policy_logprobs
-from compilepass.standby.training.loss import group_advantages, micro_batch_loss
+from compilepass.standby.training.loss import combine_metrics, group_advantages, micro_batch_loss
 from compilepass.standby.training.micro_batch import MicroBatchPlanner
 from compilepass.standby.training.offload import ActivationOffload
 from compilepass.standby.training.train_memory import lora_mixed_precision, tile_mlp
@@ -424,7 +425,7 @@ class GRPOTrainer:
         return torch.cat([self._slice_logprobs(slice(lo, lo + size), prompt_ids, completion_ids, mask)
                           for lo in range(0, completion_ids.shape[0], size)])
 
-    def _train(self, step: int, prompt_ids, completion_ids, mask, advantages) -> dict:
+    def _train(self, step: int, prompt_ids, completion_ids, mask, advantages, sampling=None) -> dict:
         c, lc = self.config, self.config.loss
         self._fault("train", step)
         rows = completion_ids.shape[0]
@@ -454,12 +455,16 @@ class GRPOTrainer:
                         loss, m = micro_batch_loss(logp, old, ref, advantages, mask, n_items, sl, loss_type=lc.loss_type,
                                                    beta=lc.beta, epsilon_low=lc.epsilon_low,
                                                    epsilon_high=lc.epsilon_high,
-                                                   max_completion_length=c.generation.max_completion_len)
+                                                   max_completion_length=c.generation.max_completion_len,
+                                                   importance_sampling_level=lc.importance_sampling_level,
+                                                   use_bias_correction_kl=lc.use_bias_correction_kl,
+                                                   sampling=sampling, is_mode=lc.importance_sampling_mode,
+                                                   is_clip_min=lc.importance_sampling_clip_min,
+                                                   is_clip_max=lc.importance_sampling_clip_max)
                         loss.backward()
                     frac = mask[sl].sum() / n_items.clamp(min=1)  # token-mean metrics combine by token share
                     acc["loss"] = acc.get("loss", 0.0) + loss.detach()
-                    for k, v in m.items():
-                        acc[k] = acc.get(k, 0.0) + v.detach() * frac
+                    combine_metrics(acc, m, frac)
                 return acc
 
             acc = self.micro_batch.run(rows, width, "training", accumulate)
@@ -516,6 +521,8 @@ class GRPOTrainer:
             suffix = f" (state saved in {saved})" if saved is not None else " (the state could NOT be saved)"
             raise RewardError(f"step {step}: {e}{suffix}") from None
         adv, zero_std = group_advantages(total, G, c.loss.scale_rewards)
+        loss_mask, sampling, loss_in_m = loss_inputs(c.loss, c.generation, out, mask, completions,
+                                                     self.tokenizer.eos_token_id)
         self._stop_point()
         t_rew = time.perf_counter()
         gen_peak = None
@@ -523,8 +530,8 @@ class GRPOTrainer:
             gen_peak = torch.cuda.max_memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            train_m = self._train(step, prompt_ids, out.completion_ids, mask.to(out.completion_ids.device),
-                                  adv.to(self.device))
+            train_m = self._train(step, prompt_ids, out.completion_ids, loss_mask.to(out.completion_ids.device),
+                                  adv.to(self.device), sampling=sampling)
         except torch.OutOfMemoryError as e:
             raise self._oom("train", st, e) from None
         t_end = time.perf_counter()
@@ -545,6 +552,7 @@ class GRPOTrainer:
             "step_s": t_end - t0,
             "peak_mem_gib": self._peak_gib(gen_peak),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
+            **loss_in_m,
         }
         return rec
 

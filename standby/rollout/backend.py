@@ -27,7 +27,11 @@ class RolloutOutput:
     sampled token, ``log_softmax(logits / temperature)`` of the model's raw logits (temperature
     1 when greedy), with top-k / top-p NOT applied — the policy's log-prob at the sampling
     temperature, which is what TRL's GRPO compares against; 0 where the mask is 0.
-    ``prompt_lengths`` / ``completion_lengths`` [B] (long).
+    ``prompt_lengths`` / ``completion_lengths`` [B] (long). ``sampling_logprobs`` [B, N] float32:
+    at each sampled token, its log-prob under the distribution it was drawn from (temperature,
+    then top-k / top-p, renormalized; vLLM's ``processed_logprobs``), which TRL's
+    importance-sampling correction compares against; the same as ``logprobs`` without top-k /
+    top-p; 0 where the mask is 0; None from an engine that cannot say.
 
     Timing (seconds, wall clock, the device synchronized): ``prefill_s``, ``decode_s`` (every
     decode step and the sampling between them), ``total_s``; ``decode_steps`` (graph replays);
@@ -45,6 +49,7 @@ class RolloutOutput:
     decode_steps: int = 0
     tokens_per_s: float = 0.0
     extra: dict = field(default_factory=dict)
+    sampling_logprobs: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,7 @@ class RolloutEngine:
         self._s_ids = torch.zeros((B, L), dtype=torch.long, device=dev)
         self._s_mask = torch.zeros((B, L), dtype=torch.long, device=dev)
         self._s_lp = torch.zeros((B, L), dtype=torch.float32, device=dev)
+        self._s_slp = torch.zeros((B, L), dtype=torch.float32, device=dev)  # sampling log-probs (top-k / top-p)
         self._s_finished = torch.zeros(B, dtype=torch.bool, device=dev)
         self._s_stops = torch.full((MAX_GRAPH_STOPS,), -1, dtype=torch.long, device=dev)
         self._s_step = torch.zeros(1, dtype=torch.long, device=dev)
@@ -416,7 +417,7 @@ class RolloutEngine:
             noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(
                 generator=sampler.generator)
         b = bucket
-        args = (logits, self._s_temp, noise, self._s_ids[:b], self._s_mask[:b], self._s_lp[:b],
+        args = (logits, self._s_temp, noise, self._s_ids[:b], self._s_mask[:b], self._s_lp[:b], self._s_slp[:b],
                 self._s_finished[:b], sampler.stops, self._s_step, self._tokens[:b], self._s_pad)
         fn, compiled = self._post_fn(sampler.key, sampler.in_graph)
         if compiled and self.dynamic_batch and b >= 2:
@@ -546,6 +547,7 @@ class RolloutEngine:
         ids = torch.cat([p[0][:, :N] for p in parts])
         mask = torch.cat([p[1][:, :N] for p in parts])
         lps = torch.cat([p[2][:, :N] for p in parts])
+        slps = lps if sampler.key[0] != "filtered" else torch.cat([p[4][:, :N] for p in parts])
         lengths = torch.cat([p[3] for p in parts])
         total = prefill_s + decode_s
         n_tokens = int(lengths.sum())
@@ -554,6 +556,7 @@ class RolloutEngine:
             prompt_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device),
             completion_lengths=lengths, prefill_s=prefill_s, decode_s=decode_s, total_s=total,
             decode_steps=steps, tokens_per_s=n_tokens / total if total > 0 else float("nan"),
+            sampling_logprobs=slps,
         )
 
     def _sampler_for(self, prompts, temperature: float, top_k: int, top_p: float, stops: list[int],
@@ -593,7 +596,8 @@ class RolloutEngine:
         """Prefill, then one column per decode step on the static buffers: column 0 from the
         prefill's logits, each later one a replay of the (bucket, key) graph or the same step and
         sampler run eagerly; the host only checks for an early stop, every STOP_CHECK_EVERY steps.
-        -> ((ids, mask, logprobs, lengths), prefill seconds, decode seconds, decode steps)."""
+        -> ((ids, mask, logprobs, lengths, sampling log-probs or None), prefill seconds, decode seconds,
+        decode steps); the sampling log-probs only for a filtered (top-k / top-p) sampler."""
         dev = self.device
         B = len(prompts)
         bucket = self.bucket_for(B)
@@ -613,6 +617,9 @@ class RolloutEngine:
         self._s_ids[:bucket, :N].fill_(self.pad_token_id)
         self._s_mask[:bucket, :N].zero_()
         self._s_lp[:bucket, :N].zero_()
+        filtered = sampler.key[0] == "filtered"
+        if filtered:
+            self._s_slp[:bucket, :N].zero_()
         self._s_finished[:bucket].copy_(torch.arange(bucket, device=dev) >= B)  # padding rows never count
         self._s_step.zero_()
         self._positions[:bucket].copy_(lengths)
@@ -630,9 +637,10 @@ class RolloutEngine:
         out_ids = self._s_ids[:B, :N].clone()
         out_mask = self._s_mask[:B, :N].clone()
         out_lp = self._s_lp[:B, :N].clone()
+        out_slp = self._s_slp[:B, :N].clone() if filtered else None
         _sync(dev)
         t2 = time.perf_counter()
-        return (out_ids, out_mask, out_lp, out_mask.sum(1)), t1 - t0, t2 - t1, steps
+        return (out_ids, out_mask, out_lp, out_mask.sum(1), out_slp), t1 - t0, t2 - t1, steps
 
     def __repr__(self) -> str:
         return (f"RolloutEngine({self.shape.family}, max_batch={self.max_batch}, max_len={self.max_len}, "

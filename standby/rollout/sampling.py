@@ -14,7 +14,11 @@ the very same tokens, masks and log-probs. :func:`sampler_key` says which functi
 uses (one compiled / captured sampler per key).
 
 Log-probs are ``log_softmax(logits / temperature)`` at the drawn token, top-k / top-p not
-applied (temperature 1 when greedy): the policy's log-prob at the sampling temperature.
+applied (temperature 1 when greedy): the policy's log-prob at the sampling temperature. The
+filtered sampler also records the *sampling* log-prob, under the top-k / top-p truncated and
+renormalized distribution the token was drawn from (vLLM's ``processed_logprobs``, what TRL's
+importance-sampling correction compares against); without a filter the two are the same number
+and only one is recorded.
 """
 
 from __future__ import annotations
@@ -62,6 +66,13 @@ def _race_pick(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Ten
                top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The exponential race over ``softmax(filter(logits / temperature))`` with ``noise`` ~ Exp(1)
     [B, V] float32 (drawn by the caller); ``temperature`` a 0-dim float32 tensor."""
+    tokens, logprobs, _ = _race_pick_filtered(logits, temperature, noise, top_k, top_p)
+    return tokens, logprobs
+
+
+def _race_pick_filtered(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor, top_k: int = 0,
+                        top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_race_pick` plus the drawn token's log-prob under the filtered distribution."""
     x = logits.float() / temperature
     logprobs_all = x.log_softmax(-1)
     filtered = x
@@ -77,12 +88,17 @@ def _race_pick(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Ten
         filtered = torch.empty_like(filtered).scatter_(-1, order, sorted_logits)
     probs = filtered.softmax(-1)
     tokens = (probs / noise).argmax(-1)
-    return tokens, logprobs_all.gather(-1, tokens[:, None])[:, 0]
+    logprobs = logprobs_all.gather(-1, tokens[:, None])[:, 0]
+    if filtered is x:
+        return tokens, logprobs, logprobs
+    return tokens, logprobs, filtered.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
 
 
-def _record(tokens, logprobs, ids, mask, lps, finished, stops, step, tokens_buf, pad) -> None:
+def _record(tokens, logprobs, ids, mask, lps, finished, stops, step, tokens_buf, pad, slogprobs=None,
+            slps=None) -> None:
     """One generated column, in place on the loop's static buffers (all [B] / [B, L] views): write
-    column ``step`` (a [1] long tensor) of ids / mask / logprobs for the sequences still alive,
+    column ``step`` (a [1] long tensor) of ids / mask / logprobs (and sampling log-probs into
+    ``slps`` when ``slogprobs`` is given) for the sequences still alive,
     mark those that hit a stop id (``stops`` [S]: -1 entries never match, S may be 0), set the
     next input tokens (pad for finished sequences) and advance ``step``. No host sync, no
     data-dependent shapes: the graph-captured sampler runs it inside the decode step's CUDA graph."""
@@ -90,25 +106,27 @@ def _record(tokens, logprobs, ids, mask, lps, finished, stops, step, tokens_buf,
     ids.index_copy_(1, step, torch.where(alive, tokens, pad)[:, None])
     mask.index_copy_(1, step, alive.long()[:, None])
     lps.index_copy_(1, step, torch.where(alive, logprobs, 0.0)[:, None])
+    if slogprobs is not None:
+        slps.index_copy_(1, step, torch.where(alive, slogprobs, 0.0)[:, None])
     finished.logical_or_(alive & (tokens[:, None] == stops[None, :]).any(-1))
     tokens_buf.copy_(torch.where(finished, pad, tokens))
     step.add_(1)
 
 
-def _post_greedy(logits, temperature, noise, ids, mask, lps, finished, stops, step, tokens_buf, pad):
+def _post_greedy(logits, temperature, noise, ids, mask, lps, slps, finished, stops, step, tokens_buf, pad):
     tokens, lp = _greedy_pick(logits)
     _record(tokens, lp, ids, mask, lps, finished, stops, step, tokens_buf, pad)
 
 
-def _post_sample(logits, temperature, noise, ids, mask, lps, finished, stops, step, tokens_buf, pad):
+def _post_sample(logits, temperature, noise, ids, mask, lps, slps, finished, stops, step, tokens_buf, pad):
     tokens, lp = _race_pick(logits, temperature, noise)
     _record(tokens, lp, ids, mask, lps, finished, stops, step, tokens_buf, pad)
 
 
 def _post_filtered(top_k: int, top_p: float):
-    def post(logits, temperature, noise, ids, mask, lps, finished, stops, step, tokens_buf, pad):
-        tokens, lp = _race_pick(logits, temperature, noise, top_k, top_p)
-        _record(tokens, lp, ids, mask, lps, finished, stops, step, tokens_buf, pad)
+    def post(logits, temperature, noise, ids, mask, lps, slps, finished, stops, step, tokens_buf, pad):
+        tokens, lp, slp = _race_pick_filtered(logits, temperature, noise, top_k, top_p)
+        _record(tokens, lp, ids, mask, lps, finished, stops, step, tokens_buf, pad, slp, slps)
     return post
 
 
@@ -126,8 +144,9 @@ def sampler_key(temperature: float, top_k: int, top_p: float, vocab: int) -> tup
 
 def post_function(key: tuple) -> Callable:
     """The (eager) sample-and-record function of a :func:`sampler_key` key, called as
-    ``post(logits, temperature, noise, ids, mask, lps, finished, stops, step, tokens_buf, pad)``;
-    ``noise`` is None for "greedy"."""
+    ``post(logits, temperature, noise, ids, mask, lps, slps, finished, stops, step, tokens_buf, pad)``;
+    ``noise`` is None for "greedy"; ``slps`` (the sampling log-probs' buffer) is written by the
+    "filtered" sampler only (the others' sampling log-probs are ``lps``)."""
     if key[0] == "greedy":
         return _post_greedy
     if key[0] == "sample":

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from compilepass.kernels import grpo_loss
+from compilepass.standby.training.importance import rollout_importance_weights
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> tuple[torch.Tensor, int]:
@@ -26,18 +27,34 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
 def micro_batch_loss(logp: torch.Tensor, old: Optional[torch.Tensor], ref: Optional[torch.Tensor],
                      advantages: torch.Tensor, mask: torch.Tensor, n_items: torch.Tensor, sl: slice, *,
                      loss_type: str, beta: float, epsilon_low: float, epsilon_high: float,
-                     max_completion_length: int) -> tuple[torch.Tensor, dict]:
+                     max_completion_length: int, importance_sampling_level: str = "token",
+                     use_bias_correction_kl: bool = False, sampling: Optional[torch.Tensor] = None,
+                     is_mode: str = "sequence_mask", is_clip_min: Optional[float] = None,
+                     is_clip_max: Optional[float] = 3.0) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of rows ``sl`` of the batch (``logp`` holds those rows; ``old`` / ``ref`` /
-    ``advantages`` / ``mask`` the whole batch's), scaled so that the micro-batches' losses sum to
-    the whole batch's (same value, same gradient, up to summation order): per-row means (grpo,
-    dr_grpo) weigh by the rows' share, the batch token mean (bnpo) by the tokens' share; dapo
-    already divides by the whole batch's token count (``n_items``)."""
+    ``advantages`` / ``mask`` / ``sampling`` the whole batch's), scaled so that the micro-batches'
+    losses sum to the whole batch's (same value, same gradient, up to summation order): per-row
+    means (grpo, dr_grpo) weigh by the rows' share, the batch token mean (bnpo) by the tokens'
+    share; dapo and cispo already divide by the whole batch's token count (``n_items``).
+
+    Sequence-level importance weights (``importance_sampling_level="sequence"``) and the rollout
+    correction are per row (sequence modes) or per token, so splitting by rows keeps them exact.
+    ``sampling``: the engine's per-token sampling log-probs; given, the policy term is weighted
+    by :func:`~compilepass.standby.training.importance.rollout_importance_weights` of the old
+    log-probs (``logp.detach()`` on-policy) against them (``is_mode``, ``is_clip_min``,
+    ``is_clip_max``), and its metrics join the loss's."""
     m_mask = mask[sl]
-    loss, metrics = grpo_loss(logp, old[sl] if old is not None else logp.detach(),
-                              ref[sl] if ref is not None else None, advantages[sl], m_mask,
+    old_rows = old[sl] if old is not None else logp.detach()
+    is_weight, is_metrics = None, {}
+    if sampling is not None:
+        is_weight, is_metrics = rollout_importance_weights(old_rows, sampling[sl], m_mask, is_mode,
+                                                           is_clip_min, is_clip_max)
+    loss, metrics = grpo_loss(logp, old_rows, ref[sl] if ref is not None else None, advantages[sl], m_mask,
                               epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
                               loss_type=loss_type, max_completion_length=max_completion_length,
-                              num_items_in_batch=n_items)
+                              num_items_in_batch=n_items, importance_sampling_level=importance_sampling_level,
+                              is_weight=is_weight, use_bias_correction_kl=use_bias_correction_kl)
+    metrics.update(is_metrics)
     rows, m_rows = mask.shape[0], m_mask.shape[0]
     if m_rows == rows:
         return loss, metrics
@@ -46,3 +63,17 @@ def micro_batch_loss(logp: torch.Tensor, old: Optional[torch.Tensor], ref: Optio
     elif loss_type == "bnpo":
         loss = loss * (m_mask.sum().clamp(min=1) / n_items.clamp(min=1))
     return loss, metrics
+
+
+def combine_metrics(acc: dict, metrics: dict, frac: torch.Tensor) -> dict:
+    """Add one micro-batch's ``metrics`` to the running ``acc`` (in place; returned): token means
+    weighted by the micro-batch's token share ``frac``; keys ending ``/min`` / ``/max`` by
+    min / max (NaN, a min or max over no tokens, is passed over)."""
+    for k, v in metrics.items():
+        v = v.detach()
+        if k.endswith("/min") or k.endswith("/max"):
+            pick = torch.fmin if k.endswith("/min") else torch.fmax
+            acc[k] = v if k not in acc else pick(acc[k], v)
+        else:
+            acc[k] = acc.get(k, 0.0) + v * frac
+    return acc

@@ -437,6 +437,7 @@ class VllmEngine:
             completion_lengths=lengths.to(dev), prefill_s=0.0, decode_s=total, total_s=total,
             decode_steps=max(0, int(lengths.max()) - 1), tokens_per_s=n_tokens / total if total > 0 else float("nan"),
             extra={"engine": "vllm", "logprobs": kind, "finish_reasons": [c.finish_reason for c in comps]},
+            sampling_logprobs=lps.to(dev),  # processed_logprobs: the distribution vLLM sampled from
         )
 
     def __repr__(self) -> str:
