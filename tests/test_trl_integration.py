@@ -1,0 +1,124 @@
+"""``compilepass.integrations.trl``: real TRL's GRPOTrainer generating with our rollout engine, on CPU.
+
+A tiny random Qwen3 with a word-level tokenizer that has a chat template; a conversational
+``datasets.Dataset``; one of the reward functions TRL ships and one of ours; a peft LoRA config;
+TRL trains, we generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import trl  # the dev extra's: a missing TRL fails here, it is not skipped
+
+from compilepass.core.errors import ConfigError
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+PAD, EOS = 0, 1
+WORDS = [f"w{i}" for i in range(40)] + ["<think>", "</think>", "user", "assistant", ":"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+                 "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from compilepass.core.shapes import ModelShape
+
+    path = tmp_path_factory.mktemp("trl-integration")
+    vocab = {"<pad>": PAD, "<eos>": EOS, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    shape = ModelShape(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
+                       vocab_size=64, family="qwen3", tie_word_embeddings=True, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(shape.to_hf_config(), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.config.eos_token_id, model.config.pad_token_id = EOS, PAD
+    model.save_pretrained(path)
+    return path
+
+
+def _dataset():
+    from datasets import Dataset
+
+    rows = [[{"role": "user", "content": f"w{i} w{i + 1} w{i + 2}"}] for i in range(0, 16, 2)]
+    return Dataset.from_dict({"prompt": rows, "target": [f"w{i}" for i in range(0, 16, 2)]})
+
+
+def says_target(completions, target, **kwargs):
+    """Our reward, TRL's calling convention: 1 if the completion's text holds the row's target word."""
+    return [float(t in c[0]["content"].split()) for c, t in zip(completions, target)]
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=False, max_steps=2,
+                per_device_train_batch_size=4, num_generations=4, max_completion_length=8, learning_rate=5e-2,
+                logging_steps=1, save_strategy="no", seed=0, temperature=1.0)
+    base.update(kw)
+    return trl.GRPOConfig(**base)
+
+
+def test_trl_trains_while_our_engine_generates(model_dir, tmp_path):
+    from peft import LoraConfig
+    from trl.rewards import think_format_reward
+
+    from compilepass.integrations.trl import GRPOTrainer
+    from compilepass.standby.training.logprobs import policy_logprobs
+
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[think_format_reward, says_target], args=_args(tmp_path),
+                          train_dataset=_dataset(),
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                          rollout_engine_options={"compile_options": False})
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert lora, "peft wrapped the model"
+    trainer.train()
+    assert trainer.rollout_calls >= 2 and trainer.rollout_engine is not None
+    assert not trainer.rollout_engine.is_awake  # standby while TRL trains
+    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, lora[n])]
+    assert changed, "TRL's optimizer changed no LoRA tensor"
+    logged = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(logged) >= 2 and all("rewards/says_target/mean" in h for h in logged), trainer.state.log_history
+    # the engine samples from the policy being trained, LoRA included: its log-probs are the policy's
+    prompts = [[{"role": "user", "content": "w3 w4 w5"}], [{"role": "user", "content": "w7"}]]
+    out = trainer.generate_with_engine(prompts)
+    assert out["prompt_ids"][0] == trainer.processing_class.apply_chat_template(
+        prompts[0], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    n = max(len(c) for c in out["completion_ids"])
+    ids = torch.tensor([c + [PAD] * (n - len(c)) for c in out["completion_ids"]])
+    mask = torch.tensor([[1] * len(c) + [0] * (n - len(c)) for c in out["completion_ids"]])
+    with torch.no_grad():
+        ref = policy_logprobs(trainer.model, out["prompt_ids"], ids, mask, 1.0, PAD)
+    ours = torch.tensor([lp + [0.0] * (n - len(lp)) for lp in out["logprobs"]])
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    for c in out["completion_ids"]:
+        assert EOS not in c[:-1] and len(c) <= 8  # stops at TRL's EOS, at most max_completion_length
+
+
+def test_unsupported_options_are_one_line_errors(model_dir, tmp_path):
+    from compilepass.integrations.trl import GRPOTrainer
+
+    with pytest.raises(ConfigError, match="rollout_func"):
+        GRPOTrainer(model=str(model_dir), reward_funcs=says_target, args=_args(tmp_path), train_dataset=_dataset(),
+                    rollout_func=lambda p, t: {})
+    with pytest.raises(ConfigError, match="repetition_penalty"):
+        GRPOTrainer(model=str(model_dir), reward_funcs=says_target, args=_args(tmp_path, repetition_penalty=1.2),
+                    train_dataset=_dataset())
+
+
+def test_trl_version_is_checked(monkeypatch):
+    from compilepass.integrations.trl import SUPPORTED_TRL, TrlVersionError, check_trl
+
+    assert check_trl() is trl
+    monkeypatch.setattr(trl, "__version__", "0.9.0")
+    with pytest.raises(TrlVersionError, match="supports TRL " + SUPPORTED_TRL.replace("<", ".")):
+        check_trl()
