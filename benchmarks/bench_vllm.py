@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import json
 import os
 import shlex
@@ -40,23 +39,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import add_rollout_shape_args, dist_version
+
 ROWS = ("native", "vllm-engine", "plain-vllm", "gc-off", "gc-on")
-
-
-def _version(dist):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default="qwen3-0.6b")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
+    add_rollout_shape_args(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--gc-objects", type=int, default=5_000_000)
     p.add_argument("--only", nargs="*", default=list(ROWS), choices=ROWS)
@@ -252,7 +242,7 @@ def main(argv=None) -> int:
 
     result = {"benchmark": "vllm_side_by_side", "command": " ".join(shlex.quote(a) for a in sys.argv),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "versions": {d: _version(d) for d in ("torch", "triton", "vllm", "transformers", "peft")},
+              "versions": {d: dist_version(d) for d in ("torch", "triton", "vllm", "transformers", "peft")},
               "model": args.model, "batch": args.batch, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "rows": {}}
     for name in args.only:

@@ -24,7 +24,6 @@ completes (a new child per length), up to ``--context-max``.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import shlex
@@ -35,19 +34,14 @@ import threading
 import time
 from pathlib import Path
 
+from bench_common import dist_version
+
 STACKS = ("trl-hf", "trl-vllm", "trl-ours", "ours")
 
 
 def distinct_bytes_reward(prompts=None, completions=None, *args, **kwargs):
     """Fraction of distinct characters in each completion: cheap, deterministic, has spread."""
     return [len(set(c)) / max(1, len(c)) for c in completions]
-
-
-def _version(dist):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def parse_args(argv=None):
@@ -284,10 +278,10 @@ def main(argv=None) -> int:
     if args.smoke:
         args.prompts, args.generations, args.prompt_len, args.completion_len, args.steps = 2, 2, 8, 8, 2
         args.model = "smoke"
-    stacks = [s for s in args.stacks if s != "trl-vllm" or _version("vllm")]
+    stacks = [s for s in args.stacks if s != "trl-vllm" or dist_version("vllm")]
     result = {"benchmark": "grpo_vs_trl", "command": " ".join(shlex.quote(a) for a in sys.argv),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "versions": {d: _version(d) for d in ("torch", "triton", "transformers", "peft", "trl", "vllm")},
+              "versions": {d: dist_version(d) for d in ("torch", "triton", "transformers", "peft", "trl", "vllm")},
               "model": args.model, "prompts": args.prompts, "generations": args.generations,
               "prompt_len": args.prompt_len, "completion_len": args.completion_len, "lora_rank": args.lora_rank,
               "steps": args.steps, "device_memory_gib": args.device_memory_gib,

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from bench_common import add_rollout_shape_args
+
 CHILD = r"""
 import json, sys, time
 t_proc = time.perf_counter()
@@ -64,11 +66,7 @@ print(json.dumps({
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default="qwen3-0.6b")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
+    add_rollout_shape_args(p)
     p.add_argument("--warm", type=int, default=3, help="warm starts after the cold one")
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, fp32, small sizes")
     args = p.parse_args(argv)
