@@ -11,6 +11,7 @@ import sys
 from typing import Optional
 
 from compilepass.cli.db_commands import add_db
+from compilepass.cli.export import add_export
 from compilepass.cli.grpo import add_bench, add_grpo
 from compilepass.cli.info import add_info
 from compilepass.cli.tune import add_tune
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_db(sub)
     add_grpo(sub)
     add_bench(sub)
+    add_export(sub)
     return parser
 
 

@@ -32,7 +32,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional, Union
 
 from compilepass.core.errors import ConfigError
 from compilepass.core.shapes import PRESETS
@@ -41,6 +41,7 @@ from compilepass.kernels.grpo_loss import LOSS_TYPES
 from compilepass.standby.grpo.coercion import coerce, prefix
 from compilepass.standby.grpo.data import BUILTIN_TASKS
 from compilepass.standby.grpo.rewards import BUILTIN_REWARDS
+from compilepass.standby.grpo.trackers import check_report_to
 
 __all__ = [
     "ModelConfig", "GenerationConfig", "LossConfig", "OptimConfig", "DataConfig", "RewardSpec",
@@ -78,6 +79,7 @@ class ModelConfig:
     offload_activations: bool = False
     mlp_chunk_tokens: int = 4096
     init_std: Optional[float] = None
+    cache_dir: Optional[str] = None  # the Hugging Face cache a Hub id is read from (None: huggingface_hub's)
 
     def reinit_preset_weights(self, model, seed: int = 0) -> bool:
         """Apply ``init_std`` to a freshly built preset (before ``add_lora``): every 2-D parameter
@@ -313,6 +315,11 @@ class RunConfig:
     resume: str = "auto"
     device: str = "auto"  # "auto": cuda if available, else cpu
     device_memory_gib: Optional[float] = None  # run as on an N GiB card (DeviceMemoryCap); None: the whole GPU
+    # logging and outputs (compilepass.standby.grpo.trackers / outputs)
+    report_to: Union[str, list[str]] = field(default_factory=list)  # tensorboard / wandb / trackio / none / all
+    logging_steps: Optional[int] = None  # TRL's name for log_every; when set, it is the one used
+    log_entropy: bool = True  # the policy's entropy over completion tokens (one extra head matmul, no grad)
+    save_merged: bool = False  # also write output_dir/merged: the adapter merged into the base (plain HF)
 
     def _validate(self) -> None:
         _require(self.output_dir != "", "run.output_dir", "must not be empty")
@@ -326,6 +333,11 @@ class RunConfig:
         _require(self.resume != "", "run.resume", "must be auto, never or a checkpoint path")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "run.device", f"must be auto, cpu or cuda[:N] (got {self.device!r})")
+        _require(self.logging_steps is None or self.logging_steps >= 1, "run.logging_steps",
+                 f"must be >= 1 or null (got {self.logging_steps})")
+        if self.logging_steps is not None:
+            self.log_every = self.logging_steps
+        self.report_to = check_report_to(self.report_to)
 
 
 SECTIONS: dict[str, type] = {
