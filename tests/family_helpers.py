@@ -1,5 +1,6 @@
-"""Tiny random models of families the native engine does not decode (GPT-2, Phi), saved as real
-Hugging Face directories with a real character-level tokenizer, built offline."""
+"""Tiny random models saved as real Hugging Face directories with a real character-level
+tokenizer, built offline: families the native engine does not decode (GPT-2, Phi) and one it
+does (Qwen3, the tiny preset's shape)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def family_config(family: str, vocab: int = 128):
     if family == "phi":  # lm_head with a bias: log-probs through the model's own logits
         return transformers.PhiConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                       max_position_embeddings=256, **common)
+    if family == "qwen3":
+        from compilepass.core.shapes import PRESETS
+
+        config = PRESETS["tiny"].to_hf_config()
+        config.eos_token_id, config.pad_token_id = 1, 0
+        return config
     raise ValueError(family)
 
 

@@ -93,7 +93,7 @@ class WandbTracker:
                                reinit="finish_previous")
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
-        self._run.log(dict(scalars), step=int(step))
+        self._run.log(dict(scalars), step=int(step), commit=True)  # the step's row now, not at the next step
 
     def close(self) -> None:
         self._run.finish()
