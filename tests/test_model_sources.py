@@ -73,7 +73,8 @@ def test_unsupported_family_trains_from_a_cached_hub_id(tmp_path, caplog):
     """GPT-2 (a family the native engine lacks), named by a Hub id in the local cache: a GRPO run
     completes, generating through transformers, said once in the log."""
     cache = _hub_cache(tmp_path, "tiny-org/tiny-gpt2")
-    cfg = _config(tmp_path, "tiny-org/tiny-gpt2", f"model.cache_dir={cache}", "run.max_steps=3", "optim.lr=0.01")
+    cfg = _config(tmp_path, "tiny-org/tiny-gpt2", f"model.cache_dir={cache}", "run.max_steps=3", "optim.lr=0.01",
+                  "model.gradient_checkpointing=true")
     with caplog.at_level(logging.INFO):
         trainer = GRPOTrainer(cfg, progress=False)
         assert isinstance(trainer.engine, TransformersBackend)

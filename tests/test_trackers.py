@@ -46,11 +46,19 @@ def test_each_tracker_is_checked_against_its_package(name):
         assert "\n" not in str(e.value) and f"pip install {TRACKERS[name]}" in str(e.value)
 
 
+def test_logging_steps_is_trls_name_for_log_every():
+    assert load_config(None, ["run.logging_steps=5"]).run.log_every == 5
+    assert load_config(None, ["run.log_every=3"]).run.log_every == 3
+    with pytest.raises(ConfigError, match="'run.logging_steps' must be >= 1 or null"):
+        load_config(None, ["run.logging_steps=0"])
+
+
 def test_tensorboard_gets_the_metrics_of_a_run(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "run.max_steps=2", "run.report_to=tensorboard",
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "run.max_steps=3", "run.report_to=tensorboard",
+                             "run.logging_steps=2",
                              "data.prompts_per_step=2", "generation.num_generations=2",
                              "generation.max_completion_len=4"], base=default_config("tiny"))
     run_grpo(cfg, progress=False)
@@ -62,7 +70,7 @@ def test_tensorboard_gets_the_metrics_of_a_run(tmp_path):
                 "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "learning_rate",
                 "grad_norm"):
         assert key in tags, key
-        assert [e.step for e in acc.Scalars(key)] == [1, 2]
+        assert [e.step for e in acc.Scalars(key)] == [2, 3]  # every 2nd step and the last
         assert [e.value for e in acc.Scalars(key)] == pytest.approx([r[key] for r in recs], rel=1e-6, abs=1e-7)
 
 

@@ -56,7 +56,8 @@ _DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 @dataclass
 class ModelConfig:
-    """The policy: a preset name (random weights) or a local Hugging Face model directory.
+    """The policy: a preset name (random weights), a local Hugging Face model directory or a Hub
+    id from the local Hugging Face cache (``cache_dir``, else huggingface_hub's; never downloaded).
 
     ``init_std`` (presets only; ignored for a directory): redraw every weight matrix of the
     random preset from N(0, init_std) with :meth:`reinit_preset_weights`. Hugging Face's default
@@ -303,7 +304,13 @@ class RewardConfig:
 class RunConfig:
     """Where and how long. ``save_every`` 0 saves only at the end. ``keep_last`` checkpoints are
     kept. ``resume``: ``auto`` (the latest checkpoint in output_dir if any), ``never`` (start over;
-    refuses an output_dir that already holds checkpoints) or a checkpoint path."""
+    refuses an output_dir that already holds checkpoints) or a checkpoint path.
+
+    Logging and outputs: ``report_to`` names trackers (:mod:`~compilepass.standby.grpo.trackers`);
+    ``logging_steps`` (TRL's name) replaces ``log_every`` when set; ``log_entropy`` logs the
+    policy's entropy; after the last step the final adapter goes into ``output_dir`` and, with
+    ``save_merged``, the merged model into ``output_dir/merged``
+    (:mod:`~compilepass.standby.grpo.outputs`)."""
 
     output_dir: str = "runs/grpo"
     max_steps: int = 100
