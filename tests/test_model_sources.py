@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from family_helpers import char_tokenizer, make_family_dir
+from family_helpers import char_tokenizer, family_config, make_family_dir
 
 from compilepass.core.errors import ConfigError, ModelNotFoundError
 from compilepass.core.hub import HubModelNotCachedError
@@ -113,8 +113,6 @@ def test_model_object_and_processing_class(tmp_path):
 
 def test_model_object_without_a_tokenizer_is_a_config_error(tmp_path):
     from transformers import AutoModelForCausalLM
-
-    from family_helpers import family_config
 
     model = AutoModelForCausalLM.from_config(family_config("gpt2"))
     with pytest.raises(ConfigError, match="pass processing_class="):
