@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         trainer.step = step
         return {"step": step, "index": len(steps) + 1, "standby": standby, "timed": timed_step, "wall_s": wall,
                 "gen_s": rec["gen_s"], "reward_s": rec["reward_s"], "train_s": rec["train_s"],
-                "completion_len": rec["completion_len"], "peak_mem_gib": rec["peak_mem_gib"],
+                "completion_len": rec["completions/mean_length"], "peak_mem_gib": rec["peak_mem_gib"],
                 "wake_s": sum(wake_s[n_wake:]), "sleep_s": sum(sleep_s[n_sleep:])}
 
     step = 0

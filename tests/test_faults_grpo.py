@@ -321,9 +321,9 @@ def test_reward_metrics_are_named_by_function(tmp_path):
     summary = run_grpo(_config(tmp_path, "run.max_steps=1", "data.prompts_per_step=2", "generation.num_generations=2",
                                f"reward.functions={fns}"), progress=False)
     rec = summary.metrics[0]
-    assert sorted(k for k in rec if k.startswith("rewards/")) == [
-        "rewards/contains_answer", "rewards/contains_answer_2", "rewards/repeat_letter"]
-    assert rec["rewards/contains_answer"] == 1.0 and rec["rewards/contains_answer_2"] == 0.5
+    assert sorted(k for k in rec if k.startswith("rewards/") and k.endswith("/mean")) == [
+        "rewards/contains_answer/mean", "rewards/contains_answer_2/mean", "rewards/repeat_letter/mean"]
+    assert rec["rewards/contains_answer/mean"] == 1.0 and rec["rewards/contains_answer_2/mean"] == 0.5
 
 
 # --------------------------------------------------------------------------- bad counts and sizes

@@ -22,8 +22,8 @@ from compilepass.standby.grpo.trainer import GRPOTrainer, TrainingOutOfMemoryErr
 from compilepass.standby.training.loss import group_advantages
 
 REPO = Path(__file__).resolve().parents[1]
-COMPARED = ("reward", "reward_std", "rewards/repeat_letter", "loss", "kl", "zero_std_groups", "completion_len",
-            "grad_norm", "lr")
+COMPARED = ("reward", "reward_std", "rewards/repeat_letter/mean", "loss", "kl", "entropy", "frac_reward_zero_std",
+            "completions/mean_length", "grad_norm", "learning_rate")
 
 
 def _config(tmp_path, *overrides, name="run"):
@@ -72,8 +72,11 @@ def test_tiny_preset_learns_repeat(tmp_path):
     assert last >= 2 * first, (first, last, rewards)
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in recs] == list(range(1, 31))
-    for key in ("reward", "reward_std", "rewards/repeat_letter", "zero_std_groups", "kl", "clip_ratio_region_mean",
-                "loss", "completion_len", "tokens_per_s", "step_s", "peak_mem_gib", "lr"):
+    for key in ("reward", "reward_std", "rewards/repeat_letter/mean", "rewards/repeat_letter/std",
+                "frac_reward_zero_std", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                "clip_ratio/region_mean", "loss", "grad_norm", "learning_rate", "completions/mean_length",
+                "completions/min_length", "completions/max_length", "completions/clipped_ratio",
+                "completions/mean_terminated_length", "tokens_per_s", "step_s", "peak_mem_gib"):
         assert key in recs[-1], key
     assert (tmp_path / "run" / "step-00000030").is_dir()
 
@@ -220,7 +223,7 @@ def test_micro_batches_equal_the_whole_batch(tmp_path, loss_type):
     common = (f"loss.loss_type={loss_type}", "loss.beta=0.05", "loss.num_iterations=2")
     whole, w_lora, _ = _one_step(tmp_path, "whole", *common)
     micro, m_lora, _ = _one_step(tmp_path, "micro", *common, "optim.micro_batch_size=3")
-    for k in ("loss", "kl", "grad_norm", "clip_ratio_region_mean", "reward"):
+    for k in ("loss", "kl", "grad_norm", "clip_ratio/region_mean", "reward", "entropy"):
         assert micro[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-6), k
     for n in w_lora:  # after Adam (lr 0.01): near-zero gradient entries amplify summation-order noise
         torch.testing.assert_close(m_lora[n], w_lora[n], atol=5e-4, rtol=1e-3)
@@ -340,7 +343,7 @@ def test_kl_iterations_checkpointing_and_stop_strings(tmp_path):
     recs = summary.metrics
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(r["kl"] >= 0 for r in recs) and recs[-1]["kl"] > 0  # the adapter moved away from the reference
-    assert all(r["completion_len"] <= 8 for r in recs)
+    assert all(r["completions/max_length"] <= 8 for r in recs)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
 
 

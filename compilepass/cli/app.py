@@ -11,6 +11,7 @@ import sys
 from typing import Optional
 
 from compilepass.cli.db_commands import add_db
+from compilepass.cli.export import add_export
 from compilepass.cli.grpo import add_bench, add_grpo
 from compilepass.cli.info import add_info
 from compilepass.cli.model_commands import add_model
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_grpo(sub)
     add_bench(sub)
     add_model(sub)
+    add_export(sub)
     return parser
 
 

@@ -1,17 +1,21 @@
-"""Building models: a preset with random weights or a local Hugging Face directory, and LoRA wrapping.
+"""Building models: a preset with random weights, a local Hugging Face directory or a cached Hub id,
+and LoRA wrapping.
 
 ``build_model`` builds a preset (:mod:`compilepass.core.shapes`) with random weights or loads a local
-Hugging Face directory. ``add_lora`` wraps a model with a peft LoRA adapter; the decoder then calls
+Hugging Face directory or a Hub id's snapshot in the local Hugging Face cache (never downloaded);
+any causal LM family transformers knows loads (the native engine's families are checked where
+the engine is built). ``add_lora`` wraps a model with a peft LoRA adapter; the decoder then calls
 the LoRA layers themselves, so generation always sees the adapter's current weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from compilepass.core.shapes import FAMILIES, PRESETS, ModelShape, model_not_found
+from compilepass.core.shapes import PRESETS, local_model_path
 
 
 def build_model(
@@ -20,9 +24,11 @@ def build_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     attn_implementation: str = "sdpa",
+    cache_dir: Optional[str] = None,
 ):
     """A causal LM in eval mode: a preset with random weights (initialized directly on ``device``
-    in ``dtype``), or a local Hugging Face directory."""
+    in ``dtype``), a local Hugging Face directory, or a Hub id from the local cache
+    (``cache_dir``, else huggingface_hub's; see :func:`~compilepass.core.shapes.local_model_path`)."""
     from transformers import AutoModelForCausalLM
 
     name = str(name_or_path)
@@ -33,13 +39,10 @@ def build_model(
             torch.manual_seed(seed)
             model = _call_with_dtype(AutoModelForCausalLM.from_config, config, dtype=dtype,
                                      attn_implementation=attn_implementation)
-    elif (Path(name) / "config.json").is_file():
-        model = _call_with_dtype(AutoModelForCausalLM.from_pretrained, name, dtype=dtype,
-                                 attn_implementation=attn_implementation, device_map=str(torch.device(device)))
     else:
-        raise model_not_found(name)
-    if ModelShape.from_hf_config(model.config).family not in FAMILIES:  # pragma: no cover
-        raise model_not_found(name)
+        path = local_model_path(name, cache_dir)  # ModelNotFoundError (one line) unless it exists here
+        model = _call_with_dtype(AutoModelForCausalLM.from_pretrained, path, dtype=dtype, local_files_only=True,
+                                 attn_implementation=attn_implementation, device_map=str(torch.device(device)))
     return model.eval()
 
 
@@ -58,7 +61,7 @@ def add_lora(
     model,
     rank: int = 16,
     alpha: int = 32,
-    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    targets: tuple[str, ...] | str = DEFAULT_LORA_TARGETS,
     seed: int = 0,
     init_random: bool = False,
     init_std: float = 0.02,
@@ -71,7 +74,8 @@ def add_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+    modules = targets if isinstance(targets, str) else list(targets)  # a str: peft's "all-linear"
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=dropout,
                         bias="none", task_type="CAUSAL_LM")
     device = next(model.parameters()).device
     devices = [device] if device.type == "cuda" else []

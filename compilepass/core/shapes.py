@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from compilepass.core.errors import ModelNotFoundError
+from compilepass.core.hub import HubModelNotCachedError, cached_snapshot, hub_cache_dir, is_repo_id
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -135,24 +137,48 @@ def model_not_found(name) -> ModelNotFoundError:
     )
 
 
-def resolve_model_source(name_or_path: str | Path) -> str:
-    """"preset" or "directory"; raises ModelNotFoundError (one line) for anything else."""
+def resolve_model_source(name_or_path: str | Path, cache_dir: Optional[str] = None) -> str:
+    """"preset", "directory" or "hub" (a Hub id whose snapshot is in the local Hugging Face cache);
+    raises ModelNotFoundError (one line) for anything else: see :func:`local_model_path`."""
     name = str(name_or_path)
     if name in PRESETS:
         return "preset"
     if (Path(name) / "config.json").is_file():
         return "directory"
-    raise model_not_found(name)
+    local_model_path(name, cache_dir)  # raises unless the cache holds it
+    return "hub"
 
 
-def shape_for(model: str) -> ModelShape:
-    """ModelShape of a preset name or a local Hugging Face directory."""
+def local_model_path(name_or_path: str | Path, cache_dir: Optional[str] = None) -> str:
+    """What to load for ``name_or_path``: the preset name itself, a local directory, or, for a Hub
+    id (``org/name``), its snapshot directory in the local Hugging Face cache (``cache_dir``, else
+    huggingface_hub's default; never downloaded). Raises ModelNotFoundError (one line) when it is
+    none of these: a Hub id missing from the cache is a
+    :class:`~compilepass.core.hub.HubModelNotCachedError` naming the id and the cache directory."""
+    name = str(name_or_path)
+    if name in PRESETS:
+        return name
+    if (Path(name) / "config.json").is_file():
+        return name
+    if Path(name).expanduser().exists() or not is_repo_id(name):
+        raise model_not_found(name)
+    snapshot = cached_snapshot(name, cache_dir)
+    if snapshot is None:
+        raise HubModelNotCachedError(
+            f"model {name!r} is not a preset ({', '.join(PRESETS)}) or a local directory, and the Hugging Face "
+            f"cache {str(hub_cache_dir(cache_dir))!r} holds no snapshot of it; runs do not download: fetch it "
+            f"first (hf download {name})")
+    return str(snapshot)
+
+
+def shape_for(model: str, cache_dir: Optional[str] = None) -> ModelShape:
+    """ModelShape of a preset name, a local Hugging Face directory or a cached Hub id."""
     if model in PRESETS:
         return PRESETS[model]
-    resolve_model_source(model)  # ModelNotFoundError, one line
+    path = local_model_path(model, cache_dir)  # ModelNotFoundError, one line
     from transformers import AutoConfig  # heavy: only for a model directory
 
-    return ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
+    return ModelShape.from_hf_config(AutoConfig.from_pretrained(path, local_files_only=True))
 
 
 def causal_lm_of(model):

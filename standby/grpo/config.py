@@ -32,7 +32,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional, Union
 
 from compilepass.core.errors import ConfigError
 from compilepass.core.shapes import PRESETS
@@ -42,6 +42,7 @@ from compilepass.standby.grpo.coercion import coerce, prefix
 from compilepass.standby.grpo.data import BUILTIN_TASKS
 from compilepass.standby.grpo.loss_options import IS_MODES, check_loss_options
 from compilepass.standby.grpo.rewards import BUILTIN_REWARDS
+from compilepass.standby.grpo.trackers import check_report_to
 
 __all__ = [
     "ModelConfig", "GenerationConfig", "LossConfig", "OptimConfig", "DataConfig", "RewardSpec",
@@ -56,7 +57,8 @@ _DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 @dataclass
 class ModelConfig:
-    """The policy: a preset name (random weights) or a local Hugging Face model directory.
+    """The policy: a preset name (random weights), a local Hugging Face model directory or a Hub
+    id from the local Hugging Face cache (``cache_dir``, else huggingface_hub's; never downloaded).
 
     ``init_std`` (presets only; ignored for a directory): redraw every weight matrix of the
     random preset from N(0, init_std) with :meth:`reinit_preset_weights`. Hugging Face's default
@@ -79,6 +81,7 @@ class ModelConfig:
     offload_activations: bool = False
     mlp_chunk_tokens: int = 4096
     init_std: Optional[float] = None
+    cache_dir: Optional[str] = None  # the Hugging Face cache a Hub id is read from (None: huggingface_hub's)
 
     def reinit_preset_weights(self, model, seed: int = 0) -> bool:
         """Apply ``init_std`` to a freshly built preset (before ``add_lora``): every 2-D parameter
@@ -327,7 +330,13 @@ class RewardConfig:
 class RunConfig:
     """Where and how long. ``save_every`` 0 saves only at the end. ``keep_last`` checkpoints are
     kept. ``resume``: ``auto`` (the latest checkpoint in output_dir if any), ``never`` (start over;
-    refuses an output_dir that already holds checkpoints) or a checkpoint path."""
+    refuses an output_dir that already holds checkpoints) or a checkpoint path.
+
+    Logging and outputs: ``report_to`` names trackers (:mod:`~compilepass.standby.grpo.trackers`);
+    ``logging_steps`` (TRL's name) replaces ``log_every`` when set; ``log_entropy`` logs the
+    policy's entropy; after the last step the final adapter goes into ``output_dir`` and, with
+    ``save_merged``, the merged model into ``output_dir/merged``
+    (:mod:`~compilepass.standby.grpo.outputs`)."""
 
     output_dir: str = "runs/grpo"
     max_steps: int = 100
@@ -339,6 +348,11 @@ class RunConfig:
     resume: str = "auto"
     device: str = "auto"  # "auto": cuda if available, else cpu
     device_memory_gib: Optional[float] = None  # run as on an N GiB card (DeviceMemoryCap); None: the whole GPU
+    # logging and outputs (compilepass.standby.grpo.trackers / outputs)
+    report_to: Union[str, list[str]] = field(default_factory=list)  # tensorboard / wandb / trackio / none / all
+    logging_steps: Optional[int] = None  # TRL's name for log_every; when set, it is the one used
+    log_entropy: bool = True  # the policy's entropy over completion tokens (one extra head matmul, no grad)
+    save_merged: bool = False  # also write output_dir/merged: the adapter merged into the base (plain HF)
 
     def _validate(self) -> None:
         _require(self.output_dir != "", "run.output_dir", "must not be empty")
@@ -352,6 +366,11 @@ class RunConfig:
         _require(self.resume != "", "run.resume", "must be auto, never or a checkpoint path")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "run.device", f"must be auto, cpu or cuda[:N] (got {self.device!r})")
+        _require(self.logging_steps is None or self.logging_steps >= 1, "run.logging_steps",
+                 f"must be >= 1 or null (got {self.logging_steps})")
+        if self.logging_steps is not None:
+            self.log_every = self.logging_steps
+        self.report_to = check_report_to(self.report_to)
 
 
 SECTIONS: dict[str, type] = {

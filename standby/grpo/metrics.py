@@ -1,5 +1,6 @@
-"""Per-step metrics: an fsynced ``metrics.jsonl``, optional TensorBoard, and a progress bar (or,
-when stderr is not a terminal, one plain line per logged step).
+"""Per-step metrics: an fsynced ``metrics.jsonl``, the trackers of ``run.report_to`` (TensorBoard,
+wandb, trackio: :mod:`~compilepass.standby.grpo.trackers`), and a progress bar (or, when stderr is
+not a terminal, one plain line per logged step).
 
 ``MetricsLogger(output_dir, resume_step=S)`` first drops every line of an existing
 ``metrics.jsonl`` whose step is > S (and a torn last line from a killed process), so after a
@@ -17,10 +18,11 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from compilepass.core.atomic import write_bytes_atomic
 from compilepass.core.errors import ConfigError
+from compilepass.standby.grpo.trackers import TRACKERS, make_trackers, package_installed
 
 __all__ = ["MetricsLogger", "ProgressBar", "PROGRESS_MODES", "peak_memory_gib", "read_metrics", "METRICS_FILE"]
 
@@ -68,13 +70,16 @@ class MetricsLogger:
 
     ``resume_step``: lines with ``step > resume_step`` are removed first; None (a fresh run)
     removes every line.
-    ``tensorboard``: also write scalars to ``output_dir/tensorboard`` with
-    ``torch.utils.tensorboard.SummaryWriter`` (ConfigError when the tensorboard package is missing).
-    ``keep_tail``: how many recent records :meth:`tail` can return.
+    ``report_to``: tracker names (:func:`~compilepass.standby.grpo.trackers.check_report_to`) that
+    also get every numeric value of each record; ``tensorboard=True`` adds ``tensorboard``
+    (``output_dir/tensorboard``). A tracker whose package is missing is a ConfigError.
+    ``run_config``: the run's config, handed to wandb / trackio. ``keep_tail``: how many recent
+    records :meth:`tail` can return.
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, tensorboard: bool = False,
-                 resume_step: int | None = None, keep_tail: int = 20):
+                 resume_step: int | None = None, keep_tail: int = 20, report_to: Sequence[str] = (),
+                 run_config: dict | None = None):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / METRICS_FILE
@@ -85,16 +90,12 @@ class MetricsLogger:
             write_bytes_atomic(self.path, data)
         self._tail = kept[-keep_tail:]
         self._keep_tail = keep_tail
+        names = list(report_to) + (["tensorboard"] if tensorboard and "tensorboard" not in report_to else [])
+        if tensorboard and not _tensorboard_installed():
+            raise ConfigError("run.tensorboard is true but the tensorboard package is not installed "
+                              "(pip install tensorboard, or set run.tensorboard=false)")
+        self._trackers = make_trackers(names, self.output_dir, resume_step, run_config)
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self._file.close()
-                raise ConfigError("run.tensorboard is true but the tensorboard package is not installed "
-                                  "(pip install tensorboard, or set run.tensorboard=false)") from None
-            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
 
     def _has_trailing_garbage(self, n_good: int) -> bool:
         with open(self.path, "r", encoding="utf-8", errors="replace") as f:
@@ -111,12 +112,17 @@ class MetricsLogger:
         os.fsync(self._file.fileno())
         self._tail.append(record)
         del self._tail[:-self._keep_tail]
-        if self._tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, global_step=int(step))
-            self._tb.flush()
+        if self._trackers:
+            scalars = {k: v for k, v in record.items()
+                       if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for tracker in self._trackers:
+                tracker.log(step, scalars)
         return record
+
+    @property
+    def trackers(self) -> list[str]:
+        """The names of the trackers this logger reports to."""
+        return [t.name for t in self._trackers]
 
     def tail(self, n: int = 5) -> list[dict]:
         """The last ``n`` records (for ``save_checkpoint(metrics_tail=...)``)."""
@@ -125,15 +131,19 @@ class MetricsLogger:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            tracker.close()
 
     def __enter__(self) -> "MetricsLogger":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _tensorboard_installed() -> bool:
+    return package_installed(TRACKERS["tensorboard"])
 
 
 def peak_memory_gib(device: Any = None) -> float:

@@ -78,32 +78,35 @@ from typing import Any, Callable, Optional
 import torch
 
 from compilepass.core.errors import ConfigError
-from compilepass.core.models import add_lora, build_model
 from compilepass.core.shapes import ModelShape, causal_lm_of
 from compilepass.standby.grpo.checkpoint import (CheckpointError, capture_rng_state, find_latest_valid,
                                                  list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint,
                                                  verify_checkpoint)
 from compilepass.standby.grpo.config import GRPOConfig
-from compilepass.standby.grpo.data import PromptBatcher, load_dataset, load_tokenizer
+from compilepass.standby.grpo.data import PromptBatcher, load_dataset
 from compilepass.standby.grpo.loss_options import loss_inputs
 from compilepass.standby.grpo.metrics import MetricsLogger, ProgressBar, peak_memory_gib
 from compilepass.standby.grpo.oom import TrainingOutOfMemoryError, memory_measured, out_of_memory_error
+from compilepass.standby.grpo.outputs import save_final
+from compilepass.standby.grpo.policy import adopt_model_arg, apply_training_memory, build_policy, load_policy_tokenizer
 from compilepass.standby.grpo.resume import check_resume_config
 from compilepass.standby.grpo.rewards import RewardError, RewardSet
+from compilepass.standby.grpo.step_metrics import completion_metrics, reward_metrics, truncated_flags
 from compilepass.standby.grpo.stop import STOP_SIGNALS, StopRequest, TrainingInterrupted
 from compilepass.standby.memory.cap import DeviceMemoryCap
 from compilepass.standby.memory.errors import StandbyMemoryError
 from compilepass.standby.memory.region import free_device_memory
 from compilepass.standby.rollout.engine import RolloutEngine
+from compilepass.standby.rollout.hf_backend import TransformersBackend, native_family_problem
 from compilepass.standby.rollout.kv_plan import plan_kv_batch
 from compilepass.standby.rollout.vllm.engine import VllmEngine
 from compilepass.standby.rollout.vllm.gates import check_vllm
-from compilepass.standby.training.checkpointing import enable_checkpointing
+from compilepass.standby.training.entropy import EntropyMeter
 from compilepass.standby.training.logprobs import policy_logprobs
 from compilepass.standby.training.loss import combine_metrics, group_advantages, micro_batch_loss
 from compilepass.standby.training.micro_batch import MicroBatchPlanner
 from compilepass.standby.training.offload import ActivationOffload
-from compilepass.standby.training.train_memory import lora_mixed_precision, tile_mlp
+from compilepass.standby.training.train_memory import lora_mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,13 @@ __all__ = ["GRPOTrainer", "GRPOSummary", "run_grpo", "TrainingOutOfMemoryError",
 
 #: ``faults(phase, step, rows)``: see the module docstring.
 FaultHook = Callable[[str, int, Optional[int]], None]
+
+def _ids(value) -> list[int]:
+    """A token id, a list of them, or None as a list."""
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
 
 def step_seed(seed: int, step: int) -> int:
     """The sampling seed of ``step`` (1-based) of a run seeded ``seed``: a resumed run reuses it."""
@@ -142,6 +152,8 @@ class GRPOSummary:
     last_checkpoint: Optional[str]
     wall_s: float
     metrics: list[dict] = field(default_factory=list)  # the records logged by this call
+    final_adapter: Optional[str] = None  # output_dir once the last step is done (peft format; outputs.py)
+    merged: Optional[str] = None  # output_dir/merged with run.save_merged
 
     def reward_means(self) -> list[float]:
         return [float(m["reward"]) for m in self.metrics]
@@ -168,7 +180,9 @@ class GRPOTrainer:
 
     def __init__(self, config: GRPOConfig, *, progress: bool | str = "auto",
                  on_step: Optional[Callable[[int, dict], None]] = None, compile_options: Any = "default",
-                 faults: Optional[FaultHook] = None, handle_signals: bool = True):
+                 faults: Optional[FaultHook] = None, handle_signals: bool = True, model: Any = None,
+                 processing_class: Any = None, peft_config: Any = None):
+        adopt_model_arg(config, model)  # a name, path or model object given in Python (see policy.py)
         self.config = config.validate()
         c = self.config
         ProgressBar(1, enabled=progress)  # a bad value is refused here, before any work
@@ -192,7 +206,7 @@ class GRPOTrainer:
             self.memory_cap = DeviceMemoryCap(c.run.device_memory_gib, self.device)
         # Before any thread pool exists where possible: worker threads inherit the calling thread's FP mode.
         self._flush_denormal = self.device.type == "cpu" and torch.set_flush_denormal(True)
-        self.tokenizer = load_tokenizer(c.model.name_or_path)
+        self.tokenizer = load_policy_tokenizer(c, processing_class, model)
         self.dataset = load_dataset(c.data.dataset, seed=c.data.seed, builtin_size=c.data.builtin_size)
         self.rewards = RewardSet.from_specs(c.reward.functions, default=self.dataset.default_rewards)
         self.batcher = PromptBatcher(self.dataset, c.data.prompts_per_step, shuffle=c.data.shuffle, seed=c.data.seed)
@@ -218,22 +232,16 @@ class GRPOTrainer:
             check_resume_config(resume_from, self.config.to_dict())
 
         torch.manual_seed(c.run.seed)
-        dtype = c.model.torch_dtype
-        model = build_model(c.model.name_or_path, dtype=dtype, device=self.device, seed=c.run.seed)
-        c.model.reinit_preset_weights(model, seed=c.run.seed)
-        self.model = add_lora(model, rank=c.model.lora_rank, alpha=c.model.lora_alpha,
-                              targets=tuple(c.model.lora_targets), seed=c.run.seed, dropout=0.0)
+        self.model = build_policy(c, self.device, model=model, peft_config=peft_config)
         self.causal_lm = causal_lm_of(self.model)
         self._disable_dropout()
-        if c.model.gradient_checkpointing:
-            enable_checkpointing(self.causal_lm, reentrant=c.model.offload_activations)
-        if c.model.mlp_chunk_tokens:
-            tile_mlp(self.causal_lm, c.model.mlp_chunk_tokens)
+        apply_training_memory(self.causal_lm, c)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = c.optim.make_optimizer(self.params)
         self.scheduler = c.optim.make_scheduler(self.optimizer, c.run.max_steps)
 
+        self._entropy = EntropyMeter()  # filled by the training forwards (run.log_entropy)
         self.micro_batch = MicroBatchPlanner(c.optim.micro_batch_size, on_retry=self._before_retry)
         self.step = 0
         self.resumed_from: Optional[Path] = None
@@ -277,6 +285,13 @@ class GRPOTrainer:
         c = self.config
         max_batch = c.data.prompts_per_step * c.generation.num_generations
         max_len = c.generation.max_prompt_len + c.generation.max_completion_len
+        pad = self.tokenizer.pad_token_id
+        problem = native_family_problem(self.causal_lm)
+        if problem is not None:  # any other family: trained all the same, generating through transformers
+            log.warning("generating through transformers (slow: one eager forward per token, no CUDA graphs, no "
+                        "standby KV memory): the %s engine cannot decode this model (%s)", c.generation.engine, problem)
+            return TransformersBackend(self.model, max_batch=max_batch, max_len=max_len,
+                                       pad_token_id=pad if pad is not None and pad < self.engine_vocab() else 0)
         if self.device.type == "cuda":
             free, total = free_device_memory(self.device)  # under a DeviceMemoryCap: the capped card
             # after the first step, the LoRA gradients and AdamW's two moments stay allocated across wakes
@@ -286,7 +301,6 @@ class GRPOTrainer:
                                       reserve=reserve)
         if compile_options == "default":
             compile_options = "auto" if self.device.type == "cuda" else False
-        pad = self.tokenizer.pad_token_id
         if c.generation.engine == "vllm":
             # vLLM loads the weights, then the trainer's base parameters become views of vLLM's tensors.
             return VllmEngine(self.model, max_batch=max_batch, max_len=max_len, compile_options=compile_options,
@@ -417,8 +431,9 @@ class GRPOTrainer:
         """Per-token log-probs of rows ``sl`` (one training-side forward; gradients as enabled)."""
         self._fault("forward", self._current_step, completion_ids[sl].shape[0])
         self._stop_point()
+        meter = self._entropy if torch.is_grad_enabled() and self.config.run.log_entropy else None
         return policy_logprobs(self.model, prompt_ids[sl], completion_ids[sl], mask[sl],
-                               self.config.generation.temperature, self.engine.pad_token_id)
+                               self.config.generation.temperature, self.engine.pad_token_id, entropy=meter)
 
     def _logprobs_in_micro_batches(self, size: int, prompt_ids, completion_ids, mask) -> torch.Tensor:
         """No-grad per-token log-probs of the whole batch, ``size`` sequences at a time."""
@@ -446,6 +461,7 @@ class GRPOTrainer:
         for _ in range(lc.num_iterations):
             def accumulate(size: int) -> dict[str, torch.Tensor]:
                 acc: dict[str, torch.Tensor] = {}
+                self._entropy.reset()  # per attempt: a retried (smaller) micro-batch size starts over
                 for lo in range(0, rows, size):
                     sl = slice(lo, lo + size)
                     # forward and backward (which recomputes checkpointed layers) under one precision setting
@@ -465,6 +481,8 @@ class GRPOTrainer:
                     frac = mask[sl].sum() / n_items.clamp(min=1)  # token-mean metrics combine by token share
                     acc["loss"] = acc.get("loss", 0.0) + loss.detach()
                     combine_metrics(acc, m, frac)
+                if c.run.log_entropy:
+                    acc["entropy"] = self._entropy.mean()
                 return acc
 
             acc = self.micro_batch.run(rows, width, "training", accumulate)
@@ -535,23 +553,21 @@ class GRPOTrainer:
         except torch.OutOfMemoryError as e:
             raise self._oom("train", st, e) from None
         t_end = time.perf_counter()
-        grouped = total.view(-1, G)
-        rec = {
-            "reward": float(total.mean()),
-            "reward_std": float(grouped.std(1).mean()) if G > 1 else 0.0,
-            **{f"rewards/{self.rewards.labels[k]}": float(v.mean()) for k, v in parts.items()},
-            "zero_std_groups": zero_std,
+        stop_ids = [*(_ids(self.tokenizer.eos_token_id)), *c.generation.stop_token_ids]
+        truncated = truncated_flags(ids_cpu, lengths, c.generation.max_completion_len, stop_ids)
+        rec = {  # TRL's names (step_metrics.py), then ours
+            **reward_metrics(total, {self.rewards.labels[k]: v for k, v in parts.items()}, G),
             "loss": train_m.pop("loss"),
             "kl": train_m.pop("kl"),
-            **{k.replace("clip_ratio/", "clip_ratio_"): v for k, v in train_m.items()},
-            "completion_len": float(sum(lengths) / len(lengths)),
+            **train_m,
+            **completion_metrics(lengths, truncated),
+            "learning_rate": float(self.optimizer.param_groups[0]["lr"]),
             "tokens_per_s": float(out.tokens_per_s),
             "gen_s": t_gen - t0,
             "reward_s": t_rew - t_gen,
             "train_s": t_end - t_rew,
             "step_s": t_end - t0,
             "peak_mem_gib": self._peak_gib(gen_peak),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
             **loss_in_m,
         }
         return rec
@@ -578,8 +594,9 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         start = self.step
         records = []
-        logger = MetricsLogger(self.output_dir, tensorboard=c.run.tensorboard,
-                               resume_step=start if self.resumed_from is not None else None)
+        logger = MetricsLogger(self.output_dir, tensorboard=c.run.tensorboard, report_to=c.run.report_to,
+                               resume_step=start if self.resumed_from is not None else None,
+                               run_config=c.to_dict())
         self._metrics_logger = logger
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
         self._flush_denormal = self._flush_denormal or flush
@@ -610,9 +627,19 @@ class GRPOTrainer:
             self._step_state = None
             logger.close()
             self._metrics_logger = None
+        final = self.save_final() if self.step == c.run.max_steps else {}
         return GRPOSummary(output_dir=str(self.output_dir), start_step=start, steps_done=self.step - start,
                            final_step=self.step, last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                           wall_s=time.perf_counter() - t0, metrics=records)
+                           wall_s=time.perf_counter() - t0, metrics=records, final_adapter=final.get("adapter"),
+                           merged=final.get("merged"))
+
+    def save_final(self, merged: Optional[bool] = None) -> dict:
+        """The final adapter (peft format) and tokenizer into ``run.output_dir``, and the merged
+        model into ``output_dir/merged`` when ``merged`` (default ``run.save_merged``); see
+        :mod:`~compilepass.standby.grpo.outputs`. :meth:`train` calls it after the last step."""
+        c = self.config
+        return save_final(self.model, self.tokenizer, self.output_dir, base_name=c.model.name_or_path,
+                          merged=c.run.save_merged if merged is None else merged)
 
     @staticmethod
     def _announce(bar: ProgressBar, text: str) -> None:

@@ -1,8 +1,10 @@
 """What every rollout engine shares: the request (:class:`SamplingParams`), its checks
 (:func:`check_generate_args`), the result (:class:`RolloutOutput`) and the interface
 (:class:`RolloutBackend`) that the native engine
-(:class:`~compilepass.standby.rollout.engine.RolloutEngine`) and the vLLM engine
-(:class:`~compilepass.standby.rollout.vllm.engine.VllmEngine`) both provide.
+(:class:`~compilepass.standby.rollout.engine.RolloutEngine`), the vLLM engine
+(:class:`~compilepass.standby.rollout.vllm.engine.VllmEngine`) and generation through transformers
+for other model families (:class:`~compilepass.standby.rollout.hf_backend.TransformersBackend`)
+provide.
 """
 
 from __future__ import annotations
@@ -117,15 +119,16 @@ def check_generate_args(prompts, max_new_tokens: int, top_k: int, top_p: float, 
 
 @runtime_checkable
 class RolloutBackend(Protocol):
-    """What a rollout engine provides (the native ``RolloutEngine`` and ``VllmEngine`` both do).
+    """What a rollout engine provides (``RolloutEngine``, ``VllmEngine``, ``TransformersBackend``).
 
     ``generate`` completes each prompt (a list of token ids) as :class:`SamplingParams` describes
     and returns a :class:`RolloutOutput`; ``sleep`` releases the KV cache's memory and ``wake``
     maps it again (both idempotent; no ``generate`` while asleep); ``close`` frees the engine.
+    ``shape`` is None for ``TransformersBackend`` (its families have no :class:`ModelShape`).
     """
 
     pad_token_id: int
-    shape: ModelShape
+    shape: Optional[ModelShape]
     cold_start_s: float
 
     @property

@@ -300,7 +300,7 @@ def test_one_grpo_step_with_the_vllm_engine(tiny_dir, tmp_path):
         summary = trainer.train()
         assert summary.steps_done == 1 and summary.final_step == 1
         rec = summary.metrics[-1]
-        assert rec["completion_len"] > 0 and rec["tokens_per_s"] > 0 and "loss" in rec
+        assert rec["completions/mean_length"] > 0 and rec["tokens_per_s"] > 0 and "loss" in rec
         changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad
                    and not torch.equal(p.detach(), lora_before[n])]
         assert changed, "the optimizer step changed no LoRA tensor"

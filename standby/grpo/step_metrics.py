@@ -1,0 +1,61 @@
+"""A step's reward and completion metrics under TRL's names (TRL 1.16's ``GRPOTrainer``).
+
+``reward`` (mean over the batch), ``reward_std`` (the batch's standard deviation, unbiased, as
+TRL's ``nanstd``), ``rewards/<name>/mean`` and ``rewards/<name>/std`` per reward function (its
+unweighted values), ``frac_reward_zero_std`` (the fraction of groups whose rewards are all
+equal: they carry no advantage), ``completions/mean_length`` / ``min_length`` / ``max_length``
+(tokens, EOS included), ``completions/clipped_ratio`` (the fraction that reached
+``max_completion_len`` without a stop) and ``completions/mean_terminated_length`` /
+``min_terminated_length`` / ``max_terminated_length`` (over those that stopped; 0 when none did).
+The loss side (``loss``, ``kl``, ``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+``clip_ratio/region_mean``, ``grad_norm``) comes from the training step; ``learning_rate`` from the
+optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+__all__ = ["completion_metrics", "reward_metrics", "truncated_flags"]
+
+
+def _std(x: torch.Tensor) -> float:
+    return float(x.float().std()) if x.numel() > 1 else 0.0
+
+
+def reward_metrics(total: torch.Tensor, parts: Mapping[str, torch.Tensor], group_size: int) -> dict[str, float]:
+    """``total`` [N]: the weighted sum per completion, laid out group by group; ``parts``: each
+    reward function's values [N] by its label."""
+    out = {"reward": float(total.float().mean()), "reward_std": _std(total)}
+    for name, values in parts.items():
+        out[f"rewards/{name}/mean"] = float(values.float().mean())
+        out[f"rewards/{name}/std"] = _std(values)
+    grouped = total.float().view(-1, group_size)
+    group_std = grouped.std(1) if group_size > 1 else torch.zeros(grouped.shape[0])
+    out["frac_reward_zero_std"] = float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean())
+    return out
+
+
+def truncated_flags(completion_ids: torch.Tensor, lengths: Sequence[int], max_new_tokens: int,
+                    stop_ids: Sequence[int]) -> list[bool]:
+    """Per completion: it reached ``max_new_tokens`` and its last token is not a stop token."""
+    stops = {int(t) for t in stop_ids}
+    rows = completion_ids.tolist()
+    return [n >= max_new_tokens and (n == 0 or int(row[n - 1]) not in stops) for row, n in zip(rows, lengths)]
+
+
+def completion_metrics(lengths: Sequence[int], truncated: Sequence[bool]) -> dict[str, float]:
+    n = torch.tensor([float(x) for x in lengths])
+    cut = torch.tensor(list(truncated), dtype=torch.bool)
+    term = n[~cut] if bool((~cut).any()) else torch.zeros(1)
+    return {
+        "completions/mean_length": float(n.mean()),
+        "completions/min_length": float(n.min()),
+        "completions/max_length": float(n.max()),
+        "completions/clipped_ratio": float(cut.float().mean()),
+        "completions/mean_terminated_length": float(term.mean()),
+        "completions/min_terminated_length": float(term.min()),
+        "completions/max_terminated_length": float(term.max()),
+    }
