@@ -223,7 +223,7 @@ def run_ours(args, model_dir: str) -> dict:
     finally:
         trainer.close()
     return {"step_s": [m.get("step_s") for m in summary.metrics],
-            "completion_mean_length": [m.get("completion_len") for m in summary.metrics]}
+            "completion_mean_length": [m.get("completions/mean_length") for m in summary.metrics]}
 
 
 def run_child(args) -> dict:
