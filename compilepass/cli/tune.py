@@ -197,7 +197,7 @@ def _record(result, args, console) -> None:
     if args.no_verify:
         console.print("not recorded in the tuning database: --no-verify declares no winner")
         return
-    if args.worker:
+    if getattr(args, "worker", False):
         console.print("not recorded in the tuning database: a --worker only measures")
         return
     try:
