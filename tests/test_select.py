@@ -1,11 +1,11 @@
 """Selection at load: database flags filtered for the running torch, explicit overrides, the switch,
-one log line, compile passing the options to torch.compile for real, vLLM's compilation config."""
+one log line, compile passing the options to torch.compile for real (vLLM's compilation config:
+test_compile_at_load.py)."""
 
 from __future__ import annotations
 
 import importlib
 import logging
-import os
 
 import torch
 from test_db import H100, make_result
@@ -166,25 +166,3 @@ def test_compile_passes_selected_options_to_torch_compile(tmp_path, monkeypatch)
     torch.testing.assert_close(out, f(x))
     assert "RecordFunctionHandle" in src  # cpp.enable_kernel_profile=True reached Inductor
     assert "assert_size_stride(arg0_1" not in src  # size_asserts=False reached Inductor
-
-
-def test_vllm_compilation_config_sets_env(monkeypatch):
-    for name in (selmod.VLLM_ENV_MAX_AUTOTUNE, selmod.VLLM_ENV_COORDINATE_DESCENT):
-        monkeypatch.setenv(name, "unset")  # restored after the test
-    env = dict(H100, vllm="0.12.0")
-    e = [entry_from_tune_result(make_result(winner={"max_autotune": True, "triton.cudagraphs": True}, env=env),
-                                engine="vllm")]
-    cfg = compilepass.vllm_compilation_config("qwen3-0.6b", batch=32, env=h100_env(vllm="0.12.0"), entries=e)
-    assert cfg == {"inductor_compile_config": {"max_autotune": True}}  # cudagraph trees gated under vLLM
-    assert os.environ[selmod.VLLM_ENV_MAX_AUTOTUNE] == "1"
-    assert os.environ[selmod.VLLM_ENV_COORDINATE_DESCENT] == "0"
-    # no entry: torch's defaults, and vLLM's own "1" defaults turned off to match
-    cfg = compilepass.vllm_compilation_config("qwen3-0.6b", batch=32, env=h100_env(vllm="0.12.0"), entries=[])
-    assert cfg == {"inductor_compile_config": {}}
-    assert os.environ[selmod.VLLM_ENV_MAX_AUTOTUNE] == "0"
-    assert os.environ[selmod.VLLM_ENV_COORDINATE_DESCENT] == "0"
-    # a native-engine entry is never used for vLLM
-    native = entries_for(winner={"coordinate_descent_tuning": True}, env=env)
-    cfg = compilepass.vllm_compilation_config("qwen3-0.6b", batch=32, env=h100_env(vllm="0.12.0"), entries=native,
-                                              set_env=False)
-    assert cfg == {"inductor_compile_config": {}}

@@ -34,7 +34,8 @@ def add_tune(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--trials", type=int, default=12, help="measured trials in the study, the defaults included")
     p.add_argument("--time-budget", type=float, default=None, help="seconds for this run's search phase")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the user cache dir)")
+    p.add_argument("--storage", default=None, help="Optuna storage: an RDB URL or journal:PATH, a journal file "
+                                                   "(default: SQLite in the user cache dir); several tuners may share it")
     p.add_argument("--study-name", default=None)
     p.add_argument("--policy", default="balanced", choices=["balanced", "throughput"],
                    help="balanced: best verified throughput with compile time <= --max-compile-ratio x defaults")
@@ -48,6 +49,9 @@ def add_tune(sub) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the side-by-side round (no winner is declared)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the full result as JSON here")
+    p.add_argument("--worker", action="store_true",
+                   help="measure trials of a shared study (--storage) only; the tuner started without --worker "
+                        "verifies and records once every worker's trials are done")
     p.add_argument("--no-record", action="store_true",
                    help="do not record the result in the user tuning database (<cache dir>/tuning_db.json)")
     p.set_defaults(func=cmd_tune)
@@ -84,7 +88,7 @@ def _config_from_args(args) -> TuneConfig:
         verify_candidates=args.verify_candidates, verify_rounds=args.verify_rounds,
         repeats=_given(args.repeats, 10 if workload.resolved_device().startswith("cuda") else 5),
         trial_timeout_s=args.trial_timeout, include_flags=args.flags, exclude_flags=args.exclude_flags,
-        seed=args.seed, verify=not args.no_verify,
+        seed=args.seed, verify=not args.no_verify, worker=args.worker,
     )
     config.validate()
     return config
@@ -93,7 +97,7 @@ def _config_from_args(args) -> TuneConfig:
 def _check_outputs(args) -> None:
     """Before the first trial: the user database parses and can be written (when the result will be
     recorded), and ``--out`` can be written."""
-    if not args.no_record and not args.no_verify and args.workload != "mlp":  # mlp results are never recorded
+    if not args.no_record and not args.no_verify and not args.worker and args.workload != "mlp":  # mlp: never recorded
         check_db_writable(user_db_path())
     if args.out:
         out = Path(args.out)
@@ -130,6 +134,7 @@ def _stopped_line(stage: dict) -> str:
     if stage["now"] == "setup":
         return "stopped before the first trial; nothing was measured or recorded"
     where = {"search": "the running trial was abandoned", "verify": "verification was abandoned",
+             "wait": "stopped while waiting for other tuners' trials",
              "record": "stopped while recording; the database holds the old or the new entry"}[stage["now"]]
     study = stage["study"]
     return (f"{where}; study {study.study_name} keeps its {len(measured_trials(study))} finished trials, "
@@ -170,6 +175,8 @@ def _run_with_progress(tuner, config, console, stage: dict):
                 done = len(measured_trials(obj))
                 progress.update(task, completed=min(done, config.trials),
                                 last=f"study {obj.study_name} ({done} measured already)" if done else "")
+            elif name == "wait":
+                progress.update(task, description="waiting", last=f"for trials {obj} of other tuners")
             elif name == "verify":
                 progress.update(task, description="verifying", last=f"{len(obj)} candidates vs defaults, interleaved")
 
@@ -189,6 +196,9 @@ def _record(result, args, console) -> None:
     """Record into the user database; a result that must not be recorded is said so, not an error."""
     if args.no_verify:
         console.print("not recorded in the tuning database: --no-verify declares no winner")
+        return
+    if getattr(args, "worker", False):
+        console.print("not recorded in the tuning database: a --worker only measures")
         return
     try:
         entry = record_tune_result(result, policy=args.policy, engine=getattr(args, "engine", "native"))

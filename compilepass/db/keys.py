@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Union
 
 from compilepass.core.env import EnvironmentKey
+from compilepass.core.shapes import FAMILIES, ModelShape
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,29 @@ class ModelSignature:
     @classmethod
     def from_dict(cls, d: Mapping) -> "ModelSignature":
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+
+    @classmethod
+    def from_hf_config(cls, config, dtype: str) -> "ModelSignature":
+        """The signature of any transformers causal LM config. The families the tuner measures
+        (:data:`~compilepass.core.shapes.FAMILIES`) read through :class:`ModelShape`, as the tuner
+        keys them; any other family from the config's standard attribute names (``attribute_map``
+        covers GPT-2's ``n_layer`` etc.). ValueError (one line) when a size is missing."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "model_type", "") in FAMILIES:
+            return cls.from_shape(ModelShape.from_hf_config(text), dtype)
+        names = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
+                 "num_heads": "num_attention_heads", "vocab_size": "vocab_size"}
+        sizes = {field_: getattr(text, attr, None) for field_, attr in names.items()}
+        missing = [names[k] for k, v in sizes.items() if not isinstance(v, int) or v < 1]
+        if missing:
+            raise ValueError(f"{type(config).__name__} has no {', '.join(missing)}")
+        inter = next((v for v in (getattr(text, a, None) for a in ("intermediate_size", "n_inner", "ffn_dim"))
+                      if isinstance(v, int)), None)
+        head_dim = getattr(text, "head_dim", None)
+        return cls(family=getattr(text, "model_type", "") or type(config).__name__, dtype=dtype_name(dtype),
+                   num_kv_heads=getattr(text, "num_key_value_heads", None) or sizes["num_heads"],
+                   head_dim=head_dim if isinstance(head_dim, int) else sizes["hidden_size"] // sizes["num_heads"],
+                   intermediate_size=inter, **sizes)
 
     def to_dict(self) -> dict:
         return asdict(self)

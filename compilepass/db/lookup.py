@@ -7,7 +7,8 @@ Levels, tried in order:
    one (every known dimension within 4x).
 3. ``similar-model``: the same model family, parameter count within 2x, same GPU, torch, workload kind.
 4. ``same-torch-arch``: the same torch minor ("2.11") and GPU architecture (compute capability major,
-   or "cpu") and workload kind.
+   or "cpu") and workload kind; of the same family only when the query says ``cross_family=False``
+   (selection does so for families the tuner cannot measure: no other architecture's flags for them).
 5. ``safe-defaults``: the curated table :data:`SAFE_DEFAULTS` for the torch minor: torch's own
    defaults (``{}``) unless an entry there is justified; nothing unmeasured is shipped.
 
@@ -59,6 +60,7 @@ class Query:
 
     key: TuneKey  # bucket may be "" when some size is unknown
     dims: dict = field(default_factory=dict)  # known/unknown size dimensions
+    cross_family: bool = True  # level 4 may offer another model family's entry
 
 
 def _describe(entry: dict) -> str:
@@ -124,7 +126,8 @@ def lookup(query: Union[Query, TuneKey], entries: Optional[list] = None) -> Matc
         return found(3, c, f"same GPU and torch, {q.model.family} with {c[2].model.parameters() / 1e6:.0f}M "
                            f"parameters vs {qp / 1e6:.0f}M (within {SIMILAR_PARAMS:g}x)")
     # 4. same torch minor and GPU architecture
-    arch = [c for c in pool if c[2].torch_minor == q.torch_minor and c[2].arch == q.arch]
+    arch = [c for c in pool if c[2].torch_minor == q.torch_minor and c[2].arch == q.arch
+            and (query.cross_family or c[2].model.family == q.model.family)]
     if arch:
         c = pick(arch, lambda c: (c[2].device_name != q.device_name, c[2].model.family != q.model.family,
                                   round(pratio(c), 6), bucket_distance(query.dims, c[2].bucket) or 0.0))
@@ -135,8 +138,10 @@ def lookup(query: Union[Query, TuneKey], entries: Optional[list] = None) -> Matc
     others = [c for c in parsed if c[2].policy != q.policy and c[2].engine == q.engine
               and c[2].workload == q.workload and c[2].same_environment(q) and c[2].model == q.model]
     hint = f"; {len(others)} entry for policy {others[0][2].policy!r} exists (not used)" if others else ""
-    reason = (f"{LEVEL_NAMES[5]}: no measured {q.engine} {q.workload} entry ({q.policy}) for torch {q.torch_minor} "
-              f"on {q.arch}; using " + ("curated flags" if flags else "torch's own defaults (no flags)") + hint)
+    of = "" if query.cross_family else f" of family {q.model.family} (other families' entries are not applied to it)"
+    reason = (f"{LEVEL_NAMES[5]}: no measured {q.engine} {q.workload} entry ({q.policy}){of} for torch "
+              f"{q.torch_minor} on {q.arch}; using " + ("curated flags" if flags else "torch's own defaults (no flags)")
+              + hint)
     return Match(None, flags, 5, reason, "curated")
 
 

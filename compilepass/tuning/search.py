@@ -7,8 +7,10 @@
    (:mod:`compilepass.tuning.trial`). Failed, OOM and timed-out trials are COMPLETE trials marked infeasible
    through the sampler's constraints; gated (known-bad) flag sets are recorded, never measured;
    a flag set already measured is not measured again.
-2. The study lives in an Optuna storage (SQLite in the user cache dir by default, or any storage
-   URL). Every finished trial is committed as it finishes, so a study killed with -9 resumes with
+2. The study lives in an Optuna storage (SQLite in the user cache dir by default, any storage
+   URL, or a journal file ``journal:PATH``), which several tuners can share
+   (:mod:`compilepass.tuning.shared`: disjoint trials, an exact count; ``worker=True`` measures
+   only, the others verify and record once the workers' trials are done). Every finished trial is committed as it finishes, so a study killed with -9 resumes with
    every completed trial kept. A trial interrupted by Ctrl-C or SIGTERM is FAIL with the user attr
    ``abandoned``; one left RUNNING by a dead tuner on this host is made so when the study is opened
    next (elsewhere Optuna's heartbeat fails it); either flag set is enqueued again, once.
@@ -42,6 +44,7 @@ from compilepass.core.procs import interrupt_name, owner_alive, owner_tag, parse
 from compilepass.core.workload_spec import WorkloadSpec
 from compilepass.flags import FlagSpace
 from compilepass.tuning.isolation import sweep_stale_run_dirs
+from compilepass.tuning.shared import COPY, DUPLICATE, GATED, MEASURE, claim, in_flight, live_running, wait_until_idle
 from compilepass.tuning.trial import TrialSpec, run_trial
 from compilepass.tuning.verify import VerifyResult, VerifySpec, verify
 from compilepass.tuning.workloads import validate_workload
@@ -70,6 +73,7 @@ class TuneConfig:
     seed: int = 0
     heartbeat_s: int = 30
     verify: bool = True
+    worker: bool = False  # measure trials of a shared study only; another tuner verifies and records
 
     def validate(self) -> None:
         """Every count and size (ConfigError, one line, named as its command-line option)."""
@@ -126,12 +130,19 @@ def study_name_for(env: EnvironmentKey, workload: WorkloadSpec, engine: str = "n
     return f"{model}-{workload.kind}-{workload.size_bucket()}-{digest}"
 
 
+JOURNAL_PREFIX = "journal:"
+
+
 def open_storage(url: str, heartbeat_s: int):
+    """An RDB URL (with heartbeats) or ``journal:PATH``, Optuna's journal file storage (a file several
+    processes append to under a lock; it suits a shared file system where SQLite's locking fails)."""
     import warnings
 
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    if url.startswith(JOURNAL_PREFIX):
+        return _open_journal(url)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -143,6 +154,21 @@ def open_storage(url: str, heartbeat_s: int):
                 engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
             )
     except Exception as exc:  # sqlalchemy / driver errors: one clear line
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(f"cannot open Optuna storage {url!r}: {msg}") from None
+
+
+def _open_journal(url: str):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
+    if not url[len(JOURNAL_PREFIX):] or path.is_dir():
+        raise StorageError(f"cannot open Optuna storage {url!r}: journal: takes a file path (journal:/dir/study.log)")
+    if not path.parent.is_dir():
+        raise StorageError(f"cannot open Optuna storage {url!r}: no directory {path.parent}")
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except Exception as exc:  # unreadable file, not a journal: one clear line
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"cannot open Optuna storage {url!r}: {msg}") from None
 
@@ -205,22 +231,31 @@ class _Objective:
         key = flag_key(effective)
         gates = self.space.violations(flags)
         if gates:
+            trial.set_user_attr("decision", GATED)
             trial.set_user_attr("status", "gated")
             trial.set_user_attr("measured", False)
             trial.set_user_attr("error_tail", "; ".join(f"{g.reason} ({g.source})" for g in gates))
             return self._infeasible(trial)
-        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if other.user_attrs.get("measured") and flag_key(other.user_attrs.get("flags", {})) == key:
-                for k in ("status", "compile_s", "throughput", "error_tail"):
-                    if k in other.user_attrs:
-                        trial.set_user_attr(k, other.user_attrs[k])
-                trial.set_user_attr("measured", False)
+        decision, other = claim(trial, key, self.config.trials, flag_key)  # other tuners on this study
+        if decision == COPY:
+            for k in ("status", "compile_s", "throughput", "error_tail"):
+                if k in other.user_attrs:
+                    trial.set_user_attr(k, other.user_attrs[k])
+            trial.set_user_attr("measured", False)
+            trial.set_user_attr("duplicate_of", other.number)
+            trial.set_user_attr("feasible", bool(other.user_attrs.get("feasible")))
+            trial.set_constraint("failed", 0.0 if other.user_attrs.get("feasible") else 1.0)
+            if self.on_trial:
+                self.on_trial(trial.number, effective, None)
+            return tuple(other.values)
+        if decision != MEASURE:  # measured by another tuner now, or the study has its --trials
+            trial.set_user_attr("measured", False)
+            trial.set_user_attr("status", decision)
+            if decision == DUPLICATE:
                 trial.set_user_attr("duplicate_of", other.number)
-                trial.set_user_attr("feasible", bool(other.user_attrs.get("feasible")))
-                trial.set_constraint("failed", 0.0 if other.user_attrs.get("feasible") else 1.0)
                 if self.on_trial:
                     self.on_trial(trial.number, effective, None)
-                return tuple(other.values)
+            raise optuna.TrialPruned(f"{decision}" + (f" of running trial {other.number}" if other else ""))
         result = run_trial(TrialSpec(self.config.workload, effective, repeats=self.config.repeats,
                                      timeout_s=self.config.trial_timeout_s))
         trial.set_user_attr("measured", True)
@@ -297,7 +332,10 @@ def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentK
     url = config.storage or default_storage_url()
     storage = open_storage(url, config.heartbeat_s)
     name = config.study_name or study_name_for(env, config.workload, config.workload.engine)
-    sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True,
+    seed = config.seed
+    if config.worker:  # each worker its own proposals: a worker with the same seed would propose the same sets
+        seed = int(hashlib.sha256(f"{config.seed} {owner_tag()}".encode()).hexdigest()[:8], 16)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True,
                                          n_startup_trials=max(4, min(8, config.trials // 2)))
     try:
         study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, load_if_exists=True,
@@ -364,17 +402,21 @@ def measured_trials(study) -> list:
             if t.user_attrs.get("measured")]
 
 
-def run_search(config: TuneConfig, space: FlagSpace, study, on_trial: Optional[Callable] = None) -> None:
-    """Measure trials until ``config.trials`` measured trials exist, the space is exhausted or time is up."""
+def run_search(config: TuneConfig, space: FlagSpace, study, on_trial: Optional[Callable] = None,
+               wait_for_workers: bool = False, on_wait: Optional[Callable] = None) -> None:
+    """Measure trials until ``config.trials`` measured trials exist (counting those other tuners on
+    the study are measuring), the space is exhausted or time is up. ``wait_for_workers``: then wait
+    until no other tuner's trial runs, and measure again if one of theirs was abandoned."""
     import optuna
 
     objective = _Objective(config, space, on_trial)
     defaults = {s.name: encode_choice(space.torch_defaults[s.name]) for s in space.specs
                 if s.requires is None or space.torch_defaults.get(s.requires[0]) == s.requires[1]}
     if not any(flag_key(t.user_attrs.get("flags", {})) == flag_key({}) for t in measured_trials(study)):
-        # an enqueued trial keeps its parameters in the fixed_params system attr until it starts
-        already = any(t.state == optuna.trial.TrialState.WAITING
-                      and (t.params or t.system_attrs.get("fixed_params")) == defaults
+        # an enqueued trial keeps its parameters in the fixed_params system attr; another tuner may run it now
+        state = optuna.trial.TrialState
+        already = any(t.state in (state.WAITING, state.RUNNING)
+                      and (defaults in (t.params, t.system_attrs.get("fixed_params")) or t.user_attrs.get("flags") == {})
                       for t in study.get_trials(deepcopy=False))
         if not already:
             study.enqueue_trial(defaults, user_attrs={"role": "defaults"})
@@ -382,14 +424,20 @@ def run_search(config: TuneConfig, space: FlagSpace, study, on_trial: Optional[C
     deadline = time.monotonic() + config.time_budget_s if config.time_budget_s else None
     attempts = 0
     max_attempts = 4 * config.trials + 20
+    idle_timeout = config.trial_timeout_s + 300  # a live tuner's trial is killed at its timeout
 
     while True:
         measured = measured_trials(study)
-        seen = {flag_key(t.user_attrs.get("flags", {})) for t in measured}
-        if len(measured) >= config.trials or len(seen) >= total or attempts >= max_attempts:
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            log.info("time budget reached after %d measured trials", len(measured))
+        flying = in_flight(study)
+        seen = {flag_key(t.user_attrs.get("flags", {})) for t in measured + flying}
+        full = len(measured) + len(flying) >= config.trials or len(seen) >= total or attempts >= max_attempts
+        late = deadline is not None and time.monotonic() >= deadline
+        if full or late:
+            if late and not full:
+                log.info("time budget reached after %d measured trials", len(measured))
+            if wait_for_workers and live_running(study):
+                if wait_until_idle(study, idle_timeout, on_wait) and not late:
+                    continue  # their trials are done: count again (one may have been abandoned)
             break
         attempts += 1
         study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
@@ -555,7 +603,8 @@ class Tuner:
         t0 = time.perf_counter()
         if on_phase:
             on_phase("search", study)
-        run_search(config, space, study, on_trial)
+        run_search(config, space, study, on_trial, wait_for_workers=not config.worker,
+                   on_wait=(lambda running: on_phase("wait", running)) if on_phase else None)
         search_wall = time.perf_counter() - t0
 
         measured = measured_trials(study)
@@ -567,7 +616,11 @@ class Tuner:
         picks, why = select_candidates(pareto_candidates(study, space), defaults, config)
         verification = None
         t1 = time.perf_counter()
-        if picks and config.verify:
+        if config.worker:
+            mine = sum(1 for t in measured if t.user_attrs.get("owner") == owner_tag())
+            winner, decision, rows = None, (f"worker: measured {mine} trials ({len(measured)} in the study so far); "
+                                            f"the tuner started without --worker verifies and records"), []
+        elif picks and config.verify:
             if on_phase:
                 on_phase("verify", picks)
             verification = verify(VerifySpec(config.workload, {}, [p["flags"] for p in picks],

@@ -51,7 +51,7 @@ def compiled(tiny_dir):
     model = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
     before = _inductor_counters()
     options = {"aggressive_fusion": True, "shape_padding": False}
-    expected = vllm_compilation_config(model, options=options, set_env=False)
+    expected = vllm_compilation_config(model, options=options)
     engine = VllmEngine(model, max_batch=4, max_len=32, compile_options=options, model_path=tiny_dir,
                         llm_kwargs={"max_logprobs": VOCAB})  # full-vocabulary prompt log-probs below
     engine.generate(PROMPTS, max_new_tokens=2, temperature=0.0)  # compile now, if vLLM deferred it

@@ -101,7 +101,7 @@ def _resolve_compilation(model, compile_options, max_batch: int) -> tuple[Option
     if compile_options is None:
         return None, {}, False
     if compile_options == "auto":
-        cfg = vllm_compilation_config(model, "rollout", batch=max_batch, set_env=False)
+        cfg = vllm_compilation_config(model, "rollout", batch=max_batch)
         return cfg, vllm_env(cfg["inductor_compile_config"]), False
     if isinstance(compile_options, dict):
         flags = dict(compile_options)
