@@ -234,3 +234,27 @@ def test_a_template_that_cannot_render_is_one_line(tmp_path):
                              "model.gradient_checkpointing=false"])
     with pytest.raises(ConfigError, match="the chat template cannot render the prompt '1 \\+ 1\\?': .*roles must alternate"):
         GRPOTrainer(cfg, progress=False, train_dataset=CHAT_ROWS[1:], reward_funcs=["format_answer_tag"])
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", '{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": 2\n',
+     "{path}:2: invalid JSON: Expecting ',' delimiter (column 28)"),
+    ("junk.parquet", "not parquet at all", "dataset file '{path}': datasets cannot read it as parquet: ArrowInvalid: "
+                                          "Parquet magic bytes not found in footer."),
+])
+def test_cli_bad_dataset_file_is_one_line(tmp_path, name, content, message):
+    """`compilepass grpo` on a broken file: exit 2 and one line naming it, nothing from datasets
+    (its reader logs the parquet failure itself unless silenced) and no traceback."""
+    bad = tmp_path / name
+    bad.write_text(content)
+    r = subprocess.run([sys.executable, "-m", "compilepass.cli", "grpo", "--preset", "tiny", "--no-progress",
+                        f"data.dataset={bad}", "reward.functions=[exact_match]", "run.max_steps=1",
+                        f"run.output_dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                            "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "compilepass" in ln or "datasets" in ln or name in ln]
+    assert len(lines) == 1 and lines[0].startswith("compilepass: error: " + message.format(path=bad)), r.stderr
+    for noise in ("Traceback", "Generating train split", "Failed to", "examples/s"):
+        assert noise not in r.stderr + r.stdout, noise
