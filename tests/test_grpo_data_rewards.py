@@ -1,5 +1,6 @@
 """GRPO prompts and rewards: JSONL errors, built-in tasks, resumable batching, the toy tokenizer,
-reward functions and RewardSet's error reporting."""
+reward functions and RewardSet's error reporting. (File formats, chat templates and TRL's rewards:
+tests/test_grpo_datasets.py, tests/test_grpo_trl_rewards.py.)"""
 
 from __future__ import annotations
 
@@ -20,32 +21,37 @@ from compilepass.standby.grpo.rewards import (RewardError, RewardSet, copy_simil
 # ---------------------------------------------------------------------------------------- data
 
 
-def test_jsonl_loads_answers_and_meta(tmp_path):
+def test_jsonl_loads_answers_and_columns(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text('{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2=", "answer": 4, "level": 3}\n'
+    p.write_text('{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2=", "answer": "4", "level": 3}\n'
                  '{"prompt": "free"}\n')
-    ds = PromptDataset.from_jsonl(p)
-    assert len(ds) == 3
-    assert ds[0] == Example("1+1=", "2", {"index": 0})
-    assert ds[1].answer == "4" and ds[1].meta["level"] == 3
+    ds = PromptDataset.from_source(p)
+    assert len(ds) == 3 and ds.format == "standard" and ds.column_names == ["answer", "level"]
+    assert ds[0] == Example("1+1=", {"answer": "2", "level": None})
+    assert ds[1].answer == "4" and ds[1].columns["level"] == 3
     assert ds[2].answer is None
     assert ds.default_rewards == ()
 
 
 @pytest.mark.parametrize("content, needle", [
-    ('{"prompt": "a"}\n{"prompt": "b",}\n', ":2: invalid JSON"),
-    ('{"prompt": "a"}\n\n{"question": "b"}\n', ':3: missing "prompt" (keys: question)'),
-    ('["prompt"]\n', ":1: each line must be a JSON object"),
-    ('{"prompt": 5}\n', ':1: "prompt" must be a non-empty string'),
-    ('{"prompt": "x", "answer": [1]}\n', ':1: "answer" must be a string, a number or null'),
+    ('{"prompt": "a"}\n{"prompt": "b",}\n', "bad.jsonl:2: invalid JSON"),
+    ('{"prompt": "a"}\n\n{"question": "b"}\n', 'bad.jsonl:3: "prompt" must be a non-empty string or a list of '
+                                                '{role, content} messages; it is missing (null)'),
+    ('["prompt"]\n', "bad.jsonl:1: each row must be a JSON object, not list"),
+    ('{"prompt": 5}\n', 'bad.jsonl:1: "prompt" must be a non-empty string or a list of {role, content} messages; '
+                        'it is int'),
+    ('{"prompt": "x", "answer": "1"}\n\n{"prompt": "y", "answer": 2}\n',
+     "bad.jsonl:3: column 'answer' holds a number here but a string on line 1; datasets needs one type per column"),
+    ('{"prompt": "x"}\n{"prompt": ""}\n', 'bad.jsonl:2: "prompt" must be a non-empty string'),
     ("\n\n", "has no examples"),
+    ("", "has no examples"),
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, content, needle):
     p = tmp_path / "bad.jsonl"
     p.write_text(content)
     with pytest.raises(DatasetError) as e:
-        PromptDataset.from_jsonl(p)
-    assert needle in str(e.value) and "bad.jsonl" in str(e.value)
+        PromptDataset.from_source(p)
+    assert needle in str(e.value) and "bad.jsonl" in str(e.value) and "\n" not in str(e.value)
     assert isinstance(e.value, ConfigError)
 
 
@@ -61,8 +67,8 @@ def test_builtin_tasks_are_deterministic_by_seed(name):
     a = load_dataset(f"builtin:{name}", seed=1, builtin_size=50)
     b = load_dataset(f"builtin:{name}", seed=1, builtin_size=50)
     c = load_dataset(f"builtin:{name}", seed=2, builtin_size=50)
-    assert a.examples == b.examples and a.fingerprint() == b.fingerprint()
-    assert a.examples != c.examples
+    assert list(a) == list(b) and a.fingerprint() == b.fingerprint()
+    assert list(a) != list(c) and a.fingerprint() != c.fingerprint()
     assert all(ex.prompt and ex.answer for ex in a)
     assert a.default_rewards == BUILTIN_TASKS[name].rewards
 
@@ -71,11 +77,11 @@ def test_arithmetic_answers_are_right():
     for ex in load_dataset("builtin:arithmetic", builtin_size=100):
         expr = ex.prompt.removeprefix("What is ").removesuffix("? Answer: ")
         assert str(eval(expr)) == ex.answer  # noqa: S307 - our own generated "a + b" / "a * b"
-        assert exact_match([ex.prompt], [f"The result is {ex.answer}."], [ex.answer]) == [1.0]
+        assert exact_match(completions=[f"The result is {ex.answer}."], answer=[ex.answer]) == [1.0]
 
 
 def take(batcher, n):
-    return [[ex.meta["index"] for ex in batcher.next_batch()] for _ in range(n)]
+    return [[ex.columns["index"] for ex in batcher.next_batch()] for _ in range(n)]
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
@@ -165,7 +171,8 @@ def test_load_tokenizer_from_local_directory(tmp_path):
     ("####", "5", 0.0),
 ])
 def test_exact_match(completion, answer, expected):
-    assert exact_match(["p"], [completion], [answer]) == [expected]
+    assert exact_match(completions=[completion], answer=[answer]) == [expected]
+    assert exact_match(completions=[[{"role": "assistant", "content": completion}]], answer=[answer]) == [expected]
 
 
 def test_extract_and_normalize():
@@ -177,22 +184,23 @@ def test_extract_and_normalize():
 
 def test_format_rewards():
     comps = ["<answer>4</answer>", "the answer is 4", "<think>hmm</think>\n<answer>4</answer>", "<answer>4"]
-    assert format_answer_tag(None, comps, None) == [1.0, 0.0, 1.0, 0.0]
-    assert format_think_answer(None, comps, None) == [0.0, 0.0, 1.0, 0.0]
+    assert format_answer_tag(completions=comps) == [1.0, 0.0, 1.0, 0.0]
+    assert format_think_answer(completions=comps, prompts=["p"] * 4, answer=[None] * 4) == [0.0, 0.0, 1.0, 0.0]
 
 
 def test_toy_task_rewards_have_spread_for_random_bytes():
     rng = random.Random(0)
     comps = ["".join(chr(rng.randint(3, 127)) for _ in range(8)) for _ in range(64)]
-    r = repeat_letter(None, comps, ["c"] * 64)
-    assert repeat_letter(None, ["cccc", "dddd", ""], ["c"] * 3) == [1.0, pytest.approx(1 - 1 / 32), 0.0]
+    r = repeat_letter(completions=comps, answer=["c"] * 64)
+    assert repeat_letter(completions=["cccc", "dddd", ""], answer=["c"] * 3) == [1.0, pytest.approx(1 - 1 / 32), 0.0]
     assert 0.05 < sum(r) / len(r) < 0.5 and len(set(r)) > 10  # random text scores sometimes, unevenly
-    assert copy_similarity(None, ["abcd", "ab", "abce!!"], ["abcd"] * 3) == [1.0, 0.5, pytest.approx(1 - 1 / 128)]
+    assert copy_similarity(completions=["abcd", "ab", "abce!!"], answer=["abcd"] * 3) == [
+        1.0, 0.5, pytest.approx(1 - 1 / 128)]
 
 
 def test_reward_set_weights_and_parts():
     rs = RewardSet.from_specs([("exact_match", 1.0), ("format_answer_tag", 0.5)])
-    total, parts = rs.score(["q"] * 3, ["<answer>4</answer>", "4", "5"], ["4", "4", "4"])
+    total, parts = rs.score(["q"] * 3, ["<answer>4</answer>", "4", "5"], columns={"answer": ["4", "4", "4"]})
     assert total.dtype == torch.float32 and total.tolist() == [1.5, 1.0, 0.0]
     assert parts["format_answer_tag"].tolist() == [1.0, 0.0, 0.0]
     assert rs.names == ["exact_match", "format_answer_tag"]
@@ -204,22 +212,25 @@ def test_reward_set_weights_and_parts():
 @pytest.fixture
 def user_rewards(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
-        def length(prompts, completions, answers, **meta):
+        def length(completions, **kwargs):
             return [float(len(c)) for c in completions]
 
-        def uses_meta(prompts, completions, answers, level=None, **meta):
+        def uses_column(completions, level, **kwargs):
             return [float(l or 0) for l in level]
 
-        def boom(prompts, completions, answers, **meta):
+        def legacy(prompts, completions, answers, **meta):  # the previous positional convention
+            return [float(a == c) for a, c in zip(answers, completions)]
+
+        def boom(completions, **kwargs):
             return [1.0 / (len(c) - 3) for c in completions]
 
-        def short(prompts, completions, answers, **meta):
+        def short(completions, **kwargs):
             return [1.0]
 
-        def nan(prompts, completions, answers, **meta):
+        def nan(completions, **kwargs):
             return [0.0, float("nan")]
 
-        def text(prompts, completions, answers, **meta):
+        def text(completions, **kwargs):
             return [0.0, "high"]
 
         NOT_CALLABLE = 3
@@ -230,14 +241,15 @@ def user_rewards(tmp_path, monkeypatch):
 
 
 def test_user_reward_module_function(user_rewards):
-    rs = RewardSet.from_specs(["my_rewards:length", ("my_rewards:uses_meta", 2.0)])
-    total, parts = rs.score(["p", "p"], ["ab", "abcd"], [None, None], meta=[{"level": 1}, {}])
+    rs = RewardSet.from_specs(["my_rewards:length", ("my_rewards:uses_column", 2.0), "my_rewards:legacy"])
+    total, parts = rs.score(["p", "p"], ["ab", "abcd"], columns={"level": [1, None], "answer": ["ab", "x"]})
     assert parts["my_rewards:length"].tolist() == [2.0, 4.0]
-    assert parts["my_rewards:uses_meta"].tolist() == [1.0, 0.0]
-    assert total.tolist() == [4.0, 4.0]
+    assert parts["my_rewards:uses_column"].tolist() == [1.0, 0.0]
+    assert parts["my_rewards:legacy"].tolist() == [1.0, 0.0]  # answers= is the answer column
+    assert total.tolist() == [5.0, 4.0]
     # a file path works too
     fn = resolve_reward(f"{user_rewards / 'my_rewards.py'}:length")
-    assert fn(None, ["xyz"], None) == [3.0]
+    assert fn(completions=["xyz"]) == [3.0]
 
 
 @pytest.mark.parametrize("spec, needle", [
@@ -257,20 +269,23 @@ def test_user_reward_resolution_errors(user_rewards, spec, needle):
 def test_reward_error_names_function_sample_and_prompt(user_rewards):
     prompts = ["first prompt", "the failing prompt " + "x" * 200, "third"]
     with pytest.raises(RewardError) as e:
-        RewardSet.from_specs(["my_rewards:boom"]).score(prompts, ["abcdef", "abc", "ab"], [None] * 3)
+        RewardSet.from_specs(["my_rewards:boom"]).score(prompts, ["abcdef", "abc", "ab"])
     msg = str(e.value)
     assert "reward 'my_rewards:boom' failed on sample 1" in msg and "the failing prompt" in msg
     assert "ZeroDivisionError" in msg and len(msg) < 300 and "\n" not in msg
     assert isinstance(e.value, CompilepassError)
 
     with pytest.raises(RewardError, match="'my_rewards:short' returned 1 scores for 2 completions"):
-        RewardSet.from_specs(["my_rewards:short"]).score(["a", "b"], ["x", "y"], [None, None])
-    with pytest.raises(RewardError, match=r"'my_rewards:nan' returned nan for sample 1 \(prompt 'b'\)"):
-        RewardSet.from_specs(["my_rewards:nan"]).score(["a", "b"], ["x", "y"], [None, None])
+        RewardSet.from_specs(["my_rewards:short"]).score(["a", "b"], ["x", "y"])
+    with pytest.raises(RewardError, match=r"'my_rewards:nan' returned nan for sample 1 \(prompt 'b'\); return None"):
+        RewardSet.from_specs(["my_rewards:nan"]).score(["a", "b"], ["x", "y"])
     with pytest.raises(RewardError, match=r"returned 'high' \(not a number\) for sample 1"):
-        RewardSet.from_specs(["my_rewards:text"]).score(["a", "b"], ["x", "y"], [None, None])
+        RewardSet.from_specs(["my_rewards:text"]).score(["a", "b"], ["x", "y"])
     with pytest.raises(RewardError, match="'exact_match' failed on sample 0 .*has none"):
-        RewardSet.from_specs(["exact_match"]).score(["a"], ["1"], [None])
+        RewardSet.from_specs(["exact_match"]).score(["a"], ["1"], columns={"answer": [None]})
+    with pytest.raises(RewardError, match="reward 'exact_match' needs 'answer', which no dataset column gives "
+                                          r"\(columns: level\)"):
+        RewardSet.from_specs(["exact_match"]).score(["a"], ["1"], columns={"level": [1]})
 
 
 def test_reward_error_quotes_the_original_exception(tmp_path, monkeypatch):
@@ -279,7 +294,7 @@ def test_reward_error_quotes_the_original_exception(tmp_path, monkeypatch):
     (tmp_path / "flaky_rewards.py").write_text(textwrap.dedent("""
         calls = []
 
-        def flaky(prompts, completions, answers, **meta):
+        def flaky(prompts, completions, **kwargs):
             calls.append(len(completions))
             if len(calls) == 1:
                 raise ValueError("the original problem\\nwith a second line")
@@ -288,7 +303,7 @@ def test_reward_error_quotes_the_original_exception(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         with pytest.raises(RewardError) as e:
-            RewardSet.from_specs(["flaky_rewards:flaky"]).score(["p0", "p1"], ["a", "b"], [None, None])
+            RewardSet.from_specs(["flaky_rewards:flaky"]).score(["p0", "p1"], ["a", "b"])
     finally:
         sys.modules.pop("flaky_rewards", None)
     msg = str(e.value)

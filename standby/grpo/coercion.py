@@ -1,5 +1,5 @@
 """Checking a config value against its dataclass annotation (int, float, bool, str, Literal, Optional,
-list), with one-line errors that name the key and what it must be."""
+list, dict), with one-line errors that name the key and what it must be."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def type_name(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is Union:
         return " or ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return "a mapping of names to values"
     if origin is list:
         item = typing.get_args(tp)[0]
         return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, type_name(item))
@@ -52,6 +54,11 @@ def coerce(value: Any, tp, key: str, source: str):
         if not isinstance(value, list):
             raise bad()
         return [coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad()
+        key_tp, value_tp = typing.get_args(tp)
+        return {k: v if value_tp is Any else coerce(v, value_tp, f"{key}.{k}", source) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise bad()

@@ -276,19 +276,25 @@ class LRSchedule:
 
 @dataclass
 class DataConfig:
-    """Prompts: a JSONL file (one ``{"prompt": ..., "answer": ...}`` per line) or
+    """Prompts: a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` / ``.arrow`` file or a
+    ``save_to_disk`` folder (its ``split`` for a DatasetDict), read through Hugging Face
+    ``datasets`` (a ``prompt`` column, string or chat messages, plus any columns the rewards use), or
     ``builtin:NAME`` (see :data:`compilepass.standby.grpo.data.BUILTIN_TASKS`), generated from ``seed``
     with ``builtin_size`` examples. Each step takes ``prompts_per_step`` prompts and generates
-    ``generation.num_generations`` completions for each."""
+    ``generation.num_generations`` completions for each. ``chat_template_kwargs`` go to the
+    tokenizer's chat template for conversational prompts (e.g. ``{enable_thinking: false}``)."""
 
     dataset: str = "builtin:repeat"
     prompts_per_step: int = 8
     shuffle: bool = True
     seed: int = 0
     builtin_size: int = 1000
+    split: str = "train"
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def _validate(self) -> None:
-        _require(self.dataset != "", "data.dataset", "must be a JSONL path or builtin:NAME")
+        _require(self.dataset != "", "data.dataset", "must be a dataset file or folder, or builtin:NAME")
+        _require(self.split != "", "data.split", "must not be empty")
         if self.dataset.startswith("builtin:"):
             name = self.dataset[len("builtin:"):]
             _require(name in BUILTIN_TASKS, "data.dataset",
@@ -310,7 +316,8 @@ class RewardSpec:
 @dataclass
 class RewardConfig:
     """``functions``: a list whose items are a name string (weight 1) or ``{name, weight}``.
-    Empty means the built-in task's own rewards (an error for a JSONL dataset)."""
+    Empty means the built-in task's own rewards (an error for any other dataset). A reward is
+    called with keywords, as TRL calls it (see :mod:`compilepass.standby.grpo.rewards`)."""
 
     functions: list[RewardSpec] = field(default_factory=list)
 
@@ -403,19 +410,21 @@ class GRPOConfig:
         """Build and validate from a ``to_dict()``-shaped mapping (sections may be missing)."""
         return _from_mapping(data, source)
 
-    def validate(self) -> "GRPOConfig":
+    def validate(self, *, rewards_given: bool = False) -> "GRPOConfig":
         """Check every value's type (converting as the loaders do: an integer for a float key, a
         name or ``{name, weight}`` for a reward), its range and the cross-section rules; raises
-        ConfigError. Returns self."""
+        ConfigError. Returns self. ``rewards_given``: the reward functions come from Python
+        (``GRPOTrainer(..., reward_funcs=...)``), so an empty ``reward.functions`` is fine."""
         for name, cls in SECTIONS.items():
             section = getattr(self, name)
             if not isinstance(section, cls):
                 raise ConfigError(f"'{name}' must be a {cls.__name__} (got {type(section).__name__})")
             _check_types(section, name)
             section._validate()
-        if not self.reward.functions:
+        if not self.reward.functions and not rewards_given:
             _require(self.data.dataset.startswith("builtin:"), "reward.functions",
-                     "is empty; a JSONL dataset needs at least one reward function")
+                     "is empty; a JSONL dataset needs at least one reward function "
+                     "(as does any dataset but builtin:NAME)")
         return self
 
 

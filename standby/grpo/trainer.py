@@ -89,7 +89,9 @@ from compilepass.standby.grpo.metrics import MetricsLogger, ProgressBar, peak_me
 from compilepass.standby.grpo.oom import TrainingOutOfMemoryError, memory_measured, out_of_memory_error
 from compilepass.standby.grpo.outputs import save_final
 from compilepass.standby.grpo.policy import adopt_model_arg, apply_training_memory, build_policy, load_policy_tokenizer
+from compilepass.standby.grpo.prompts import CONVERSATIONAL, check_tokenizer, encode_prompt
 from compilepass.standby.grpo.resume import check_resume_config
+from compilepass.standby.grpo.reward_inputs import reward_inputs, reward_trainer_state
 from compilepass.standby.grpo.rewards import RewardError, RewardSet
 from compilepass.standby.grpo.step_metrics import completion_metrics, reward_metrics, truncated_flags
 from compilepass.standby.grpo.stop import STOP_SIGNALS, StopRequest, TrainingInterrupted
@@ -176,14 +178,21 @@ class GRPOTrainer:
     on CPU). ``progress``: see :class:`~compilepass.standby.grpo.metrics.ProgressBar` (True, False,
     "auto", "lines"). ``handle_signals``: turn SIGTERM / SIGINT during ``train()`` into stop
     requests (see the module docstring).
+
+    ``train_dataset`` (TRL's name): a ``datasets.Dataset`` / ``DatasetDict`` (``data.split``), a
+    list of row dicts or a PromptDataset, used instead of ``data.dataset``; a resume checks its
+    content fingerprint. ``reward_funcs`` (TRL's name): a reward or a list of them, each a
+    callable, a name as in ``reward.functions`` or a ``(callable or name, weight)`` pair, used
+    instead of ``reward.functions``.
     """
 
     def __init__(self, config: GRPOConfig, *, progress: bool | str = "auto",
                  on_step: Optional[Callable[[int, dict], None]] = None, compile_options: Any = "default",
                  faults: Optional[FaultHook] = None, handle_signals: bool = True, model: Any = None,
-                 processing_class: Any = None, peft_config: Any = None):
+                 processing_class: Any = None, peft_config: Any = None, train_dataset: Any = None,
+                 reward_funcs: Any = None):
         adopt_model_arg(config, model)  # a name, path or model object given in Python (see policy.py)
-        self.config = config.validate()
+        self.config = config.validate(rewards_given=reward_funcs is not None)
         c = self.config
         ProgressBar(1, enabled=progress)  # a bad value is refused here, before any work
         self.progress = progress
@@ -207,8 +216,14 @@ class GRPOTrainer:
         # Before any thread pool exists where possible: worker threads inherit the calling thread's FP mode.
         self._flush_denormal = self.device.type == "cpu" and torch.set_flush_denormal(True)
         self.tokenizer = load_policy_tokenizer(c, processing_class, model)
-        self.dataset = load_dataset(c.data.dataset, seed=c.data.seed, builtin_size=c.data.builtin_size)
-        self.rewards = RewardSet.from_specs(c.reward.functions, default=self.dataset.default_rewards)
+        self.dataset = load_dataset(train_dataset if train_dataset is not None else c.data.dataset, seed=c.data.seed,
+                                    builtin_size=c.data.builtin_size, split=c.data.split)
+        check_tokenizer(self.dataset.format, self.tokenizer, c.model.name_or_path)
+        if self.dataset.format == CONVERSATIONAL:  # a template that cannot render these messages: now, not at step 1
+            encode_prompt(self.tokenizer, self.dataset[0].prompt, c.data.chat_template_kwargs)
+        self.rewards = RewardSet.from_specs(reward_funcs if reward_funcs is not None else c.reward.functions,
+                                            default=self.dataset.default_rewards)
+        self.rewards.check_columns(self.dataset.column_names)
         self.batcher = PromptBatcher(self.dataset, c.data.prompts_per_step, shuffle=c.data.shuffle, seed=c.data.seed)
 
         # Where to start: decided before building anything expensive.
@@ -370,7 +385,7 @@ class GRPOTrainer:
         c = self.config
         out = []
         for ex in examples:
-            ids = self.tokenizer.encode(ex.prompt, add_special_tokens=hasattr(self.tokenizer, "hf"))
+            ids = encode_prompt(self.tokenizer, ex.prompt, c.data.chat_template_kwargs)
             if not ids:
                 raise ConfigError(f"prompt {ex.prompt!r} tokenizes to nothing")
             if len(ids) > c.generation.max_prompt_len:
@@ -528,17 +543,18 @@ class GRPOTrainer:
         ids_cpu = out.completion_ids.cpu()
         lengths = mask.sum(1).tolist()
         completions = [self.tokenizer.decode(ids_cpu[b, :n].tolist()) for b, n in enumerate(lengths)]
-        prompts_text = [ex.prompt for ex in examples for _ in range(G)]
-        answers = [ex.answer for ex in examples for _ in range(G)]
-        meta = [ex.meta for ex in examples for _ in range(G)]
+        inputs = reward_inputs(examples, G, completions, [ids_cpu[b, :n].tolist() for b, n in enumerate(lengths)],
+                               self.dataset.format, self.dataset.column_names)
+        state = reward_trainer_state(step, c.run.max_steps,
+                                     self.batcher.epoch + self.batcher.position / len(self.dataset))
         t_gen = time.perf_counter()
         try:
-            total, parts = self.rewards.score(prompts_text, completions, answers, meta)
+            total, parts = self.rewards.score(**inputs, trainer_state=state)
         except RewardError as e:
             saved = self._save_after_failure(st)
             suffix = f" (state saved in {saved})" if saved is not None else " (the state could NOT be saved)"
             raise RewardError(f"step {step}: {e}{suffix}") from None
-        adv, zero_std = group_advantages(total, G, c.loss.scale_rewards)
+        adv, _ = group_advantages(total, G, c.loss.scale_rewards)
         loss_mask, sampling, loss_in_m = loss_inputs(c.loss, c.generation, out, mask, completions,
                                                      self.tokenizer.eos_token_id)
         self._stop_point()
@@ -557,6 +573,7 @@ class GRPOTrainer:
         truncated = truncated_flags(ids_cpu, lengths, c.generation.max_completion_len, stop_ids)
         rec = {  # TRL's names (step_metrics.py), then ours
             **reward_metrics(total, {self.rewards.labels[k]: v for k, v in parts.items()}, G),
+            **self.rewards.logged_metrics,
             "loss": train_m.pop("loss"),
             "kl": train_m.pop("kl"),
             **train_m,
@@ -653,6 +670,7 @@ class GRPOTrainer:
         """Free the engine's KV region and the memory cap's hold, and restore torch's default (off)
         flush-denormal mode."""
         self.engine.close()
+        self.rewards.close()
         if self.memory_cap is not None:
             self.memory_cap.close()
         if self._flush_denormal:

@@ -3,6 +3,7 @@ that the micro-batches of a batch sum to the whole batch's loss and gradient."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -13,8 +14,12 @@ from compilepass.standby.training.importance import rollout_importance_weights
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> tuple[torch.Tensor, int]:
     """(advantages [N], number of groups whose rewards are all equal) for N = groups * group_size
-    rewards laid out group by group. ``scale``: divide by the group's std (+1e-4)."""
+    rewards laid out group by group. ``scale``: divide by the group's std (+1e-4). A NaN reward
+    (no reward function scored that completion) is left out of its group's mean and std and gets
+    an advantage of 0, as in TRL."""
     r = rewards.float().view(-1, group_size)
+    if bool(torch.isnan(r).any()):
+        return _nan_group_advantages(r, scale)
     mean = r.mean(1, keepdim=True)
     std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     adv = r - mean
@@ -22,6 +27,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
         adv = adv / (std + 1e-4)
     zero = int(((r.max(1).values - r.min(1).values).abs() <= 1e-12).sum())
     return adv.reshape(-1), zero
+
+
+def _nan_group_advantages(r: torch.Tensor, scale: bool) -> tuple[torch.Tensor, int]:
+    """group_advantages over the non-NaN rewards of each group [groups, G]; NaN rows get 0."""
+    valid = ~torch.isnan(r)
+    count = valid.sum(1, keepdim=True)
+    mean = torch.nanmean(r, 1, keepdim=True)
+    var = torch.nansum((r - mean) ** 2, 1, keepdim=True) / (count - 1).clamp(min=1)
+    adv = r - mean
+    if scale:
+        adv = adv / (var.sqrt() + 1e-4)
+    spread = torch.where(valid, r, -math.inf).amax(1) - torch.where(valid, r, math.inf).amin(1)
+    zero = int(((spread.abs() <= 1e-12) | (count.squeeze(1) <= 1)).sum())
+    return torch.nan_to_num(adv, nan=0.0).reshape(-1), zero
 
 
 def micro_batch_loss(logp: torch.Tensor, old: Optional[torch.Tensor], ref: Optional[torch.Tensor],
