@@ -228,8 +228,8 @@ def test_grpo_tiny_preset_with_trl_rewards_and_a_dataset_object(tmp_path):
     finally:
         trainer.close()
     rec = summary.metrics[-1]
-    for key in ("rewards/soft_overlong_punishment_reward", "rewards/repetition_penalty_reward", "rewards/async_len",
-                "rewards/column_reward"):
+    for key in ("rewards/soft_overlong_punishment_reward/mean", "rewards/repetition_penalty_reward/mean",
+                "rewards/async_len/mean", "rewards/column_reward/mean"):
         assert math.isfinite(rec[key]), key
     assert steps_seen == [0, 1]
     assert all(len(t) == 8 and t[0] == t[3] and t[4] == t[7] for t in columns_seen)  # one per completion, by group
@@ -277,12 +277,12 @@ def test_grpo_conversational_run_with_trl_rewards_and_exact_resume(tmp_path, cha
     assert isinstance(completion, list) and completion[0]["role"] == "assistant" and isinstance(
         completion[0]["content"], str) and 1 <= n_ids <= 8
     rec = full.metrics[-1]
-    assert {"rewards/think_format_reward", "rewards/accuracy_reward", "rewards/probe"} <= set(rec)
+    assert {"rewards/think_format_reward/mean", "rewards/accuracy_reward/mean", "rewards/probe/mean"} <= set(rec)
     drawn_full = [p for p, _, _ in seen]
     seen.clear()
     run("split", 2)
     resumed = run("split", 3)
     assert resumed.start_step == 2 and resumed.steps_done == 1
     assert [p for p, _, _ in seen] == drawn_full  # steps 1, 2, then the resumed step 3
-    for key in ("reward", "rewards/probe", "loss", "grad_norm", "completion_len"):
+    for key in ("reward", "rewards/probe/mean", "loss", "grad_norm", "completions/mean_length"):
         assert resumed.metrics[-1][key] == pytest.approx(rec[key], rel=1e-6, abs=1e-6), key
