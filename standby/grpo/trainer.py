@@ -81,10 +81,12 @@ from compilepass.core.errors import ConfigError
 from compilepass.core.models import add_lora, build_model
 from compilepass.core.shapes import ModelShape, causal_lm_of
 from compilepass.standby.grpo.checkpoint import (CheckpointError, capture_rng_state, find_latest_valid,
-                                                 list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint,
-                                                 verify_checkpoint)
+                                                 checkpoint_name, list_checkpoints, load_checkpoint, resolve_checkpoint,
+                                                 save_checkpoint, verify_checkpoint)
 from compilepass.standby.grpo.config import GRPOConfig
 from compilepass.standby.grpo.data import PromptBatcher, load_dataset, load_tokenizer
+from compilepass.standby.grpo.distributed import DistContext, NullMetricsLogger
+from compilepass.standby.grpo.group_generation import generate_share
 from compilepass.standby.grpo.loss_options import loss_inputs
 from compilepass.standby.grpo.metrics import MetricsLogger, ProgressBar, peak_memory_gib
 from compilepass.standby.grpo.oom import TrainingOutOfMemoryError, memory_measured, out_of_memory_error
@@ -184,7 +186,9 @@ class GRPOTrainer:
         self.output_dir = Path(c.run.output_dir)
         if c.generation.engine == "vllm":  # vLLM missing or a refused version: one line, before any work
             check_vllm()
-        self.device = self._resolve_device(c.run.device)
+        self.dist = DistContext.from_env(c.run.device)  # torchrun's ranks (standby.grpo.distributed); else one
+        self.dist.check_batch(c.data.prompts_per_step)
+        self.device = self.dist.device(self._resolve_device(c.run.device))
         self.memory_cap: Optional[DeviceMemoryCap] = None
         if c.run.device_memory_gib is not None:  # before anything is allocated: the run sees an N GiB card
             if self.device.type != "cuda":
@@ -275,7 +279,7 @@ class GRPOTrainer:
 
     def _build_engine(self, compile_options):
         c = self.config
-        max_batch = c.data.prompts_per_step * c.generation.num_generations
+        max_batch = c.data.prompts_per_step // self.dist.world_size * c.generation.num_generations
         max_len = c.generation.max_prompt_len + c.generation.max_completion_len
         if self.device.type == "cuda":
             free, total = free_device_memory(self.device)  # under a DeviceMemoryCap: the capped card
@@ -302,7 +306,11 @@ class GRPOTrainer:
 
     def save(self, step: int, data_state: Optional[dict] = None, rng_states: Optional[dict] = None) -> Path:
         """Checkpoint the adapter, optimizer, scheduler, RNG states and data position as ``step``
-        (the data position and RNG states given, or the current ones)."""
+        (the data position and RNG states given, or the current ones). Rank 0 writes; the others
+        only note the path (their state is the same)."""
+        if not self.dist.is_main:
+            self.last_checkpoint, self._saved_step = self.output_dir / checkpoint_name(step), step
+            return self.last_checkpoint
         tail = self._metrics_logger.tail(5) if self._metrics_logger is not None else []
         on_stage = (lambda stage: self._fault(f"checkpoint:{stage}", step)) if self._faults is not None else None
         path = save_checkpoint(self.output_dir, step, model=self.model, optimizer=self.optimizer,
@@ -340,7 +348,7 @@ class GRPOTrainer:
         """A safe point of the running step: abandon it if a stop was requested and its optimizer
         update has not begun."""
         if (self._stop is not None and self._stop.requested is not None and not self._committed
-                and self._step_state is not None):
+                and self._step_state is not None and not self.dist.enabled):  # ranks stop together, between steps
             raise _StepAbandoned(self._step_state)
 
     def _interrupted(self, signum: int, st: Optional[_StepState] = None) -> TrainingInterrupted:
@@ -388,9 +396,11 @@ class GRPOTrainer:
         eos = self.tokenizer.eos_token_id
         self.engine.wake()
         try:
-            out = self.engine.generate(prompt_ids, max_new_tokens=g.max_completion_len, temperature=g.temperature,
-                                       top_k=g.top_k, top_p=g.top_p, eos_token_id=eos,
-                                       stop_token_ids=g.stop_token_ids or None, seed=step_seed(c.run.seed, step))
+            out = generate_share(self.engine, self.dist, prompt_ids, g.num_generations, step=step, run_seed=c.run.seed,
+                                 step_seed=step_seed(c.run.seed, step), group_seeds=g.group_seeds,
+                                 first_group=self.dist.first_group(c.data.prompts_per_step),
+                                 max_new_tokens=g.max_completion_len, temperature=g.temperature, top_k=g.top_k,
+                                 top_p=g.top_p, eos_token_id=eos, stop_token_ids=g.stop_token_ids or None)
         finally:
             if g.standby:
                 self.engine.sleep()
@@ -440,7 +450,7 @@ class GRPOTrainer:
         if lc.num_iterations > 1:
             with torch.no_grad():
                 old = self.micro_batch.run(rows, width, "old-policy log-probs", logprobs)
-        n_items = mask.sum()
+        n_items = self.dist.token_count(mask.sum())  # several ranks: the global token count / N
         sums: dict[str, float] = {}
         grad_norm = float("nan")
         for _ in range(lc.num_iterations):
@@ -469,6 +479,7 @@ class GRPOTrainer:
 
             acc = self.micro_batch.run(rows, width, "training", accumulate)
             self._committed = True
+            self.dist.average_gradients(self.params)
             if c.optim.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.optim.max_grad_norm))
             else:
@@ -499,7 +510,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        examples = self.batcher.next_batch()
+        examples = self.dist.shard(self.batcher.next_batch())  # this rank's whole prompt groups
         prompt_ids = [ids for ids in self._tokenize(examples) for _ in range(G)]
         try:
             out = self._generate(step, prompt_ids)
@@ -554,7 +565,7 @@ class GRPOTrainer:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             **loss_in_m,
         }
-        return rec
+        return self.dist.reduce_metrics(rec)
 
     def _peak_gib(self, gen_peak: Optional[int]) -> float:
         """This step's peak device memory. On CUDA: the larger of generation's allocator peak plus
@@ -578,14 +589,16 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         start = self.step
         records = []
-        logger = MetricsLogger(self.output_dir, tensorboard=c.run.tensorboard,
-                               resume_step=start if self.resumed_from is not None else None)
+        logger = (MetricsLogger if self.dist.is_main else NullMetricsLogger)(  # rank 0 writes metrics.jsonl
+            self.output_dir, tensorboard=c.run.tensorboard,
+            resume_step=start if self.resumed_from is not None else None)
         self._metrics_logger = logger
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
         self._flush_denormal = self._flush_denormal or flush
         try:
             with StopRequest(STOP_SIGNALS if self.handle_signals else ()) as stop, \
-                    ProgressBar(c.run.max_steps, start_step=start, enabled=self.progress) as bar:
+                    ProgressBar(c.run.max_steps, start_step=start,
+                                enabled=self.progress if self.dist.is_main else False) as bar:
                 self._stop = stop
                 if self.resumed_from is not None:
                     self._announce(bar, f"resumed from {self.resumed_from} (step {start})")
@@ -602,9 +615,10 @@ class GRPOTrainer:
                             self.on_step(step, records[-1])
                     bar.update(step, rec, logged=logged)
                     if (c.run.save_every and step % c.run.save_every == 0) or step == c.run.max_steps:
+                        self.dist.barrier()
                         self.save(step)
-                    if stop.requested is not None and step < c.run.max_steps:
-                        raise self._interrupted(stop.requested)
+                    if self.dist.any(stop.requested is not None) and step < c.run.max_steps:
+                        raise self._interrupted(stop.requested or STOP_SIGNALS[0])  # another rank's
         finally:
             self._stop = None
             self._step_state = None
@@ -626,6 +640,7 @@ class GRPOTrainer:
         """Free the engine's KV region and the memory cap's hold, and restore torch's default (off)
         flush-denormal mode."""
         self.engine.close()
+        self.dist.close()
         if self.memory_cap is not None:
             self.memory_cap.close()
         if self._flush_denormal:
