@@ -36,11 +36,13 @@ import math
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from compilepass.core.errors import ConfigError
+from compilepass.standby.grpo.checkpoint import checkpoint_name
 
 __all__ = ["DistContext", "NullMetricsLogger", "rank_seed", "group_seed"]
 
@@ -80,15 +82,20 @@ class DistContext:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str = "auto", timeout_s: float = 600.0) -> "DistContext":
+    def from_env(cls, device: str = "auto", prompts_per_step: Optional[int] = None,
+                 timeout_s: float = 600.0) -> "DistContext":
         """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
         ``MASTER_ADDR``, ``MASTER_PORT``), or use the one already initialized; one rank otherwise.
-        ``device`` is ``run.device``: NCCL for CUDA runs, gloo for CPU ones."""
+        ``device`` is ``run.device``: NCCL for CUDA runs, gloo for CPU ones. ``prompts_per_step``
+        given: :meth:`check_batch` before any connection is made."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
-                       dist.get_backend())
+            ctx = cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                      dist.get_backend())
+            if prompts_per_step is not None:
+                ctx.check_batch(prompts_per_step)
+            return ctx
         try:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             rank = int(os.environ.get("RANK", "0"))
@@ -97,6 +104,8 @@ class DistContext:
             raise ConfigError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (run under torchrun)") from None
         if world <= 1:
             return cls()
+        if prompts_per_step is not None:
+            cls(rank, world, local).check_batch(prompts_per_step)
         if not dist.is_available():
             raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -130,6 +139,11 @@ class DistContext:
         """This rank's share of the step's prompts (a contiguous run; ``check_batch`` first)."""
         k = len(examples) // self.world_size
         return list(examples[self.rank * k:(self.rank + 1) * k])
+
+    @staticmethod
+    def checkpoint_path(output_dir, step: int) -> Path:
+        """Where rank 0 writes step ``step``'s checkpoint (what the other ranks note instead of writing)."""
+        return Path(output_dir) / checkpoint_name(step)
 
     # -- collectives (all the identity on one rank) -----------------------------------------------
 

@@ -81,8 +81,8 @@ from compilepass.core.errors import ConfigError
 from compilepass.core.models import add_lora, build_model
 from compilepass.core.shapes import ModelShape, causal_lm_of
 from compilepass.standby.grpo.checkpoint import (CheckpointError, capture_rng_state, find_latest_valid,
-                                                 checkpoint_name, list_checkpoints, load_checkpoint, resolve_checkpoint,
-                                                 save_checkpoint, verify_checkpoint)
+                                                 list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint,
+                                                 verify_checkpoint)
 from compilepass.standby.grpo.config import GRPOConfig
 from compilepass.standby.grpo.data import PromptBatcher, load_dataset, load_tokenizer
 from compilepass.standby.grpo.distributed import DistContext, NullMetricsLogger
@@ -186,8 +186,8 @@ class GRPOTrainer:
         self.output_dir = Path(c.run.output_dir)
         if c.generation.engine == "vllm":  # vLLM missing or a refused version: one line, before any work
             check_vllm()
-        self.dist = DistContext.from_env(c.run.device)  # torchrun's ranks (standby.grpo.distributed); else one
-        self.dist.check_batch(c.data.prompts_per_step)
+        # torchrun's ranks (standby.grpo.distributed), else one; prompts_per_step must split evenly
+        self.dist = DistContext.from_env(c.run.device, prompts_per_step=c.data.prompts_per_step)
         self.device = self.dist.device(self._resolve_device(c.run.device))
         self.memory_cap: Optional[DeviceMemoryCap] = None
         if c.run.device_memory_gib is not None:  # before anything is allocated: the run sees an N GiB card
@@ -309,7 +309,7 @@ class GRPOTrainer:
         (the data position and RNG states given, or the current ones). Rank 0 writes; the others
         only note the path (their state is the same)."""
         if not self.dist.is_main:
-            self.last_checkpoint, self._saved_step = self.output_dir / checkpoint_name(step), step
+            self.last_checkpoint, self._saved_step = self.dist.checkpoint_path(self.output_dir, step), step
             return self.last_checkpoint
         tail = self._metrics_logger.tail(5) if self._metrics_logger is not None else []
         on_stage = (lambda stage: self._fault(f"checkpoint:{stage}", step)) if self._faults is not None else None
