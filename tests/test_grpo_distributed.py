@@ -66,6 +66,10 @@ def test_shares_seeds_and_batch_check():
     assert len({group_seed(0, s, g) for s in range(1, 4) for g in range(4)}) == 12
     with pytest.raises(ConfigError, match=r"data.prompts_per_step \(4\) must be a multiple of the number of ranks \(3\)"):
         DistContext(rank=0, world_size=3).check_batch(4)
+    DistContext(rank=0, world_size=2).check_engine("native")
+    with pytest.raises(ConfigError, match="generation.engine=vllm is not supported under torchrun"):
+        DistContext(rank=0, world_size=2).check_engine("vllm")
+    one.check_engine("vllm")  # one rank: whatever the engine
     n = torch.tensor(7)
     assert one.token_count(n) is n  # one rank: the identity, nothing reduced
     rec = {"reward": 0.5, "step_s": 1.0}
@@ -145,7 +149,7 @@ def _rank_pids(parent: int) -> dict[int, int]:
 
 @pytest.mark.slow
 def test_kill9_one_rank_then_resume_on_one_rank(tmp_path):
-    steps = 10
+    steps = 6
     args = COMMON + [f"run.max_steps={steps}", "run.save_every=1", "run.keep_last=3"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_torchrun(args + [f"run.output_dir={killed}"]), env=_env(), stdout=subprocess.DEVNULL,

@@ -131,6 +131,12 @@ class DistContext:
                               f"ranks ({self.world_size}): each rank takes an equal share of whole prompt groups")
         return prompts_per_step // self.world_size
 
+    def check_engine(self, engine: str) -> None:
+        """ConfigError for an engine not supported on several ranks (vLLM: its own process groups)."""
+        if self.enabled and engine != "native":
+            raise ConfigError(f"generation.engine={engine} is not supported under torchrun yet (one rank only); "
+                              f"use generation.engine=native for data-parallel GRPO")
+
     def first_group(self, prompts_per_step: int) -> int:
         """The global index of this rank's first prompt in the step's batch."""
         return self.rank * (prompts_per_step // self.world_size)

@@ -188,6 +188,7 @@ class GRPOTrainer:
             check_vllm()
         # torchrun's ranks (standby.grpo.distributed), else one; prompts_per_step must split evenly
         self.dist = DistContext.from_env(c.run.device, prompts_per_step=c.data.prompts_per_step)
+        self.dist.check_engine(c.generation.engine)
         self.device = self.dist.device(self._resolve_device(c.run.device))
         self.memory_cap: Optional[DeviceMemoryCap] = None
         if c.run.device_memory_gib is not None:  # before anything is allocated: the run sees an N GiB card
