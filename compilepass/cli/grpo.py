@@ -6,6 +6,7 @@ free of torch's import time."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -89,6 +90,8 @@ def cmd_grpo(args) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports the run
+        return 0
     last = summary.metrics[-1] if summary.metrics else {}
     reward = f", reward {last['reward']:.4f}" if "reward" in last else ""
     print(f"grpo: steps {summary.start_step + 1}..{summary.final_step} done in {summary.wall_s:.1f}s{reward}; "

@@ -127,6 +127,9 @@ class GenerationConfig:
     fraction of device memory the engine may plan for (weights + KV cache + activations).
     ``standby`` (default true): the KV region sleeps while training runs, so training gets its
     memory; false keeps it mapped (what a stack without standby memory pays; for comparisons).
+    ``group_seeds`` (default false): sample each prompt group in its own engine call, seeded from
+    (run.seed, step, the group's index in the step's batch), so the completions are the same on any
+    number of ranks (torchrun); costs batching (G sequences per call instead of the whole batch).
     """
 
     engine: Literal[ENGINES] = "native"
@@ -140,6 +143,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     standby: bool = True
+    group_seeds: bool = False
 
     def _validate(self) -> None:
         _require(self.num_generations >= 2, "generation.num_generations",

@@ -84,6 +84,8 @@ from compilepass.standby.grpo.checkpoint import (CheckpointError, capture_rng_st
                                                  verify_checkpoint)
 from compilepass.standby.grpo.config import GRPOConfig
 from compilepass.standby.grpo.data import PromptBatcher, load_dataset
+from compilepass.standby.grpo.distributed import DistContext, NullMetricsLogger
+from compilepass.standby.grpo.group_generation import generate_share
 from compilepass.standby.grpo.loss_options import loss_inputs
 from compilepass.standby.grpo.metrics import MetricsLogger, ProgressBar, peak_memory_gib
 from compilepass.standby.grpo.oom import TrainingOutOfMemoryError, memory_measured, out_of_memory_error
@@ -207,7 +209,10 @@ class GRPOTrainer:
         self.output_dir = Path(c.run.output_dir)
         if c.generation.engine == "vllm":  # vLLM missing or a refused version: one line, before any work
             check_vllm()
-        self.device = self._resolve_device(c.run.device)
+        # torchrun's ranks (standby.grpo.distributed), else one; prompts_per_step must split evenly
+        self.dist = DistContext.from_env(c.run.device, prompts_per_step=c.data.prompts_per_step)
+        self.dist.check_engine(c.generation.engine)
+        self.device = self.dist.device(self._resolve_device(c.run.device))
         self.memory_cap: Optional[DeviceMemoryCap] = None
         if c.run.device_memory_gib is not None:  # before anything is allocated: the run sees an N GiB card
             if self.device.type != "cuda":
@@ -298,7 +303,7 @@ class GRPOTrainer:
 
     def _build_engine(self, compile_options):
         c = self.config
-        max_batch = c.data.prompts_per_step * c.generation.num_generations
+        max_batch = c.data.prompts_per_step // self.dist.world_size * c.generation.num_generations
         max_len = c.generation.max_prompt_len + c.generation.max_completion_len
         pad = self.tokenizer.pad_token_id
         problem = native_family_problem(self.causal_lm)
@@ -331,7 +336,11 @@ class GRPOTrainer:
 
     def save(self, step: int, data_state: Optional[dict] = None, rng_states: Optional[dict] = None) -> Path:
         """Checkpoint the adapter, optimizer, scheduler, RNG states and data position as ``step``
-        (the data position and RNG states given, or the current ones)."""
+        (the data position and RNG states given, or the current ones). Rank 0 writes; the others
+        only note the path (their state is the same)."""
+        if not self.dist.is_main:
+            self.last_checkpoint, self._saved_step = self.dist.checkpoint_path(self.output_dir, step), step
+            return self.last_checkpoint
         tail = self._metrics_logger.tail(5) if self._metrics_logger is not None else []
         on_stage = (lambda stage: self._fault(f"checkpoint:{stage}", step)) if self._faults is not None else None
         path = save_checkpoint(self.output_dir, step, model=self.model, optimizer=self.optimizer,
@@ -369,7 +378,7 @@ class GRPOTrainer:
         """A safe point of the running step: abandon it if a stop was requested and its optimizer
         update has not begun."""
         if (self._stop is not None and self._stop.requested is not None and not self._committed
-                and self._step_state is not None):
+                and self._step_state is not None and not self.dist.enabled):  # ranks stop together, between steps
             raise _StepAbandoned(self._step_state)
 
     def _interrupted(self, signum: int, st: Optional[_StepState] = None) -> TrainingInterrupted:
@@ -417,9 +426,11 @@ class GRPOTrainer:
         eos = self.tokenizer.eos_token_id
         self.engine.wake()
         try:
-            out = self.engine.generate(prompt_ids, max_new_tokens=g.max_completion_len, temperature=g.temperature,
-                                       top_k=g.top_k, top_p=g.top_p, eos_token_id=eos,
-                                       stop_token_ids=g.stop_token_ids or None, seed=step_seed(c.run.seed, step))
+            out = generate_share(self.engine, self.dist, prompt_ids, g.num_generations, step=step, run_seed=c.run.seed,
+                                 step_seed=step_seed(c.run.seed, step), group_seeds=g.group_seeds,
+                                 first_group=self.dist.first_group(c.data.prompts_per_step),
+                                 max_new_tokens=g.max_completion_len, temperature=g.temperature, top_k=g.top_k,
+                                 top_p=g.top_p, eos_token_id=eos, stop_token_ids=g.stop_token_ids or None)
         finally:
             if g.standby:
                 self.engine.sleep()
@@ -470,7 +481,7 @@ class GRPOTrainer:
         if lc.num_iterations > 1:
             with torch.no_grad():
                 old = self.micro_batch.run(rows, width, "old-policy log-probs", logprobs)
-        n_items = mask.sum()
+        n_items = self.dist.token_count(mask.sum())  # several ranks: the global token count / N
         sums: dict[str, float] = {}
         grad_norm = float("nan")
         for _ in range(lc.num_iterations):
@@ -502,6 +513,7 @@ class GRPOTrainer:
 
             acc = self.micro_batch.run(rows, width, "training", accumulate)
             self._committed = True
+            self.dist.average_gradients(self.params)
             if c.optim.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.optim.max_grad_norm))
             else:
@@ -532,7 +544,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        examples = self.batcher.next_batch()
+        examples = self.dist.shard(self.batcher.next_batch())  # this rank's whole prompt groups
         prompt_ids = [ids for ids in self._tokenize(examples) for _ in range(G)]
         try:
             out = self._generate(step, prompt_ids)
@@ -587,7 +599,7 @@ class GRPOTrainer:
             "peak_mem_gib": self._peak_gib(gen_peak),
             **loss_in_m,
         }
-        return rec
+        return self.dist.reduce_metrics(rec)
 
     def _peak_gib(self, gen_peak: Optional[int]) -> float:
         """This step's peak device memory. On CUDA: the larger of generation's allocator peak plus
@@ -611,15 +623,16 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         start = self.step
         records = []
-        logger = MetricsLogger(self.output_dir, tensorboard=c.run.tensorboard, report_to=c.run.report_to,
-                               resume_step=start if self.resumed_from is not None else None,
-                               run_config=c.to_dict())
+        logger = (MetricsLogger if self.dist.is_main else NullMetricsLogger)(  # rank 0 writes metrics.jsonl
+            self.output_dir, tensorboard=c.run.tensorboard, report_to=c.run.report_to,
+            resume_step=start if self.resumed_from is not None else None, run_config=c.to_dict())
         self._metrics_logger = logger
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
         self._flush_denormal = self._flush_denormal or flush
         try:
             with StopRequest(STOP_SIGNALS if self.handle_signals else ()) as stop, \
-                    ProgressBar(c.run.max_steps, start_step=start, enabled=self.progress) as bar:
+                    ProgressBar(c.run.max_steps, start_step=start,
+                                enabled=self.progress if self.dist.is_main else False) as bar:
                 self._stop = stop
                 if self.resumed_from is not None:
                     self._announce(bar, f"resumed from {self.resumed_from} (step {start})")
@@ -636,9 +649,10 @@ class GRPOTrainer:
                             self.on_step(step, records[-1])
                     bar.update(step, rec, logged=logged)
                     if (c.run.save_every and step % c.run.save_every == 0) or step == c.run.max_steps:
+                        self.dist.barrier()
                         self.save(step)
-                    if stop.requested is not None and step < c.run.max_steps:
-                        raise self._interrupted(stop.requested)
+                    if self.dist.any(stop.requested is not None) and step < c.run.max_steps:
+                        raise self._interrupted(stop.requested or STOP_SIGNALS[0])  # another rank's
         finally:
             self._stop = None
             self._step_state = None
@@ -653,8 +667,11 @@ class GRPOTrainer:
     def save_final(self, merged: Optional[bool] = None) -> dict:
         """The final adapter (peft format) and tokenizer into ``run.output_dir``, and the merged
         model into ``output_dir/merged`` when ``merged`` (default ``run.save_merged``); see
-        :mod:`~compilepass.standby.grpo.outputs`. :meth:`train` calls it after the last step."""
+        :mod:`~compilepass.standby.grpo.outputs`. :meth:`train` calls it after the last step; on
+        several ranks only rank 0 writes (the adapters are identical)."""
         c = self.config
+        if not self.dist.is_main:
+            return {}
         return save_final(self.model, self.tokenizer, self.output_dir, base_name=c.model.name_or_path,
                           merged=c.run.save_merged if merged is None else merged)
 
@@ -671,6 +688,7 @@ class GRPOTrainer:
         flush-denormal mode."""
         self.engine.close()
         self.rewards.close()
+        self.dist.close()
         if self.memory_cap is not None:
             self.memory_cap.close()
         if self._flush_denormal:

@@ -54,7 +54,9 @@ def micro_batch_loss(logp: torch.Tensor, old: Optional[torch.Tensor], ref: Optio
     ``advantages`` / ``mask`` / ``sampling`` the whole batch's), scaled so that the micro-batches'
     losses sum to the whole batch's (same value, same gradient, up to summation order): per-row
     means (grpo, dr_grpo) weigh by the rows' share, the batch token mean (bnpo) by the tokens'
-    share; dapo and cispo already divide by the whole batch's token count (``n_items``).
+    share; dapo and cispo already divide by the whole batch's token count (``n_items``). Under
+    data parallelism ``n_items`` is the global token count / N (bnpo is scaled to it as well), so
+    that the ranks' losses average to the global batch's.
 
     Sequence-level importance weights (``importance_sampling_level="sequence"``) and the rollout
     correction are per row (sequence modes) or per token, so splitting by rows keeps them exact.
@@ -75,12 +77,12 @@ def micro_batch_loss(logp: torch.Tensor, old: Optional[torch.Tensor], ref: Optio
                               is_weight=is_weight, use_bias_correction_kl=use_bias_correction_kl)
     metrics.update(is_metrics)
     rows, m_rows = mask.shape[0], m_mask.shape[0]
+    if loss_type == "bnpo":  # also for the whole batch: n_items may be a global count (several ranks); else x1.0
+        loss = loss * (m_mask.sum().clamp(min=1) / n_items.clamp(min=1))
     if m_rows == rows:
         return loss, metrics
     if loss_type in ("grpo", "dr_grpo"):
         loss = loss * (m_rows / rows)
-    elif loss_type == "bnpo":
-        loss = loss * (m_mask.sum().clamp(min=1) / n_items.clamp(min=1))
     return loss, metrics
 
 
