@@ -34,7 +34,6 @@ the cold-start target, see :class:`RolloutEngine`): ``fused_projections``, ``att
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from compilepass.standby.rollout.capture import Captured, capture_graphs
 from compilepass.standby.rollout.compile import FlagResolver, compile_limits, make_decode_step, resolve_options
 from compilepass.standby.rollout.decode import Decoder
 from compilepass.standby.rollout.kv_cache import build_kv_cache, kv_cache_specs
+from compilepass.standby.rollout.modes import eval_mode
 from compilepass.standby.rollout.sampling import MAX_GRAPH_STOPS, post_function, sample_tokens, sampler_key
 
 log = logging.getLogger(__name__)
@@ -82,21 +82,6 @@ def default_attention(device: torch.device, head_dim: int) -> str:
     if device.type != "cuda":
         return "matmul"
     return "triton" if triton_available() and triton_attention_supports(head_dim) else "matmul"
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Eval mode for the block (no dropout while generating), each module's flag restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    if not any(mode for _, mode in modes):
-        yield
-        return
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _sync(device: torch.device) -> None:
@@ -365,7 +350,7 @@ class RolloutEngine:
         return got
 
     def _compile_and_capture(self, todo: list[int]) -> None:
-        with _eval_mode(self.model), torch.no_grad(), compile_limits():
+        with eval_mode(self.model), torch.no_grad(), compile_limits():
             if not self.use_cuda_graphs:
                 t0 = time.perf_counter()
                 if self._inductor_cudagraphs:  # cudagraph trees record on the 2nd call, replay from the 3rd
@@ -387,7 +372,7 @@ class RolloutEngine:
     def _capture_logits(self, todo: list[int], warmup: Optional[Callable[[], None]] = None) -> None:
         """Capture the logits-only decode graph of each bucket in ``todo`` (compiled already, or by
         ``warmup``); after a failed capture that bucket and the rest run the step without a graph."""
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             got = self._capture(todo, self._run_step, warmup=warmup, describe=lambda b: f"bucket {b}",
                                 stop_at_failure=True)
         for b, (graph, out) in got.graphs.items():
@@ -461,7 +446,7 @@ class RolloutEngine:
                     reset(rk)
                     body(rk)
 
-        with _eval_mode(self.model), torch.no_grad(), compile_limits():
+        with eval_mode(self.model), torch.no_grad(), compile_limits():
             if not self.use_cuda_graphs:
                 t0 = time.perf_counter()
                 if self._options is not None:  # compile the samplers now, not in the first generate
@@ -536,7 +521,7 @@ class RolloutEngine:
         parts = []
         prefill_s = decode_s = 0.0
         steps = 0
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             for start in range(0, len(prompts), self.max_batch):
                 chunk = prompts[start:start + self.max_batch]
                 part, p_s, d_s, n = self._generate_batch(chunk, max_new_tokens, sampler, bool(stops))

@@ -15,7 +15,6 @@ slow (one eager forward per token), which the GRPO trainer says once in its log.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Optional, Sequence, Union
@@ -25,6 +24,7 @@ import torch
 from compilepass.core.errors import ModelNotFoundError
 from compilepass.core.shapes import FAMILIES, ModelShape, causal_lm_of
 from compilepass.standby.rollout.backend import RolloutOutput, check_generate_args
+from compilepass.standby.rollout.modes import eval_mode
 from compilepass.standby.rollout.sampling import sample_tokens
 
 log = logging.getLogger(__name__)
@@ -44,17 +44,6 @@ def native_family_problem(model) -> Optional[str]:
     except (ModelNotFoundError, AttributeError, TypeError) as e:
         return f"its config has no shape the engine reads ({e})"
     return None
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 class TransformersBackend:
@@ -119,7 +108,7 @@ class TransformersBackend:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
         stop_t = torch.tensor(stops, dtype=torch.long, device=self.device)
         parts, steps, prefill_s = [], 0, 0.0
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for lo in range(0, len(prompts), self.max_batch):
                 chunk = prompts[lo:lo + self.max_batch]
                 ids, mask, lps, n, pre = self._generate_chunk(chunk, max_new_tokens, temperature, top_k, top_p,
