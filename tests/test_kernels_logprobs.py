@@ -380,11 +380,12 @@ def test_tile_kernel_compiles_for_sm90_without_spills(mode, cfg, dt):
 def test_grpo_kernel_compiles_for_sm90():
     from compilepass.kernels._grpo_triton import grpo_token_kernel
 
-    sig = {n: "*fp32" for n in ("logp_ptr", "old_ptr", "ref_ptr", "adv_ptr", "mask_ptr", "roww_ptr", "grad_ptr",
-                                "part_ptr")}
-    sig.update({"n_elem": "i32", "T": "i32", "eps_low": "fp32", "eps_high": "fp32", "beta": "fp32",
-                "HAS_OLD": "constexpr", "HAS_KL": "constexpr", "NEED_GRAD": "constexpr", "BLOCK": "constexpr"})
-    consts = dict(HAS_OLD=True, HAS_KL=True, NEED_GRAD=True, BLOCK=1024)
+    sig = {n: "*fp32" for n in ("logp_ptr", "old_ptr", "ref_ptr", "adv_ptr", "mask_ptr", "roww_ptr", "isw_ptr",
+                                "seq_ptr", "grad_ptr", "gradw_ptr", "part_ptr")}
+    sig.update({"n_elem": "i32", "T": "i32", "eps_low": "fp32", "eps_high": "fp32", "beta": "fp32"})
+    consts = dict(HAS_OLD=True, HAS_KL=True, HAS_ISW=True, SEQ=True, CISPO=False, KL_BIAS=True, NEED_GRAD=True,
+                  BLOCK=1024)  # the widest variant: every option of the kernel on
+    sig.update({k: "constexpr" for k in consts})
     compiled, local = _aot_compile_sm90(grpo_token_kernel, sig, consts, {n for n in sig if n.endswith("_ptr")}, 4, 1)
     assert local == 0
 
