@@ -62,7 +62,8 @@ def add_bench(sub) -> None:
 
 def cmd_grpo(args) -> int:
     from compilepass.standby.grpo.config import default_config, load_config
-    from compilepass.standby.grpo.trainer import TrainingInterrupted, run_grpo  # imports torch: only when the command runs
+    from compilepass.standby.grpo.trainer import (TrainingInterrupted,  # imports torch: only when the command runs
+                                                  run_grpo)
 
     if args.config is None and args.preset is None:
         raise CompilepassError("grpo needs --config FILE or --preset NAME (e.g. --preset tiny)")

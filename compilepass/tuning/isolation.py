@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Optional
 
 from compilepass.core.atomic import write_json_atomic
-from compilepass.core.procs import (die_with_parent, owner_alive, owner_tag, parent_death_signal_available,
-                                    pid_alive, set_parent_death_signal)
+from compilepass.core.procs import (die_with_parent, owner_alive, owner_tag, parent_death_signal_available, pid_alive,
+                                    set_parent_death_signal)
 
 _TAIL_CHARS = 4000
 RUN_PREFIX = "compilepass-run-"

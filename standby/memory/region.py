@@ -55,7 +55,6 @@ from compilepass.standby.memory.errors import (RegionClosedError, RegionLayoutEr
 from compilepass.standby.memory.layout import (CPU_GRANULARITY, DEFAULT_ALIGN, SpecsLike, check_shape, check_size,
                                                itemsize, normalize_specs, plan_layout, round_up)
 
-
 #: Device index -> the total this process is capped to (set by a live
 #: :class:`~compilepass.standby.memory.cap.DeviceMemoryCap`, removed when it closes).
 _CAPPED_TOTAL: Dict[int, int] = {}

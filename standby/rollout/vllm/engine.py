@@ -72,8 +72,8 @@ from compilepass.gc_patch import patch_vllm_capture
 from compilepass.selection import vllm_compilation_config, vllm_env
 from compilepass.standby.rollout.backend import RolloutOutput, check_generate_args
 from compilepass.standby.rollout.vllm.gates import check_vllm, cpu_head_size_error, kv_release_strategy
-from compilepass.standby.rollout.vllm.kv_release import CuMemKvRelease
 from compilepass.standby.rollout.vllm.internals import plain_cpu_linears, scoped_env, vllm_model_runner
+from compilepass.standby.rollout.vllm.kv_release import CuMemKvRelease
 from compilepass.standby.rollout.vllm.lora import (LORA_ID, LORA_NAME, VLLM_LORA_RANKS, LoraSlice, peft_adapter_info,
                                                    peft_lora_layers)
 from compilepass.standby.rollout.vllm.weights import packed_groups, share_weights, write_base_checkpoint
