@@ -2,7 +2,7 @@
 compile caches, a hard timeout, and no way to outlive the tuner.
 
 ``run_isolated`` starts ``python -m compilepass.tuning.isolation LIFELINE PARENT MODULE spec.json
-result.json`` in ``compilepass-run-<pid>@<host>-XXXX/`` under the temp dir. The child runs
+result.json`` in ``compilepass-run-<pid>@<host>-<random>/`` under the temp dir. The child runs
 ``MODULE._child_main(spec.json, result.json)``. Whatever ends it (exit, crash, timeout, an
 interrupted or killed tuner), its whole process group goes with it:
 

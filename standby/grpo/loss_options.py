@@ -46,23 +46,17 @@ def check_loss_options(loss, require: Callable[[bool, str, str], None]) -> None:
                 f"and importance_sampling_clip_min are both null; {loss.importance_sampling_mode} needs a bound")
 
 
-def loss_inputs(loss, generation, out, mask, completions, eos_token_id):
+def loss_inputs(loss, out, mask, truncated):
     """What the loss needs from a step's rollout beyond the completions, per the ``loss`` options:
-    ``(loss_mask, sampling_logprobs, metrics)``. ``loss_mask`` is ``mask`` with truncated
-    completions zeroed when ``mask_truncated_completions`` (metric ``completions/clipped_ratio``:
-    the fraction dropped); ``sampling_logprobs`` the engine's when ``importance_sampling_correction``
-    (its ``logprobs`` if it reports no separate sampling ones), else None."""
-    from compilepass.standby.training.truncation import mask_truncated, truncated_completions
+    ``(loss_mask, sampling_logprobs)``. ``loss_mask`` is ``mask`` with the ``truncated`` completions
+    (bool [B], :func:`~compilepass.standby.training.truncation.truncated_completions`) zeroed when
+    ``mask_truncated_completions``; ``sampling_logprobs`` the engine's when
+    ``importance_sampling_correction`` (its ``logprobs`` if it reports no separate sampling ones),
+    else None."""
+    from compilepass.standby.training.truncation import mask_truncated
 
-    metrics = {}
-    loss_mask = mask
-    if loss.mask_truncated_completions:
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        truncated = truncated_completions(out.completion_ids, mask, [*eos, *generation.stop_token_ids],
-                                          completions, generation.stop)
-        loss_mask = mask_truncated(mask, truncated)
-        metrics["completions/clipped_ratio"] = float(truncated.float().mean())
+    loss_mask = mask_truncated(mask, truncated.to(mask.device)) if loss.mask_truncated_completions else mask
     sampling = None
     if loss.importance_sampling_correction:
         sampling = out.sampling_logprobs if out.sampling_logprobs is not None else out.logprobs
-    return loss_mask, sampling, metrics
+    return loss_mask, sampling

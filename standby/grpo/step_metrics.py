@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["completion_metrics", "reward_metrics", "truncated_flags"]
+__all__ = ["completion_metrics", "reward_metrics"]
 
 
 def _std(x: torch.Tensor) -> float:
@@ -49,14 +49,6 @@ def reward_metrics(total: torch.Tensor, parts: Mapping[str, torch.Tensor], group
     group_std = _group_std(grouped) if group_size > 1 else torch.zeros(grouped.shape[0])
     out["frac_reward_zero_std"] = float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean())
     return out
-
-
-def truncated_flags(completion_ids: torch.Tensor, lengths: Sequence[int], max_new_tokens: int,
-                    stop_ids: Sequence[int]) -> list[bool]:
-    """Per completion: it reached ``max_new_tokens`` and its last token is not a stop token."""
-    stops = {int(t) for t in stop_ids}
-    rows = completion_ids.tolist()
-    return [n >= max_new_tokens and (n == 0 or int(row[n - 1]) not in stops) for row, n in zip(rows, lengths)]
 
 
 def completion_metrics(lengths: Sequence[int], truncated: Sequence[bool]) -> dict[str, float]:

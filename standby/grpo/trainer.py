@@ -95,7 +95,7 @@ from compilepass.standby.grpo.prompts import CONVERSATIONAL, check_tokenizer, en
 from compilepass.standby.grpo.resume import check_resume_config
 from compilepass.standby.grpo.reward_inputs import reward_inputs, reward_trainer_state
 from compilepass.standby.grpo.rewards import RewardError, RewardSet
-from compilepass.standby.grpo.step_metrics import completion_metrics, reward_metrics, truncated_flags
+from compilepass.standby.grpo.step_metrics import completion_metrics, reward_metrics
 from compilepass.standby.grpo.stop import STOP_SIGNALS, StopRequest, TrainingInterrupted
 from compilepass.standby.memory.cap import DeviceMemoryCap
 from compilepass.standby.memory.errors import StandbyMemoryError
@@ -111,6 +111,7 @@ from compilepass.standby.training.loss import combine_metrics, group_advantages,
 from compilepass.standby.training.micro_batch import MicroBatchPlanner
 from compilepass.standby.training.offload import ActivationOffload
 from compilepass.standby.training.train_memory import lora_mixed_precision
+from compilepass.standby.training.truncation import truncated_completions
 
 log = logging.getLogger(__name__)
 
@@ -567,8 +568,12 @@ class GRPOTrainer:
             suffix = f" (state saved in {saved})" if saved is not None else " (the state could NOT be saved)"
             raise RewardError(f"step {step}: {e}{suffix}") from None
         adv, _ = group_advantages(total, G, c.loss.scale_rewards)
-        loss_mask, sampling, loss_in_m = loss_inputs(c.loss, c.generation, out, mask, completions,
-                                                     self.tokenizer.eos_token_id)
+        # cut at the length limit rather than ended (EOS, a stop token or a stop string): one
+        # answer for the loss's mask_truncated_completions and the completions/* metrics
+        truncated = truncated_completions(out.completion_ids, mask,
+                                          [*_ids(self.tokenizer.eos_token_id), *c.generation.stop_token_ids],
+                                          completions, c.generation.stop)
+        loss_mask, sampling = loss_inputs(c.loss, out, mask, truncated)
         self._stop_point()
         t_rew = time.perf_counter()
         gen_peak = None
@@ -581,15 +586,13 @@ class GRPOTrainer:
         except torch.OutOfMemoryError as e:
             raise self._oom("train", st, e) from None
         t_end = time.perf_counter()
-        stop_ids = [*(_ids(self.tokenizer.eos_token_id)), *c.generation.stop_token_ids]
-        truncated = truncated_flags(ids_cpu, lengths, c.generation.max_completion_len, stop_ids)
         rec = {  # TRL's names (step_metrics.py), then ours
             **reward_metrics(total, {self.rewards.labels[k]: v for k, v in parts.items()}, G),
             **self.rewards.logged_metrics,
             "loss": train_m.pop("loss"),
             "kl": train_m.pop("kl"),
             **train_m,
-            **completion_metrics(lengths, truncated),
+            **completion_metrics(lengths, truncated.tolist()),
             "learning_rate": float(self.optimizer.param_groups[0]["lr"]),
             "tokens_per_s": float(out.tokens_per_s),
             "gen_s": t_gen - t0,
@@ -597,7 +600,6 @@ class GRPOTrainer:
             "train_s": t_end - t_rew,
             "step_s": t_end - t0,
             "peak_mem_gib": self._peak_gib(gen_peak),
-            **loss_in_m,
         }
         return self.dist.reduce_metrics(rec)
 
