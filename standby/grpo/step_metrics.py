@@ -18,6 +18,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from compilepass.standby.training.loss import nan_group_std
+
 __all__ = ["completion_metrics", "reward_metrics"]
 
 
@@ -29,15 +31,6 @@ def _std(x: torch.Tensor) -> float:
     return float(x.std()) if x.numel() > 1 else 0.0
 
 
-def _group_std(grouped: torch.Tensor) -> torch.Tensor:
-    """Each group's sample std over its non-NaN rewards."""
-    if not bool(grouped.isnan().any()):
-        return grouped.std(1)
-    count = (~grouped.isnan()).sum(1)
-    dev = (grouped - grouped.nanmean(1, keepdim=True)) ** 2
-    return (dev.nansum(1) / (count - 1).clamp(min=1)).sqrt()
-
-
 def reward_metrics(total: torch.Tensor, parts: Mapping[str, torch.Tensor], group_size: int) -> dict[str, float]:
     """``total`` [N]: the weighted sum per completion, laid out group by group; ``parts``: each
     reward function's values [N] by its label."""
@@ -46,7 +39,7 @@ def reward_metrics(total: torch.Tensor, parts: Mapping[str, torch.Tensor], group
         out[f"rewards/{name}/mean"] = float(values.float().nanmean())
         out[f"rewards/{name}/std"] = _std(values)
     grouped = total.float().view(-1, group_size)
-    group_std = _group_std(grouped) if group_size > 1 else torch.zeros(grouped.shape[0])
+    group_std = nan_group_std(grouped) if group_size > 1 else torch.zeros(grouped.shape[0])
     out["frac_reward_zero_std"] = float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean())
     return out
 

@@ -29,15 +29,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     return adv.reshape(-1), zero
 
 
+def nan_group_std(r: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Each group's sample std over its non-NaN values, ``r`` [groups, G] (a group of one value: 0)."""
+    count = (~torch.isnan(r)).sum(1, keepdim=True)
+    mean = torch.nanmean(r, 1, keepdim=True)
+    std = (torch.nansum((r - mean) ** 2, 1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    return std if keepdim else std.squeeze(1)
+
+
 def _nan_group_advantages(r: torch.Tensor, scale: bool) -> tuple[torch.Tensor, int]:
     """group_advantages over the non-NaN rewards of each group [groups, G]; NaN rows get 0."""
     valid = ~torch.isnan(r)
     count = valid.sum(1, keepdim=True)
     mean = torch.nanmean(r, 1, keepdim=True)
-    var = torch.nansum((r - mean) ** 2, 1, keepdim=True) / (count - 1).clamp(min=1)
     adv = r - mean
     if scale:
-        adv = adv / (var.sqrt() + 1e-4)
+        adv = adv / (nan_group_std(r, keepdim=True) + 1e-4)
     spread = torch.where(valid, r, -math.inf).amax(1) - torch.where(valid, r, math.inf).amin(1)
     zero = int(((spread.abs() <= 1e-12) | (count.squeeze(1) <= 1)).sum())
     return torch.nan_to_num(adv, nan=0.0).reshape(-1), zero
