@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional
 
 from compilepass.core.env import EnvironmentKey, current_environment
 from compilepass.core.errors import ConfigError, ModelNotFoundError
+from compilepass.core.quantize import quant_of
 from compilepass.core.shapes import FAMILIES, PRESETS, ModelShape, causal_lm_of, model_not_found
 from compilepass.core.workload_spec import WORKLOAD_KINDS
 from compilepass.db import (LEVEL_NAMES, ModelSignature, Query, TuneKey, bucket_dims, bucket_string, dtype_name, lookup,
@@ -103,8 +104,10 @@ def model_signature(model, dtype=None, device_kind: str = "cpu") -> ModelSignatu
     preset name, a local directory or a Hub id in the local Hugging Face cache.
 
     Without ``dtype``: the model's parameter dtype, else the tuner's ``auto`` rule (bfloat16 on CUDA,
-    float32 on CPU). A name found nowhere is ModelNotFoundError; a config without sizes UnkeyedModel."""
-    config = None
+    float32 on CPU). A model object with 4-bit base weights is keyed with its quantization
+    (``ModelSignature.quant``; names and shapes are 16-bit). A name found nowhere is
+    ModelNotFoundError; a config without sizes UnkeyedModel."""
+    config, quant = None, None
     if isinstance(model, ModelShape):
         shape = model
     elif isinstance(model, (str, os.PathLike)):
@@ -118,12 +121,13 @@ def model_signature(model, dtype=None, device_kind: str = "cpu") -> ModelSignatu
         if config is None:
             raise UnkeyedModel(f"no database key for a {type(model).__name__}: it has no transformers config")
         dtype = dtype or _model_dtype(model)
+        quant = quant_of(model) if hasattr(model, "modules") else None  # a 4-bit (QLoRA) base: its own key
     if dtype is None:
         dtype = "bfloat16" if device_kind == "cuda" else "float32"
     if config is None:
         return ModelSignature.from_shape(shape, dtype_name(dtype))
     try:
-        return ModelSignature.from_hf_config(config, dtype_name(dtype))
+        return ModelSignature.from_hf_config(config, dtype_name(dtype), quant)
     except (ValueError, TypeError, AttributeError, ZeroDivisionError) as exc:
         raise UnkeyedModel(f"no database key for {getattr(config, 'model_type', '') or 'this model'}: "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -145,7 +149,7 @@ def _config_of_name(name: str):
 
 
 def _describe_signature(sig: ModelSignature) -> str:
-    return f"{sig.family} {sig.num_layers}x{sig.hidden_size} {sig.dtype}"
+    return f"{sig.family} {sig.num_layers}x{sig.hidden_size} {sig.dtype}" + (f" {sig.quant}" if sig.quant else "")
 
 
 def select(model, workload: str = "rollout", *, batch: Optional[int] = None, prompt_len: Optional[int] = None,
@@ -229,6 +233,31 @@ def compile(module_or_fn=None, model=None, workload: Optional[str] = None, optio
     """
     import torch  # heavy: ``import compilepass`` stays light
 
+    _, kwargs = _compile_kwargs(module_or_fn, model, workload, options, batch=batch, prompt_len=prompt_len,
+                                new_tokens=new_tokens, seq_len=seq_len, lora_rank=lora_rank, engine=engine,
+                                policy=policy, torch_compile_kwargs=torch_compile_kwargs)
+    return torch.compile(module_or_fn, **kwargs)
+
+
+def compile_module_in_place(module, model=None, workload: Optional[str] = None, options: Optional[Mapping] = None,
+                            **kwargs) -> Selection:
+    """:func:`compile` for an ``nn.Module`` in place (``module.compile(...)``): the module object, its
+    parameters and state-dict keys stay as they are (a trainer's optimizer, peft and checkpoints
+    keep working), its forward runs compiled with the selected flags. Returns the Selection."""
+    keys = ("batch", "prompt_len", "new_tokens", "seq_len", "lora_rank", "engine", "policy")
+    sel_kwargs = {k: kwargs.pop(k) for k in keys if k in kwargs}
+    sel, compile_kwargs = _compile_kwargs(module, model, workload, options, torch_compile_kwargs=kwargs, **sel_kwargs)
+    module.compile(**compile_kwargs)
+    return sel
+
+
+def _compile_kwargs(module_or_fn, model, workload, options, *, batch=None, prompt_len=None, new_tokens=None,
+                    seq_len=None, lora_rank=None, engine="native", policy="balanced",
+                    torch_compile_kwargs=None) -> tuple[Selection, dict]:
+    """The Selection and ``torch.compile`` keyword arguments of :func:`compile` (logs its one line)."""
+    import torch
+
+    torch_compile_kwargs = dict(torch_compile_kwargs or {})
     if model is None and hasattr(module_or_fn, "config") and hasattr(module_or_fn, "parameters"):
         model = module_or_fn
     note = ""
@@ -263,7 +292,7 @@ def compile(module_or_fn=None, model=None, workload: Optional[str] = None, optio
 
         flags = {**list_mode_options(mode), **flags}
     _log(sel, explicit, prefix="compile: ", note=note)
-    return torch.compile(module_or_fn, options=inductor_options_for_torch(flags) or None, **torch_compile_kwargs)
+    return sel, {"options": inductor_options_for_torch(flags) or None, **torch_compile_kwargs}
 
 
 def lora_rank_of(model) -> Optional[int]:

@@ -10,6 +10,10 @@ sequence's current length, not the cache's size. It writes the split's running m
 ``l`` and unnormalised output ``acc`` (fp32). A split that starts past the length writes
 ``m = -inf, l = 0, acc = 0``.
 
+With one split (a cache of at most ``CHUNK`` positions) the program normalises and writes the output
+itself. Otherwise only the ``N_REP`` real rows of the partials are written (the rows padding the dot
+to 16 would be most of the traffic at small ``N_REP``).
+
 ``combine_kernel``: one program per (b, h): rescales the splits' partials to their common max and
 writes ``sum(acc) / sum(l)`` for the ``N_REP`` real rows, in the output dtype.
 """
@@ -27,6 +31,9 @@ def partial_kernel(
     m_ptr,  # [B * KV * SPLITS, NR] fp32
     l_ptr,  # [B * KV * SPLITS, NR] fp32
     acc_ptr,  # [B * KV * SPLITS, NR, D] fp32
+    out_ptr,  # [B, H, D]: written here directly when SPLITS == 1 (no partials, no combine)
+    stride_ob,
+    stride_oh,
     KV,
     N_REP,
     CHUNK,
@@ -85,10 +92,15 @@ def partial_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
 
-    slot = pid * SPLITS + split
-    tl.store(m_ptr + slot * NR + rows, m)
-    tl.store(l_ptr + slot * NR + rows, l)
-    tl.store(acc_ptr + (slot * NR + rows)[:, None] * D + dims[None, :], acc)
+    if SPLITS == 1:  # the whole sequence in this program: normalise and write the output
+        y = acc / l[:, None]
+        tl.store(out_ptr + b * stride_ob + (kvh * N_REP + rows)[:, None] * stride_oh + dims[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:  # only the N_REP real rows: the padding rows of the dot are never written nor read back
+        slot = pid * SPLITS + split
+        tl.store(m_ptr + slot * NR + rows, m, mask=row_ok)
+        tl.store(l_ptr + slot * NR + rows, l, mask=row_ok)
+        tl.store(acc_ptr + (slot * NR + rows)[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
 
 
 def combine_kernel(
@@ -110,19 +122,20 @@ def combine_kernel(
     kvh = pid % KV
     rows = tl.arange(0, NR)
     dims = tl.arange(0, D)
+    row_ok = rows < N_REP  # the partial kernel wrote these rows only
     splits = tl.arange(0, SPLITS_P2)
     base = pid * SPLITS
-    ms = tl.load(m_ptr + (base + splits)[:, None] * NR + rows[None, :], mask=(splits < SPLITS)[:, None],
-                 other=float("-inf"))  # [SPLITS_P2, NR]
+    ms = tl.load(m_ptr + (base + splits)[:, None] * NR + rows[None, :],
+                 mask=(splits < SPLITS)[:, None] & row_ok[None, :], other=float("-inf"))  # [SPLITS_P2, NR]
     m_all = tl.reduce(ms, 0, tl.standard._elementwise_max)  # [NR]; split 0 always holds position 0
     num = tl.full([NR, D], 0.0, tl.float32)
     den = tl.full([NR], 0.0, tl.float32)
     for s in range(0, SPLITS):
-        m_s = tl.load(m_ptr + (base + s) * NR + rows)
+        m_s = tl.load(m_ptr + (base + s) * NR + rows, mask=row_ok, other=float("-inf"))
         w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_all))
-        den += w * tl.load(l_ptr + (base + s) * NR + rows)
-        num += w[:, None] * tl.load(acc_ptr + ((base + s) * NR + rows)[:, None] * D + dims[None, :])
-    y = num / den[:, None]
-    row_ok = rows < N_REP
+        den += w * tl.load(l_ptr + (base + s) * NR + rows, mask=row_ok, other=0.0)
+        num += w[:, None] * tl.load(acc_ptr + ((base + s) * NR + rows)[:, None] * D + dims[None, :],
+                                    mask=row_ok[:, None], other=0.0)
+    y = num / tl.where(row_ok, den, 1.0)[:, None]
     tl.store(out_ptr + b * stride_ob + (kvh * N_REP + rows)[:, None] * stride_oh + dims[None, :],
              y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

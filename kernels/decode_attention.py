@@ -102,14 +102,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = q.new_empty(q.shape)
     if B == 0:
         return out
-    m = torch.empty((B * KV * splits, nr), dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty((B * KV * splits, nr, D), dtype=torch.float32, device=q.device)
+    if splits == 1:  # the partial kernel writes the output itself: no partials, no combine
+        m = l = acc = out
+    else:
+        m = torch.empty((B * KV * splits, nr), dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        acc = torch.empty((B * KV * splits, nr, D), dtype=torch.float32, device=q.device)
     partial = kernel_for(_partial_fn(), q.device)
     interp = is_interpreted(partial)
     opts = {} if interp else {"num_warps": 4, "num_stages": 2}
     partial[(B * KV, splits)](
-        q, k_cache, v_cache, lengths, m, l, acc,
+        q, k_cache, v_cache, lengths, m, l, acc, out, out.stride(0), out.stride(1),
         KV, n_rep, chunk,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -119,6 +122,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         UPCAST=(interp and q.dtype != torch.float32),
         **opts,
     )
+    if splits == 1:
+        return out
     combine = kernel_for(_combine_fn(), q.device)
     combine[(B * KV,)](
         m, l, acc, out, KV, n_rep, out.stride(0), out.stride(1),

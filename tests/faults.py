@@ -6,7 +6,6 @@ with one of these hooks installed."""
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import sys
@@ -52,8 +51,12 @@ def signal_at(phase: str, at_step: int, sig: int, nth: int = 1, times: int = 1):
     """Send ``sig`` to this process ``times`` times at the ``nth`` ``phase`` of step ``at_step``
     ("generate", "train", "forward", or "checkpoint:<stage>" of the checkpoint of that step)."""
     def send():
-        for _ in range(times):
-            os.kill(os.getpid(), sig)
+        for i in range(times):
+            # raise_signal: delivered to this (the main) thread at once. os.kill may land on another
+            # thread, late, and two late deliveries of one signal coalesce into one Python handler call.
+            signal.raise_signal(sig)
+            if i + 1 < times:
+                time.sleep(0.01)  # the handler runs (on the sleep's EINTR) before the next one is sent
     return _at(phase, at_step, nth, send)
 
 

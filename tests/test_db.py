@@ -470,3 +470,53 @@ def test_cmd_tune_records_into_user_db(tmp_path, monkeypatch):
     with pytest.raises(CompilepassError, match="corrupt.*saved in"):
         _record(TuneResult(**make_result(winner=WIN, study="s2")), args, console)
     assert json.loads((tmp_path / "tune-result-s2.json").read_text())["winner"] == WIN
+
+
+# -- quantization (QLoRA's 4-bit bases) ---------------------------------------------------------------
+
+
+def _as_4bit(entry: dict) -> dict:
+    """The same measurement keyed for a 4-bit NF4 base (what a 4-bit tune would record)."""
+    key = TuneKey.from_dict(entry["key"])
+    key = dataclasses.replace(key, model=dataclasses.replace(key.model, quant="nf4-dq"))
+    return dict(entry, key=key.to_dict(), id=key.entry_id())
+
+
+def test_a_4bit_entry_never_applies_to_a_16bit_model_nor_back():
+    e16 = make_entry(winner=WIN)
+    e4 = _as_4bit(make_entry(winner={"max_autotune": True}))
+    # 16-bit keys are stored as before the field existed (same ids); 4-bit ones name it
+    assert "quant" not in e16["key"]["model"] and e4["key"]["model"]["quant"] == "nf4-dq" and e4["id"] != e16["id"]
+    assert TuneKey.from_dict(e16["key"]).entry_id() == e16["id"] and TuneKey.from_dict(e4["key"]).entry_id() == e4["id"]
+    assert TuneKey.from_dict(e16["key"]).model.quant is None
+    sig16 = ModelSignature.from_shape(PRESETS["qwen3-0.6b"], "bfloat16")
+    sig4 = dataclasses.replace(sig16, quant="nf4-dq")
+    sizes = dict(batch=32, prompt_len=128, new_tokens=256)
+    both = [e16, e4]
+    m = lookup(query(signature=sig4, **sizes), both)
+    assert m.level == 1 and m.entry is e4 and m.flags == {"max_autotune": True}
+    m = lookup(query(signature=sig16, **sizes), both)
+    assert m.level == 1 and m.entry is e16 and m.flags == WIN
+    # with only the other quantization's entry, no level offers it: not nearby, similar or same-arch
+    for sig, entries in ((sig4, [e16]), (sig16, [e4])):
+        for q in (query(signature=sig, **sizes), query(signature=sig, batch=48, prompt_len=128, new_tokens=256),
+                  query(signature=dataclasses.replace(sig, num_layers=40), **sizes),
+                  query(env=dict(H100, device_name="NVIDIA H200"), signature=sig, batch=8)):
+            m = lookup(q, entries)
+            assert m.level == 5 and m.flags == {}, (sig.quant, m.reason)
+    assert "16-bit entries are not applied" in lookup(query(signature=sig4, **sizes), [e16]).reason
+    # within one quantization the fallback levels work as for 16-bit models
+    assert lookup(query(signature=dataclasses.replace(sig4, num_layers=40), **sizes), [e4]).level == 3
+    assert lookup(query(env=dict(H100, device_name="NVIDIA H200"), signature=sig4, batch=8), [e4]).level == 4
+
+
+def test_select_keys_a_4bit_model_by_its_quantization():
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'compilepass[qlora]')")
+    from quant_helpers import quantized_tiny
+
+    from compilepass.selection import model_signature
+
+    model = quantized_tiny("tiny", lora=True)
+    sig = model_signature(model)
+    assert sig.quant == "nf4-dq" and sig.dtype == "float32" and sig.family == "qwen3"
+    assert model_signature("tiny").quant is None  # a name is a 16-bit model

@@ -108,3 +108,36 @@ def test_matches_reference_cuda(shape):
     y = decode_attention(q, k, v, lengths, scale)
     torch.testing.assert_close(y.float(), decode_attention_reference(q, k, v, lengths, scale).float(),
                                rtol=0, atol=2e-2)
+
+
+def _sm90_tools():
+    from test_kernels_logprobs import _ptxas_tools
+
+    return _ptxas_tools()
+
+
+@pytest.mark.skipif(_sm90_tools() is None, reason="no triton ptxas/cuobjdump, or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("splits", [1, 3], ids=["direct", "split"])
+def test_kernels_compile_for_sm90_without_spills(splits):
+    """Both kernels as the H200 runs them (bf16 cache, head size 128, GQA padded to 16 rows)."""
+    import inspect
+
+    from test_kernels_logprobs import _aot_compile_sm90
+
+    from compilepass.kernels._decode_attention_triton import combine_kernel, partial_kernel
+
+    consts = dict(SPLITS=splits, NR=16, D=128, BLOCK_S=64, UPCAST=False)
+    sig = {}
+    for name in inspect.signature(partial_kernel).parameters:
+        sig[name] = ("constexpr" if name in consts else "*bf16" if name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")
+                     else "*i64" if name == "len_ptr" else "*fp32" if name.endswith("_ptr")
+                     else "fp32" if name == "scale" else "i32")
+    divisible = {n for n in sig if n.endswith("_ptr")} | {n for n in sig if n.startswith("stride")}
+    _, local = _aot_compile_sm90(partial_kernel, sig, consts, divisible, 4, 2)
+    assert local == 0
+    if splits > 1:
+        consts = dict(SPLITS=splits, SPLITS_P2=4, NR=16, D=128)
+        sig = {n: ("constexpr" if n in consts else "*bf16" if n == "out_ptr" else "*fp32" if n.endswith("_ptr")
+                   else "i32") for n in inspect.signature(combine_kernel).parameters}
+        _, local = _aot_compile_sm90(combine_kernel, sig, consts, {n for n in sig if n.endswith("_ptr")}, 4, 1)
+        assert local == 0

@@ -388,6 +388,7 @@ BENCH_COUNTS = [
     (["--prompt-len", "0"], "--prompt-len must be >= 1 (got 0)", {"prompt_len": 0}),
     (["--generate-tokens", "0"], "--generate-tokens must be >= 1 (got 0)", {"generate_tokens": 0}),
     (["--mlp-chunk-tokens", "-1"], "--mlp-chunk-tokens must be >= 0", {"mlp_chunk_tokens": -1}),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1 (got 0)", {"micro_batch_size": 0}),
 ]
 
 
@@ -404,3 +405,10 @@ def test_bench_context_bad_counts_cli_and_python(capsys, argv, needle, kwargs):
     assert needle in str(ei.value)
     with pytest.raises(CompilepassError, match="must be an integer"):
         max_context("tiny", allow_cpu=True, lora_rank=2.0)
+
+
+def test_bench_context_unknown_engine_is_one_line():
+    from compilepass.standby.bench.context import max_context
+
+    with pytest.raises(CompilepassError, match="--engine must be one of native, vllm"):
+        max_context("tiny", allow_cpu=True, engine="sglang")

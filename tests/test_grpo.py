@@ -293,6 +293,41 @@ def test_oom_in_generation_cli_one_line(tmp_path):
 # ------------------------------------------------------------------------------ (f) bench context
 
 
+def test_bench_context_micro_batches_give_the_whole_group_gradient(monkeypatch):
+    """``micro_batch_size=1`` (gradients accumulated per completion) gives the gradient the whole
+    group gives in one forward (same seeded completions), read just before clipping, and the same
+    update."""
+    import torch
+
+    from compilepass.core.models import add_lora, build_model
+    from compilepass.standby.bench.context import run_trial
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def recording_clip(params, *args, **kwargs):
+        params = list(params)
+        seen.append([p.grad.detach().clone() for p in params])
+        return real_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+
+    def updated(micro):
+        model = add_lora(build_model("tiny", dtype=torch.float32, device="cpu", seed=0), rank=4, alpha=8,
+                         init_random=True, init_std=0.1, seed=0)
+        model.train()
+        trial = run_trial(model, 6, generations=4, prompt_len=3, lr=1e-2, micro_batch_size=micro)
+        assert trial.ok, trial.error
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, one = updated(None), updated(1)
+    assert len(seen) == 2 and any(g.abs().sum() > 0 for g in seen[0])
+    for g_whole, g_one in zip(*seen):
+        torch.testing.assert_close(g_one, g_whole, rtol=1e-4, atol=1e-7)
+    for n in whole:
+        torch.testing.assert_close(one[n], whole[n], rtol=1e-5, atol=1e-6)
+
+
 def test_bench_context_cpu_smoke(tmp_path, capsys):
     from compilepass.standby.bench.context import max_context
 

@@ -216,7 +216,8 @@ def test_optimizer_and_scheduler_builders():
             opt.step()
             sched.step()
             lrs.append(opt.param_groups[0]["lr"])
-        assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.1)  # warmup
+        # transformers' warmup (get_scheduler): linear from 0; "constant" keeps its warmup (constant_with_warmup)
+        assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.05) and lrs[2] == pytest.approx(0.1)
         assert lrs[10] == pytest.approx(0.1 * at_end, abs=1e-12)
         if kind == "cosine":
             assert lrs[6] == pytest.approx(0.05)  # half way through the decay

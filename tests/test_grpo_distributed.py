@@ -32,8 +32,9 @@ from compilepass.standby.grpo.metrics import read_metrics
 COMMON = ["grpo", "--preset", "tiny", "--no-progress", "data.prompts_per_step=4", "generation.num_generations=4",
           "generation.group_seeds=true"]
 #: Metrics that must agree between 1 and 2 ranks (timings, throughput and memory are per machine;
-#: the batch stds, reward_std and rewards/*/std, are averaged over ranks, not pooled).
-SAME = ("reward", "rewards/repeat_letter/mean", "frac_reward_zero_std", "loss", "kl", "completions/mean_length",
+#: the batch's reward means and stds are pooled exactly over the ranks).
+SAME = ("reward", "reward_std", "rewards/repeat_letter/mean", "rewards/repeat_letter/std", "frac_reward_zero_std",
+        "loss", "kl", "completions/mean_length",
         "completions/min_length", "completions/max_length", "grad_norm", "clip_ratio/region_mean", "learning_rate")
 
 

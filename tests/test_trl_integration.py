@@ -122,3 +122,44 @@ def test_trl_version_is_checked(monkeypatch):
     monkeypatch.setattr(trl, "__version__", "0.9.0")
     with pytest.raises(TrlVersionError, match="supports TRL " + SUPPORTED_TRL.replace("<", ".")):
         check_trl()
+
+
+@pytest.mark.slow
+def test_compile_train_compiles_the_training_forward_with_train_flags(model_dir, tmp_path, caplog):
+    """``compile_train=True``: TRL's training forward runs through torch.compile (in place: the same
+    module, optimizer and adapter), with flags selected for workload train, and training still moves
+    the adapter."""
+    import logging
+
+    from peft import LoraConfig
+
+    from compilepass.integrations.trl import GRPOTrainer
+
+    caplog.set_level(logging.INFO, logger="compilepass.selection")
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[says_target], args=_args(tmp_path, max_steps=1),
+                          train_dataset=_dataset(), compile_train=True,
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                          rollout_engine_options={"compile_options": False})
+    sel = trainer.train_compile_selection
+    assert sel is not None and sel.workload == "train"
+    assert trainer.model._compiled_call_impl is not None  # nn.Module.compile: the module itself is compiled
+    assert any("compile: train" in r.getMessage() for r in caplog.records)
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    from torch._dynamo.utils import counters
+
+    frames_before = counters["stats"]["unique_graphs"]
+    trainer.train()
+    assert counters["stats"]["unique_graphs"] > frames_before  # the forward was traced and compiled
+    moved = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, lora[n])]
+    assert moved, "the compiled training forward did not train the adapter"
+
+
+def test_compile_train_is_off_on_cpu_by_default_and_checked(model_dir, tmp_path):
+    from compilepass.integrations.trl import GRPOTrainer
+
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[says_target], args=_args(tmp_path),
+                          train_dataset=_dataset())
+    assert trainer.train_compile_selection is None and trainer.model._compiled_call_impl is None
+    with pytest.raises(ConfigError, match="compile_train"):
+        GRPOTrainer(model=str(model_dir), reward_funcs=[says_target], args=_args(tmp_path), train_dataset=_dataset(),
+                    compile_train="yes")

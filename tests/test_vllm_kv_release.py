@@ -11,8 +11,10 @@ MiB = 1 << 20
 
 
 def seg(addr, size, *blocks):
+    """A snapshot segment; a block is (address, size, state) or (address, size, state, requested_size)."""
     return {"address": addr, "total_size": size,
-            "blocks": [{"address": a, "size": n, "state": st} for a, n, st in blocks]}
+            "blocks": [{"address": b[0], "size": b[1], "state": b[2], **({"requested_size": b[3]} if len(b) > 3 else {})}
+                       for b in blocks]}
 
 
 def test_allocations_with_kv_are_released_and_their_metadata_preserved():
@@ -58,3 +60,25 @@ def test_a_segment_shared_by_two_kv_tensors_and_free_slack_is_released():
 def test_nothing_releasable_when_the_pool_holds_no_kv_block():
     plan = plan_release([(0, 2 * MiB, KV_TAG)], [seg(0, 2 * MiB, (0, 2 * MiB, "inactive"))], [(10 * MiB, 20 * MiB)])
     assert plan.release == [] and "no live block" in plan.kept[0]
+
+
+def test_an_unsplit_block_longer_than_its_kv_tensor_is_still_the_kv_cache():
+    """torch leaves a large block unsplit when the slack is under 1 MiB, so the block's ``size`` runs
+    past the KV tensor (seen on the H200 with vLLM 0.26 at qwen3-0.6b shapes): the allocation is
+    released; with ``requested_size`` nothing is preserved, without it only the slack is."""
+    kv_end = 200 * MiB + 70 * MiB + 4096
+    kv = [(200 * MiB, kv_end)]
+    allocations = [(200 * MiB, 72 * MiB, KV_TAG)]
+    with_requested = [seg(200 * MiB, 72 * MiB, (200 * MiB, 72 * MiB, "active_allocated", kv_end - 200 * MiB))]
+    plan = plan_release(allocations, with_requested, kv)
+    assert plan.release == [200 * MiB] and plan.preserve == [] and plan.kv_bytes_covered == kv_end - 200 * MiB
+    without = [seg(200 * MiB, 72 * MiB, (200 * MiB, 72 * MiB, "active_allocated"))]
+    plan = plan_release(allocations, without, kv)
+    assert plan.release == [200 * MiB] and plan.preserve == [(kv_end, 272 * MiB)]
+
+
+def test_metadata_beside_the_kv_tensor_in_one_block_is_preserved_exactly():
+    kv = [(10 * MiB, 12 * MiB)]
+    snapshot = [seg(8 * MiB, 6 * MiB, (8 * MiB, 6 * MiB, "active_allocated"))]
+    plan = plan_release([(8 * MiB, 6 * MiB, KV_TAG)], snapshot, kv)
+    assert plan.preserve == [(8 * MiB, 10 * MiB), (12 * MiB, 14 * MiB)] and plan.preserve_bytes == 4 * MiB

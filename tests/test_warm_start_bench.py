@@ -1,5 +1,6 @@
-"""benchmarks/bench_warm_start.py on the CPU: a cold and a warm start in new processes, the warm one
-hitting the FX-graph cache the cold one wrote, both giving the same tokens."""
+"""benchmarks/bench_warm_start.py on the CPU: a cold start, a warm one hitting the FX-graph cache the cold
+one wrote, then the persistent compile's first start (it saves) and a warm one that loads: new processes,
+all giving the same tokens."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ def test_warm_start_smoke(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())
-    cold, warm = r["starts"]
-    assert r["same_tokens"] and cold["kind"] == "cold" and warm["kind"] == "warm"
+    cold, warm_fx, cold_pc, warm = r["starts"]
+    assert r["same_tokens"] and [s["kind"] for s in r["starts"]] == ["cold", "warm_fx", "cold_precompile", "warm"]
     assert cold["cache"]["fxgraph_miss"] >= 1 and cold["cache"]["fxgraph_hit"] == 0
-    assert warm["cache"]["fxgraph_hit"] >= 1 and warm["cache"]["fxgraph_miss"] == 0
+    assert warm_fx["cache"]["fxgraph_hit"] >= 1 and warm_fx["cache"]["fxgraph_miss"] == 0
+    assert cold["precompiled"]["loaded"] == warm_fx["precompiled"]["loaded"] == []  # COMPILEPASS_PRECOMPILE=0
+    if r["precompile_supported"]:
+        assert cold_pc["precompiled"]["compiled"] == ["dyn"] and warm["precompiled"]["loaded"] == ["dyn"]
+        assert warm["precompiled"]["compiled"] == [] and warm["cache"]["fxgraph_hit"] == 0  # nothing traced

@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_trl_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv, args.extra = argv, extra  # `grpo` reads TRL-style flags (--learning_rate 1e-5) from them
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)

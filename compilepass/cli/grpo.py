@@ -16,9 +16,13 @@ from pathlib import Path
 from compilepass.core.atomic import write_json_atomic
 from compilepass.core.errors import CompilepassError
 
+TRL_FLAGS_HELP = ("TRL-style flags: any GRPOArguments field (compilepass.standby.grpo.trl_args), e.g. "
+                  "--learning_rate 1e-5 --max_completion_length 512 --lr_scheduler_type cosine, in TRL's meaning, "
+                  "set after --config, --preset and the section.key=value overrides")
+
 
 def add_grpo(sub) -> None:
-    p = sub.add_parser("grpo", help="GRPO fine-tuning with standby memory (the native engine)")
+    p = sub.add_parser("grpo", help="GRPO fine-tuning with standby memory (the native engine)", epilog=TRL_FLAGS_HELP)
     p.add_argument("--config", default=None, help="a YAML or TOML run config (see compilepass.standby.grpo.config)")
     p.add_argument("--preset", default=None, help="a built-in config (tiny) to start from; --config merges on top")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -26,7 +30,56 @@ def add_grpo(sub) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar: one plain line per logged step instead (the default when stderr "
                         "is not a terminal)")
-    p.set_defaults(func=cmd_grpo)
+    p.set_defaults(func=cmd_grpo, takes_trl_flags=True)
+
+
+def _grpo_parser():
+    """``compilepass grpo``'s own options plus one flag per GRPOArguments field, typed by
+    transformers' HfArgumentParser; a flag not given stays unset (argparse.SUPPRESS)."""
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    from compilepass.core.errors import ConfigError
+    from compilepass.standby.grpo.trl_args import GRPOArguments
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # one line through the CLI's error path, exit 2
+            raise ConfigError(f"grpo: {message}")
+
+    parser = Parser(GRPOArguments, prog="compilepass grpo")
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("section_overrides", nargs="*")  # GRPOArguments has a field named overrides
+    return parser
+
+
+def _trl_flags(args):
+    """Re-read ``grpo``'s arguments when they hold flags the first parse did not know:
+    (the arguments, the GRPOArguments fields given)."""
+    import dataclasses
+
+    from compilepass.standby.grpo.trl_args import GRPOArguments
+
+    argv = getattr(args, "argv", None) or []
+    rest = argv[argv.index("grpo") + 1:] if "grpo" in argv else []
+    ns, unknown = _grpo_parser().parse_known_intermixed_args(rest)
+    if unknown:
+        from compilepass.core.errors import ConfigError
+        from compilepass.standby.grpo.trl_args import unsupported_names
+
+        flags = [u for u in unknown if u.startswith("--")]
+        if not flags:
+            raise ConfigError(f"grpo: unrecognized arguments: {' '.join(unknown)}")
+        raise ConfigError(unsupported_names(f[2:].split("=")[0].replace("-", "_") for f in flags))
+    fields = {f.name for f in dataclasses.fields(GRPOArguments)}
+    given = {k: v for k, v in vars(ns).items() if k in fields}
+    args.config, args.preset, args.no_progress, args.overrides = ns.config, ns.preset, ns.no_progress, ns.section_overrides
+    return given
 
 
 def add_bench(sub) -> None:
@@ -55,6 +108,12 @@ def add_bench(sub) -> None:
                         "the CPU default), or torch's default options")
     q.add_argument("--device-memory-gib", type=float, default=None,
                    help="run as on an N GiB card: the rest of the GPU is held for the run (e.g. 80 for an 80 GB card)")
+    q.add_argument("--micro-batch-size", type=int, default=None,
+                   help="completions per training forward/backward, gradients accumulated (default: the whole group)")
+    q.add_argument("--load-in-4bit", action="store_true",
+                   help="a QLoRA base: NF4 with double quantization (bitsandbytes), native engine")
+    q.add_argument("--engine", choices=["native", "vllm"], default="native",
+                   help="the rollout engine of every trial (vllm: the vllm extra, built per trial on the trainer's weights)")
     q.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke tests; measures nothing about GPUs)")
     q.add_argument("--out", default=None, help="write the result as JSON here")
     q.set_defaults(func=cmd_bench_context)
@@ -65,10 +124,15 @@ def cmd_grpo(args) -> int:
     from compilepass.standby.grpo.trainer import (TrainingInterrupted,  # imports torch: only when the command runs
                                                   run_grpo)
 
+    given = _trl_flags(args) if getattr(args, "extra", None) else {}
     if args.config is None and args.preset is None:
         raise CompilepassError("grpo needs --config FILE or --preset NAME (e.g. --preset tiny)")
     base = default_config(args.preset) if args.preset else None
     config = load_config(args.config, args.overrides, base=base)
+    if given:  # TRL-style flags, in TRL's meaning, on top (standby/grpo/trl_convert.py)
+        from compilepass.standby.grpo.trl_convert import apply_arguments
+
+        config = apply_arguments(config, given)
 
     def interrupt(signum, frame):
         raise TrainingInterrupted(signum)
@@ -120,7 +184,8 @@ def cmd_bench_context(args) -> int:
                          allow_cpu=args.allow_cpu, compile_options=compile_options,
                          generate_tokens=args.generate_tokens, offload_activations=args.offload_activations,
                          mlp_chunk_tokens=args.mlp_chunk_tokens, on_trial=on_trial,
-                         device_memory_gib=args.device_memory_gib)
+                         device_memory_gib=args.device_memory_gib, engine=args.engine,
+                         micro_batch_size=args.micro_batch_size, load_in_4bit=args.load_in_4bit)
     out = {"complete": True, **result.to_dict(), "command": " ".join(sys.argv)}
     if args.out:
         write_json_atomic(args.out, out)

@@ -4,7 +4,9 @@ and LoRA wrapping.
 ``build_model`` builds a preset (:mod:`compilepass.core.shapes`) with random weights or loads a local
 Hugging Face directory or a Hub id's snapshot in the local Hugging Face cache (never downloaded);
 any causal LM family transformers knows loads (the native engine's families are checked where
-the engine is built). ``add_lora`` wraps a model with a peft LoRA adapter; the decoder then calls
+the engine is built). ``load_in_4bit=True`` gives it 4-bit NF4 base weights
+(:mod:`compilepass.core.quantize`): a directory or Hub id through transformers'
+``BitsAndBytesConfig``, a preset quantized after it is built. ``add_lora`` wraps a model with a peft LoRA adapter; the decoder then calls
 the LoRA layers themselves, so generation always sees the adapter's current weights.
 """
 
@@ -15,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from compilepass.core.quantize import bnb_4bit_config, quantize_linears
 from compilepass.core.shapes import PRESETS, local_model_path
 
 
@@ -25,11 +28,18 @@ def build_model(
     seed: int = 0,
     attn_implementation: str = "sdpa",
     cache_dir: Optional[str] = None,
+    load_in_4bit: bool = False,
 ):
     """A causal LM in eval mode: a preset with random weights (initialized directly on ``device``
     in ``dtype``), a local Hugging Face directory, or a Hub id from the local cache
-    (``cache_dir``, else huggingface_hub's; see :func:`~compilepass.core.shapes.local_model_path`)."""
+    (``cache_dir``, else huggingface_hub's; see :func:`~compilepass.core.shapes.local_model_path`).
+    ``load_in_4bit``: NF4 double-quantized linear layers computing in ``dtype`` (``lm_head``, the
+    embedding and the norms in ``dtype``); a ConfigError (one line) without bitsandbytes."""
     from transformers import AutoModelForCausalLM
+
+    quant = {}
+    if load_in_4bit:
+        quant = {"quantization_config": bnb_4bit_config(dtype)}  # ConfigError first when bitsandbytes is missing
 
     name = str(name_or_path)
     if name in PRESETS:
@@ -39,10 +49,12 @@ def build_model(
             torch.manual_seed(seed)
             model = _call_with_dtype(AutoModelForCausalLM.from_config, config, dtype=dtype,
                                      attn_implementation=attn_implementation)
+        if load_in_4bit:
+            quantize_linears(model, dtype)
     else:
         path = local_model_path(name, cache_dir)  # ModelNotFoundError (one line) unless it exists here
         model = _call_with_dtype(AutoModelForCausalLM.from_pretrained, path, dtype=dtype, local_files_only=True,
-                                 attn_implementation=attn_implementation, device_map=str(torch.device(device)))
+                                 attn_implementation=attn_implementation, device_map=str(torch.device(device)), **quant)
     return model.eval()
 
 

@@ -26,26 +26,33 @@ class ModelSignature:
     dtype: str
     head_dim: Optional[int] = None
     intermediate_size: Optional[int] = None
+    #: The base weights' quantization: None for 16/32-bit weights (``dtype`` is what they hold),
+    #: ``"nf4-dq"`` for QLoRA's 4-bit NF4 with double quantization (``dtype`` is then the compute
+    #: dtype; :func:`compilepass.core.quantize.quant_of`). Entries of one quantization never apply
+    #: to a model of another (:func:`compilepass.db.lookup.lookup`). Left out of the stored key when
+    #: None, so entries written before the field keep their ids.
+    quant: Optional[str] = None
 
     @classmethod
-    def from_shape(cls, shape, dtype: str) -> "ModelSignature":
+    def from_shape(cls, shape, dtype: str, quant: Optional[str] = None) -> "ModelSignature":
         return cls(family=shape.family, num_layers=shape.num_layers, hidden_size=shape.hidden_size,
                    num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, vocab_size=shape.vocab_size,
-                   dtype=dtype_name(dtype), head_dim=shape.head_dim, intermediate_size=shape.intermediate_size)
+                   dtype=dtype_name(dtype), head_dim=shape.head_dim, intermediate_size=shape.intermediate_size,
+                   quant=quant)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ModelSignature":
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
 
     @classmethod
-    def from_hf_config(cls, config, dtype: str) -> "ModelSignature":
+    def from_hf_config(cls, config, dtype: str, quant: Optional[str] = None) -> "ModelSignature":
         """The signature of any transformers causal LM config. The families the tuner measures
         (:data:`~compilepass.core.shapes.FAMILIES`) read through :class:`ModelShape`, as the tuner
         keys them; any other family from the config's standard attribute names (``attribute_map``
         covers GPT-2's ``n_layer`` etc.). ValueError (one line) when a size is missing."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         if getattr(text, "model_type", "") in FAMILIES:
-            return cls.from_shape(ModelShape.from_hf_config(text), dtype)
+            return cls.from_shape(ModelShape.from_hf_config(text), dtype, quant)
         names = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
                  "num_heads": "num_attention_heads", "vocab_size": "vocab_size"}
         sizes = {field_: getattr(text, attr, None) for field_, attr in names.items()}
@@ -58,10 +65,13 @@ class ModelSignature:
         return cls(family=getattr(text, "model_type", "") or type(config).__name__, dtype=dtype_name(dtype),
                    num_kv_heads=getattr(text, "num_key_value_heads", None) or sizes["num_heads"],
                    head_dim=head_dim if isinstance(head_dim, int) else sizes["hidden_size"] // sizes["num_heads"],
-                   intermediate_size=inter, **sizes)
+                   intermediate_size=inter, quant=quant, **sizes)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["quant"] is None:  # a 16-bit model's key (and entry id) as before the field existed
+            del d["quant"]
+        return d
 
     def parameters(self) -> int:
         """Parameter count estimated from the shape (embedding + layers; norms ignored)."""

@@ -12,8 +12,10 @@ Levels, tried in order:
 5. ``safe-defaults``: the curated table :data:`SAFE_DEFAULTS` for the torch minor: torch's own
    defaults (``{}``) unless an entry there is justified; nothing unmeasured is shipped.
 
-Engine and policy are never mixed: flags measured for the native engine are not offered to vLLM,
-and a "throughput" entry (compile time allowed to grow) is not offered to a "balanced" caller.
+Engine, policy and quantization are never mixed: flags measured for the native engine are not
+offered to vLLM, a "throughput" entry (compile time allowed to grow) is not offered to a "balanced"
+caller, and an entry for a 4-bit base (``ModelSignature.quant``) is offered only to a model of the
+same quantization, at every level (a 16-bit entry never to a 4-bit model).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def lookup(query: Union[Query, TuneKey], entries: Optional[list] = None) -> Matc
             parsed.append((e, src, TuneKey.from_dict(e["key"])))
         except (KeyError, TypeError):
             continue
-    pool = [(e, s, k) for e, s, k in parsed if k.engine == q.engine and k.policy == q.policy and k.workload == q.workload]
+    pool = [(e, s, k) for e, s, k in parsed if k.engine == q.engine and k.policy == q.policy and k.workload == q.workload
+            and k.model.quant == q.model.quant]  # a 4-bit model's flags never go to a 16-bit one, nor back
 
     def pick(cands, sort_key):
         if not cands:
@@ -139,6 +142,8 @@ def lookup(query: Union[Query, TuneKey], entries: Optional[list] = None) -> Matc
               and c[2].workload == q.workload and c[2].same_environment(q) and c[2].model == q.model]
     hint = f"; {len(others)} entry for policy {others[0][2].policy!r} exists (not used)" if others else ""
     of = "" if query.cross_family else f" of family {q.model.family} (other families' entries are not applied to it)"
+    if q.model.quant:
+        of += f" for {q.model.quant} 4-bit models (16-bit entries are not applied to them)"
     reason = (f"{LEVEL_NAMES[5]}: no measured {q.engine} {q.workload} entry ({q.policy}){of} for torch "
               f"{q.torch_minor} on {q.arch}; using " + ("curated flags" if flags else "torch's own defaults (no flags)")
               + hint)

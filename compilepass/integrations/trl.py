@@ -66,12 +66,18 @@ _trl = check_trl()
 class GRPOTrainer(_trl.GRPOTrainer):
     """``trl.GRPOTrainer`` whose generation runs on compilepass's rollout engine (module doc).
 
-    Extra keyword: ``rollout_engine_options`` (dict) for
+    Extra keywords: ``rollout_engine_options`` (dict) for
     :class:`~compilepass.standby.rollout.engine.RolloutEngine` (e.g. ``compile_options=False`` for
     eager, ``max_batch``). ``self.rollout_engine`` is the engine once the first batch is generated.
+    ``compile_train``: compile the training forward in place with the tuning database's flags for
+    workload ``train`` (never a rollout entry; one log line names the entry and why): ``"auto"``
+    (default) on CUDA only, ``True`` always, ``False`` never. ``self.train_compile_selection`` is
+    that :class:`~compilepass.selection.Selection` (None when not compiled).
     """
 
-    def __init__(self, *args, rollout_engine_options: Optional[dict] = None, **kwargs):
+    def __init__(self, *args, rollout_engine_options: Optional[dict] = None, compile_train="auto", **kwargs):
+        if compile_train not in ("auto", True, False):
+            raise ConfigError(f"compile_train must be 'auto', True or False (got {compile_train!r})")
         if kwargs.get("rollout_func") is not None:
             raise ConfigError("compilepass's GRPOTrainer supplies rollout_func itself; pass none")
         for name in ("tools", "environment_factory"):
@@ -91,6 +97,20 @@ class GRPOTrainer(_trl.GRPOTrainer):
             raise ConfigError("min_p sampling is not supported by compilepass's rollout engine")
         if float(getattr(args_, "repetition_penalty", 1.0) or 1.0) != 1.0:
             raise ConfigError("repetition_penalty != 1 is not supported by compilepass's rollout engine")
+        self.train_compile_selection = self._compile_training_forward(compile_train)
+
+    def _compile_training_forward(self, compile_train):
+        """Compile ``self.model`` (what TRL calls for log-probs) in place with train-workload flags."""
+        from compilepass.selection import compile_module_in_place
+
+        on_cuda = next(self.model.parameters()).is_cuda
+        if compile_train is False or (compile_train == "auto" and not on_cuda):
+            return None
+        policy = self.accelerator.unwrap_model(self.model)
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        # the prompt lengths are not known before the data is seen: the train entry's bucket is chosen
+        # without a sequence length (the lookup's nearest-bucket rules apply)
+        return compile_module_in_place(self.model, model=base, workload="train")
 
     # -- the engine --------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ class RolloutWorkload(Workload):
         s = self.spec
         engine = RolloutEngine(self.model, max_batch=s.batch, max_len=s.prompt_len + s.new_tokens,
                                compile_options=dict(options or {}), batch_buckets=[s.batch], dynamic_batch=False,
-                               pad_token_id=0)
+                               pad_token_id=0, persistent_compile=False)  # a trial must compile, never load
         self.engines.append(engine)
         tokens = torch.full((s.batch,), 3, dtype=torch.long, device=self.device)
         positions = torch.full((s.batch,), s.prompt_len, dtype=torch.long, device=self.device)

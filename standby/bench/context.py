@@ -26,6 +26,20 @@ region's bytes while it is mapped (the region is mapped with the CUDA driver, ou
 allocator, so ``torch.cuda.max_memory_allocated`` does not see it): ``max(gen peak + region,
 train peak + (region if standby off else 0))``. On CPU: the process's peak resident set size.
 
+``engine="vllm"``: each trial generates with
+:class:`~compilepass.standby.rollout.vllm.engine.VllmEngine` (built for that trial's length, on the
+trainer's weights; standby releases only its KV cache), and peak memory is the device's used memory
+sampled from the driver (:class:`~compilepass.standby.bench.device_peak.DevicePeak`: torch still
+counts vLLM's released KV cache as allocated), on the capped card under a cap.
+
+``load_in_4bit=True``: the base is NF4 with double quantization (QLoRA,
+:func:`~compilepass.core.quantize.quantize_linears` for a preset, transformers' ``BitsAndBytesConfig``
+for a directory), frozen, with peft's 4-bit LoRA on it; the native engine generates from the same
+packed weights.
+
+``micro_batch_size=M``: M completions per training forward/backward, gradients accumulated over
+the group before the one optimizer step (None: the whole group in one forward).
+
 CPU runs are refused (they measure nothing useful about a GPU) unless ``allow_cpu=True`` (smoke
 tests with tiny lengths).
 
@@ -50,6 +64,7 @@ from compilepass.core.errors import CompilepassError
 from compilepass.core.models import add_lora, build_model
 from compilepass.core.shapes import resolve_model_source
 from compilepass.kernels import grpo_loss
+from compilepass.standby.bench.device_peak import DevicePeak
 from compilepass.standby.grpo.metrics import peak_memory_gib
 from compilepass.standby.memory.cap import DeviceMemoryCap
 from compilepass.standby.rollout.engine import RolloutEngine
@@ -96,6 +111,9 @@ class ContextBenchResult:
     trials: list[ContextTrial] = field(default_factory=list)
     wall_s: float = 0.0
     device_memory_cap: Optional[dict] = None  # DeviceMemoryCap.describe() when the run was capped
+    engine: str = "native"  # the rollout engine of every trial: native or vllm
+    micro_batch_size: Optional[int] = None  # completions per training forward (None: the whole group)
+    load_in_4bit: bool = False  # a QLoRA base (NF4, double quantization)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +124,22 @@ def _gib(n: float) -> float:
 
 
 DTYPES = ("bfloat16", "float16", "float32")
+ENGINES = ("native", "vllm")
+
+
+def _build_engine(kind: str, model, generations: int, max_len: int, compile_options):
+    if kind == "vllm":
+        from compilepass.standby.rollout.vllm.engine import VllmEngine  # vLLM imports only when asked for
+
+        return VllmEngine(model, max_batch=generations, max_len=max_len, compile_options=compile_options,
+                          pad_token_id=0)
+    return RolloutEngine(model, max_batch=generations, max_len=max_len, compile_options=compile_options,
+                         pad_token_id=0)
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise CompilepassError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
 
 
 def _check_int(flag: str, value, minimum: int, optional: bool = False, why: str = "") -> None:
@@ -120,8 +154,13 @@ def _check_int(flag: str, value, minimum: int, optional: bool = False, why: str 
 
 def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: int = 16, standby: bool = True,
               compile_options=False, lr: float = 1e-5, seed: int = 0, generate_tokens: Optional[int] = None,
-              offload_activations: bool = False) -> ContextTrial:
-    """One GRPO step at ``completion_len`` on ``model`` (a peft model); out of memory -> ok=False."""
+              offload_activations: bool = False, engine_kind: str = "native", held_bytes: int = 0,
+              micro_batch_size: Optional[int] = None) -> ContextTrial:
+    """One GRPO step at ``completion_len`` on ``model`` (a peft model); out of memory -> ok=False.
+    ``engine_kind``: native or vllm; ``held_bytes``: a device-memory cap's hold; ``micro_batch_size``:
+    completions per training forward (module doc)."""
+    _check_engine(engine_kind)
+    _check_int("--micro-batch-size", micro_batch_size, 1, optional=True)
     _check_int("completion_len", completion_len, 1)
     _check_int("--generations", generations, 2, why=": GRPO compares completions within a group")
     _check_int("--prompt-len", prompt_len, 1)
@@ -137,17 +176,22 @@ def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: i
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        engine = RolloutEngine(model, max_batch=generations, max_len=prompt_len + completion_len,
-                               compile_options=compile_options, pad_token_id=0)
-        region = engine.region.nbytes if engine.region is not None else engine.cache.nbytes
+        driver_peak = cuda and engine_kind == "vllm"  # vLLM's KV cache: see the module doc
+        engine = _build_engine(engine_kind, model, generations, prompt_len + completion_len, compile_options)
+        if engine_kind == "vllm":
+            region = int(engine.llm_kwargs.get("kv_cache_memory_bytes") or 0)
+        else:
+            region = engine.region.nbytes if engine.region is not None else engine.cache.nbytes
         trial.kv_region_gib = _gib(region)
         vocab = engine.shape.vocab_size
         gen = torch.Generator().manual_seed(seed)
         prompt = torch.randint(3, vocab, (prompt_len,), generator=gen).tolist()
         n_gen = completion_len if generate_tokens is None else max(1, min(int(generate_tokens), completion_len))
         t_gen = time.perf_counter()
-        out = engine.generate([prompt] * generations, max_new_tokens=n_gen, temperature=1.0,
-                              eos_token_id=None, seed=seed)
+        gen_watch = DevicePeak(device, held_bytes) if driver_peak else contextlib.nullcontext()
+        with gen_watch:
+            out = engine.generate([prompt] * generations, max_new_tokens=n_gen, temperature=1.0,
+                                  eos_token_id=None, seed=seed)
         completion_ids, completion_mask = out.completion_ids, out.completion_mask
         if n_gen < completion_len:  # see the module docstring: the rest is random ids
             fill = torch.randint(3, vocab, (generations, completion_len - n_gen), generator=gen).to(device)
@@ -167,21 +211,34 @@ def run_trial(model, completion_len: int, *, generations: int = 2, prompt_len: i
         rewards = torch.arange(generations, dtype=torch.float32)
         adv, _ = group_advantages(rewards, generations)
         t_train = time.perf_counter()
-        offload = contextlib.nullcontext()
-        if offload_activations:
-            offload = ActivationOffload(model.parameters(), device=device)
-        with lora_mixed_precision(model):
-            with offload:
-                logp = policy_logprobs(model, [prompt] * generations, completion_ids, completion_mask, 1.0, 0)
-            loss, _ = grpo_loss(logp, logp.detach(), None, adv.to(device), completion_mask)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        step = generations if micro_batch_size is None else min(int(micro_batch_size), generations)
+        adv = adv.to(device)
+        train_watch = DevicePeak(device, held_bytes) if driver_peak else contextlib.nullcontext()
+        with train_watch:
+            for lo in range(0, generations, step):
+                hi = min(lo + step, generations)
+                offload = contextlib.nullcontext()
+                if offload_activations:
+                    offload = ActivationOffload(model.parameters(), device=device)
+                with lora_mixed_precision(model):
+                    with offload:
+                        logp = policy_logprobs(model, [prompt] * (hi - lo), completion_ids[lo:hi],
+                                               completion_mask[lo:hi], 1.0, 0)
+                    loss, _ = grpo_loss(logp, logp.detach(), None, adv[lo:hi], completion_mask[lo:hi])
+                    # the group's loss is the mean over its sequences: each slice weighs its share
+                    (loss * ((hi - lo) / generations)).backward()
+                del logp, loss
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(device)
         trial.train_s = time.perf_counter() - t_train
-        if cuda:
+        if driver_peak:  # the device's own used memory, KV cache and all, while it was mapped
+            trial.gen_peak_gib = _gib(gen_watch.peak_bytes)
+            trial.train_peak_gib = _gib(train_watch.peak_bytes)
+            trial.peak_mem_gib = max(trial.gen_peak_gib, trial.train_peak_gib)
+        elif cuda:
             train_peak = torch.cuda.max_memory_allocated(device)
             trial.gen_peak_gib = _gib(gen_peak + region)
             trial.train_peak_gib = _gib(train_peak + (0 if standby else region))
@@ -215,7 +272,8 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
                 dtype: Optional[str] = None, device: Optional[str] = None, allow_cpu: bool = False,
                 compile_options=None, generate_tokens: Optional[int] = None, offload_activations: bool = False,
                 mlp_chunk_tokens: int = 4096, on_trial: Optional[Callable[[ContextTrial], None]] = None,
-                device_memory_gib: Optional[float] = None) -> ContextBenchResult:
+                device_memory_gib: Optional[float] = None, engine: str = "native",
+                micro_batch_size: Optional[int] = None, load_in_4bit: bool = False) -> ContextBenchResult:
     """Search the largest completion length (per generation) for which one GRPO step fits.
 
     Doubling from ``min_len`` while steps fit (capped at ``max_len``), then bisection to
@@ -223,7 +281,9 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
     CUDA, float32 on CPU. ``compile_options``: the engine's (default: "auto" on CUDA, eager on
     CPU). Raises CompilepassError on CPU unless ``allow_cpu``. ``device_memory_gib``: run on an
     N GiB card (:class:`~compilepass.standby.memory.cap.DeviceMemoryCap`, taken before the model is
-    built, released at the end; recorded as ``device_memory_cap``).
+    built, released at the end; recorded as ``device_memory_cap``). ``engine``: native or vllm.
+    ``micro_batch_size``: completions per training forward (:func:`run_trial`). ``load_in_4bit``: a
+    QLoRA base (module doc; native engine only).
     """
 
     _check_int("--min-len", min_len, 1)
@@ -236,6 +296,15 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
     _check_int("--prompt-len", prompt_len, 1)
     _check_int("--generate-tokens", generate_tokens, 1, optional=True)
     _check_int("--mlp-chunk-tokens", mlp_chunk_tokens, 0, why=" (0 turns MLP tiling off)")
+    _check_int("--micro-batch-size", micro_batch_size, 1, optional=True)
+    _check_engine(engine)
+    if load_in_4bit and engine == "vllm":
+        raise CompilepassError("--load-in-4bit generates with the native engine; the vLLM engine does not share a "
+                               "4-bit base (drop --engine vllm)")
+    if load_in_4bit:
+        from compilepass.core.quantize import require_bitsandbytes
+
+        require_bitsandbytes()
     if dtype is not None and dtype not in DTYPES:
         raise CompilepassError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -245,22 +314,29 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
     resolve_model_source(model)
     if device_memory_gib is None:
         return _search(model, dev, standby, generations, lora_rank, min_len, max_len, resolution, prompt_len, dtype,
-                       compile_options, generate_tokens, offload_activations, mlp_chunk_tokens, on_trial)
+                       compile_options, generate_tokens, offload_activations, mlp_chunk_tokens, on_trial, engine, 0,
+                       micro_batch_size, load_in_4bit)
     with DeviceMemoryCap(device_memory_gib, dev) as cap:
         result = _search(model, dev, standby, generations, lora_rank, min_len, max_len, resolution, prompt_len, dtype,
-                         compile_options, generate_tokens, offload_activations, mlp_chunk_tokens, on_trial)
+                         compile_options, generate_tokens, offload_activations, mlp_chunk_tokens, on_trial, engine,
+                         cap.held_bytes, micro_batch_size, load_in_4bit)
         result.device_memory_cap = cap.describe()
         result.device_total_gib = result.device_memory_cap["visible_total_gib"]
     return result
 
 
 def _search(model, dev, standby, generations, lora_rank, min_len, max_len, resolution, prompt_len, dtype,
-            compile_options, generate_tokens, offload_activations, mlp_chunk_tokens, on_trial) -> ContextBenchResult:
+            compile_options, generate_tokens, offload_activations, mlp_chunk_tokens, on_trial, engine,
+            held_bytes, micro_batch_size, load_in_4bit) -> ContextBenchResult:
     tdtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if compile_options is None:
         compile_options = "auto" if dev.type == "cuda" else False
     t0 = time.perf_counter()
-    base = build_model(model, dtype=tdtype, device=dev, seed=0)
+    base = build_model(model, dtype=tdtype, device=dev, seed=0, load_in_4bit=load_in_4bit)
+    if load_in_4bit:
+        from compilepass.core.quantize import prepare_4bit_for_training
+
+        base = prepare_4bit_for_training(base)
     peft_model = add_lora(base, rank=lora_rank, alpha=2 * lora_rank, seed=0)
     causal_lm = peft_model.get_base_model()
     enable_checkpointing(causal_lm, reentrant=offload_activations)
@@ -277,7 +353,8 @@ def _search(model, dev, standby, generations, lora_rank, min_len, max_len, resol
         if n not in cache:
             t = run_trial(peft_model, n, generations=generations, prompt_len=prompt_len, standby=standby,
                           compile_options=compile_options, generate_tokens=generate_tokens,
-                          offload_activations=offload_activations)
+                          offload_activations=offload_activations, engine_kind=engine, held_bytes=held_bytes,
+                          micro_batch_size=micro_batch_size)
             cache[n] = t
             trials.append(t)
             if on_trial is not None:
@@ -310,4 +387,5 @@ def _search(model, dev, standby, generations, lora_rank, min_len, max_len, resol
                               standby=standby, generations=generations, lora_rank=lora_rank, prompt_len=prompt_len,
                               generate_tokens=generate_tokens, offload_activations=offload_activations,
                               mlp_chunk_tokens=mlp_chunk_tokens, max_completion_len=lo, peak_mem_gib=best.peak_mem_gib if best else None,
-                              device_total_gib=total, trials=trials, wall_s=time.perf_counter() - t0)
+                              device_total_gib=total, trials=trials, wall_s=time.perf_counter() - t0, engine=engine,
+                              micro_batch_size=micro_batch_size, load_in_4bit=load_in_4bit)

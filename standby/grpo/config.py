@@ -41,6 +41,7 @@ from compilepass.kernels.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 from compilepass.standby.grpo.coercion import coerce, prefix
 from compilepass.standby.grpo.data import BUILTIN_TASKS
 from compilepass.standby.grpo.loss_options import IS_MODES, check_loss_options
+from compilepass.standby.grpo.lr_schedule import SCHEDULERS, make_lr_scheduler
 from compilepass.standby.grpo.rewards import BUILTIN_REWARDS
 from compilepass.standby.grpo.trackers import check_report_to
 
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
-SCHEDULERS = ("constant", "cosine", "linear")
 _DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -82,6 +82,7 @@ class ModelConfig:
     mlp_chunk_tokens: int = 4096
     init_std: Optional[float] = None
     cache_dir: Optional[str] = None  # the Hugging Face cache a Hub id is read from (None: huggingface_hub's)
+    load_in_4bit: bool = False  # QLoRA: NF4 double-quantized base, computing in `dtype` (standby.grpo.qlora)
 
     def reinit_preset_weights(self, model, seed: int = 0) -> bool:
         """Apply ``init_std`` to a freshly built preset (before ``add_lora``): every 2-D parameter
@@ -116,6 +117,11 @@ class ModelConfig:
         _require(self.init_std is None or self.init_std > 0, "model.init_std", f"must be > 0 or null (got {self.init_std})")
         _require(self.mlp_chunk_tokens >= 0, "model.mlp_chunk_tokens",
                  f"must be >= 0, 0 turns MLP tiling off (got {self.mlp_chunk_tokens})")
+        if self.load_in_4bit:  # bitsandbytes missing: one line, before any work
+            from compilepass.core.quantize import bitsandbytes_available
+
+            _require(bitsandbytes_available(), "model.load_in_4bit",
+                     "needs bitsandbytes, which is not installed here: pip install 'compilepass[qlora]'")
 
 
 @dataclass
@@ -216,9 +222,10 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW over the LoRA parameters and a learning-rate schedule (linear warmup, then
-    ``scheduler``; cosine and linear decay to 0 at ``run.max_steps``). ``max_grad_norm`` null
-    disables clipping.
+    """AdamW over the LoRA parameters and a learning-rate schedule: ``transformers.get_scheduler``
+    (:mod:`~compilepass.standby.grpo.lr_schedule`: linear warmup from 0 over ``warmup_steps``, then
+    ``scheduler``; cosine and linear decay to 0 at ``run.max_steps``; ``scheduler_kwargs`` are
+    transformers' scheduler_specific_kwargs). ``max_grad_norm`` null disables clipping.
 
     ``micro_batch_size``: sequences per training forward/backward (gradients accumulate over the
     micro-batches; the loss equals the whole batch's). 0 (default) = automatic: the whole batch,
@@ -230,8 +237,9 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: Optional[float] = 1.0
     warmup_steps: int = 0
-    scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    scheduler: Literal[SCHEDULERS] = "constant"
     micro_batch_size: int = 0
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {min_lr_rate: 0.1} for cosine_with_min_lr
 
     def _validate(self) -> None:
         _require(self.micro_batch_size >= 0, "optim.micro_batch_size",
@@ -253,29 +261,10 @@ class OptimConfig:
                                  weight_decay=self.weight_decay)
 
     def make_scheduler(self, optimizer, max_steps: int):
-        """A ``LambdaLR``: linear warmup over ``warmup_steps``, then constant / cosine / linear decay
-        to 0 at ``max_steps``. Call ``scheduler.step()`` once per optimizer step. Its state_dict
-        is plain data (the multiplier is an :class:`LRSchedule` object of numbers)."""
-        import torch
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(self.scheduler, self.warmup_steps, max_steps))
-
-
-class LRSchedule:
-    """The learning-rate multiplier of step ``s`` (picklable; ``LambdaLR`` saves its ``__dict__``)."""
-    def __init__(self, kind: str, warmup_steps: int, max_steps: int):
-        self.kind, self.warmup_steps, self.max_steps = kind, int(warmup_steps), int(max_steps)
-
-    def __call__(self, step: int) -> float:
-        if self.warmup_steps > 0 and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.kind == "constant":
-            return 1.0
-        span = max(1, self.max_steps - self.warmup_steps)
-        progress = min(1.0, max(0.0, (step - self.warmup_steps) / span))
-        if self.kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        """``transformers.get_scheduler``'s ``LambdaLR`` for this schedule over ``max_steps``
+        (:func:`~compilepass.standby.grpo.lr_schedule.make_lr_scheduler`). Call ``scheduler.step()``
+        once per optimizer step. Its state_dict is plain data."""
+        return make_lr_scheduler(self, optimizer, max_steps)
 
 
 @dataclass

@@ -14,7 +14,8 @@ trainer) and its own standby KV region, and runs the step on its share of the pr
   global token count over N, so that the ranks' average is the global loss; grpo and dr_grpo
   divide by rows (equal on every rank), which averaging already gets right;
 - the step's metrics are reduced over the ranks (:meth:`DistContext.reduce_metrics`: means of
-  the means, sums of counts, min / max, the slowest rank's timings) and written by rank 0 only;
+  the means, sums of counts, min / max, the slowest rank's timings; the batch's reward means and
+  stds pooled exactly from counts, sums and sums of squares) and written by rank 0 only;
   checkpoints are written by rank 0 only, after a barrier (the others' state is the same).
 
 Sampling seeds: rank r draws from ``rank_seed(step seed, r)`` (rank 0's is the one-rank seed).
@@ -217,11 +218,34 @@ class DistContext:
         t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self._collective_device())
         return bool(self._all_reduce(t, dist.ReduceOp.MAX)[0] > 0)
 
-    def reduce_metrics(self, rec: dict) -> dict:
+    def reduce_metrics(self, rec: dict, moments: Optional[dict] = None) -> dict:
         """The step's metrics over all ranks (see the module docstring); ``rec`` on one rank.
-        Every rank must pass the same keys (the same config gives them)."""
+        Every rank must pass the same keys (the same config gives them). ``moments``
+        (:func:`~compilepass.standby.grpo.step_metrics.reward_moments`): those batch means and
+        stds are pooled exactly from each rank's count, sum and sum of squares."""
         if not self.enabled:
             return rec
+        out = self._reduce_plain(rec)
+        if moments:
+            out.update(self._pool_moments(moments))
+        return out
+
+    def _pool_moments(self, moments: dict) -> dict:
+        import torch.distributed as dist
+
+        names = sorted(moments)
+        t = torch.tensor([v for k in names for v in moments[k][1]], dtype=torch.float64,
+                         device=self._collective_device())
+        self._all_reduce(t, dist.ReduceOp.SUM)
+        out = {}
+        for i, mean_key in enumerate(names):
+            n, total, squares = t[3 * i:3 * i + 3].tolist()
+            out[mean_key] = total / n if n else float("nan")
+            var = (squares - total * total / n) / (n - 1) if n > 1 else 0.0
+            out[moments[mean_key][0]] = math.sqrt(max(var, 0.0))  # unbiased, as TRL's nanstd
+        return out
+
+    def _reduce_plain(self, rec: dict) -> dict:
         import torch.distributed as dist
 
         keys = sorted(k for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool))

@@ -18,6 +18,7 @@ peft's ``"all-linear"`` is used instead (said in the log); targets that a user s
 nothing are a ConfigError naming the model's linear layers. MLP tiling
 (``model.mlp_chunk_tokens``) applies to the native engine's families only (off for others, said in
 the log); gradient checkpointing is transformers' own and applies to every family.
+``model.load_in_4bit``: a 4-bit NF4 base under the adapter (QLoRA; :mod:`~compilepass.standby.grpo.qlora`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import torch
 
 from compilepass.core.errors import ConfigError
 from compilepass.core.models import DEFAULT_LORA_TARGETS, add_lora, build_model
+from compilepass.core.quantize import quant_of
 from compilepass.core.shapes import causal_lm_of, local_model_path
 from compilepass.standby.grpo.data import HFTokenizer, load_tokenizer
+from compilepass.standby.grpo.qlora import build_4bit_base, check_4bit_object
 from compilepass.standby.rollout.hf_backend import native_family_problem
 from compilepass.standby.training.checkpointing import enable_checkpointing
 from compilepass.standby.training.train_memory import tile_mlp
@@ -69,6 +72,8 @@ def adopt_model_arg(config, model: Any) -> None:
     dtype = next(lm.parameters()).dtype
     if dtype in _DTYPE_NAMES:
         config.model.dtype = _DTYPE_NAMES[dtype]
+    if quant_of(lm) is not None:  # a 4-bit object (loaded with BitsAndBytesConfig): the checkpoints say so
+        config.model.load_in_4bit = True
 
 
 def lora_targets_for(model, targets) -> tuple[str, ...] | str:
@@ -93,11 +98,14 @@ def build_policy(config, device: torch.device, model: Any = None, peft_config: A
     the ``model.lora_*`` keys) unless it is a peft model already."""
     c = config
     if is_model_object(model):
+        check_4bit_object(c, model)
         if _is_peft_model(model):
             if peft_config is not None:
                 raise ConfigError("peft_config was given for a model that is a peft model already")
             return model.to(device)
         base = model.to(device)
+    elif c.model.load_in_4bit:  # QLoRA: a frozen NF4 base (standby.grpo.qlora)
+        base = build_4bit_base(c, device)
     else:
         base = build_model(c.model.name_or_path, dtype=c.model.torch_dtype, device=device, seed=c.run.seed,
                            cache_dir=c.model.cache_dir)

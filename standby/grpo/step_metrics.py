@@ -20,7 +20,7 @@ import torch
 
 from compilepass.standby.training.loss import nan_group_std
 
-__all__ = ["completion_metrics", "reward_metrics"]
+__all__ = ["completion_metrics", "reward_metrics", "reward_moments"]
 
 
 def _std(x: torch.Tensor) -> float:
@@ -41,6 +41,21 @@ def reward_metrics(total: torch.Tensor, parts: Mapping[str, torch.Tensor], group
     grouped = total.float().view(-1, group_size)
     group_std = nan_group_std(grouped) if group_size > 1 else torch.zeros(grouped.shape[0])
     out["frac_reward_zero_std"] = float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean())
+    return out
+
+
+def reward_moments(total: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, list[float]]]:
+    """What pools :func:`reward_metrics`' batch means and stds exactly over data-parallel ranks:
+    ``{mean key: (std key, [count, sum, sum of squares])}`` over each tensor's non-NaN values."""
+
+    def moments(x: torch.Tensor) -> list[float]:
+        x = x.double()
+        x = x[~x.isnan()]
+        return [float(x.numel()), float(x.sum()), float((x * x).sum())]
+
+    out = {"reward": ("reward_std", moments(total))}
+    for name, values in parts.items():
+        out[f"rewards/{name}/mean"] = (f"rewards/{name}/std", moments(values))
     return out
 
 

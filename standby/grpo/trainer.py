@@ -95,8 +95,10 @@ from compilepass.standby.grpo.prompts import CONVERSATIONAL, check_tokenizer, en
 from compilepass.standby.grpo.resume import check_resume_config
 from compilepass.standby.grpo.reward_inputs import reward_inputs, reward_trainer_state
 from compilepass.standby.grpo.rewards import RewardError, RewardSet
-from compilepass.standby.grpo.step_metrics import completion_metrics, reward_metrics
+from compilepass.standby.grpo.step_metrics import completion_metrics, reward_metrics, reward_moments
 from compilepass.standby.grpo.stop import STOP_SIGNALS, StopRequest, TrainingInterrupted
+from compilepass.standby.grpo.trl_args import GRPOArguments
+from compilepass.standby.grpo.trl_convert import trainer_config
 from compilepass.standby.memory.cap import DeviceMemoryCap
 from compilepass.standby.memory.errors import StandbyMemoryError
 from compilepass.standby.memory.region import free_device_memory
@@ -187,13 +189,19 @@ class GRPOTrainer:
     content fingerprint. ``reward_funcs`` (TRL's name): a reward or a list of them, each a
     callable, a name as in ``reward.functions`` or a ``(callable or name, weight)`` pair, used
     instead of ``reward.functions``.
+
+    ``args`` (TRL's name): a :class:`~compilepass.standby.grpo.trl_args.GRPOArguments` (TRL's flat
+    names, converted by :mod:`~compilepass.standby.grpo.trl_convert`) or a GRPOConfig, in place of
+    ``config``: ``GRPOTrainer(model=..., reward_funcs=..., args=GRPOArguments(...), train_dataset=...)``.
     """
 
-    def __init__(self, config: GRPOConfig, *, progress: bool | str = "auto",
+    def __init__(self, config: GRPOConfig | GRPOArguments | None = None, *, progress: bool | str = "auto",
                  on_step: Optional[Callable[[int, dict], None]] = None, compile_options: Any = "default",
                  faults: Optional[FaultHook] = None, handle_signals: bool = True, model: Any = None,
                  processing_class: Any = None, peft_config: Any = None, train_dataset: Any = None,
-                 reward_funcs: Any = None):
+                 reward_funcs: Any = None, args: GRPOConfig | GRPOArguments | None = None):
+        # TRL's args= (GRPOArguments, TRL's flat names) or our GRPOConfig, given once (trl_convert.py)
+        config, reward_funcs = trainer_config(config, args, reward_funcs, train_dataset)
         adopt_model_arg(config, model)  # a name, path or model object given in Python (see policy.py)
         self.config = config.validate(rewards_given=reward_funcs is not None)
         c = self.config
@@ -209,7 +217,7 @@ class GRPOTrainer:
         self._saved_step: Optional[int] = None  # the step whose state self.last_checkpoint holds
         self.output_dir = Path(c.run.output_dir)
         if c.generation.engine == "vllm":  # vLLM missing or a refused version: one line, before any work
-            check_vllm()
+            check_vllm(load_in_4bit=c.model.load_in_4bit)
         # torchrun's ranks (standby.grpo.distributed), else one; prompts_per_step must split evenly
         self.dist = DistContext.from_env(c.run.device, prompts_per_step=c.data.prompts_per_step)
         self.dist.check_engine(c.generation.engine)
@@ -586,8 +594,9 @@ class GRPOTrainer:
         except torch.OutOfMemoryError as e:
             raise self._oom("train", st, e) from None
         t_end = time.perf_counter()
+        labelled = {self.rewards.labels[k]: v for k, v in parts.items()}
         rec = {  # TRL's names (step_metrics.py), then ours
-            **reward_metrics(total, {self.rewards.labels[k]: v for k, v in parts.items()}, G),
+            **reward_metrics(total, labelled, G),
             **self.rewards.logged_metrics,
             "loss": train_m.pop("loss"),
             "kl": train_m.pop("kl"),
@@ -601,7 +610,8 @@ class GRPOTrainer:
             "step_s": t_end - t0,
             "peak_mem_gib": self._peak_gib(gen_peak),
         }
-        return self.dist.reduce_metrics(rec)
+        moments = reward_moments(total, labelled) if self.dist.enabled else None  # pooled over ranks
+        return self.dist.reduce_metrics(rec, moments=moments)
 
     def _peak_gib(self, gen_peak: Optional[int]) -> float:
         """This step's peak device memory. On CUDA: the larger of generation's allocator peak plus

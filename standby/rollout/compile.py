@@ -6,17 +6,34 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from compilepass.flags import inductor_options_for_torch
 from compilepass.selection import select
+from compilepass.standby.rollout import persistent_compile as persistent
 
 log = logging.getLogger(__name__)
 
 #: ``flag_resolver(model, workload, *, batch, dtype)`` -> a Selection (``.flags``) or a dict of flags.
 FlagResolver = Callable[..., object]
+
+
+def resolve_persist_dir(persistent_compile) -> Optional[Path]:
+    """None -> the default directory when this torch can persist compiled functions and
+    ``COMPILEPASS_PRECOMPILE`` is not "0", else None; False -> None; a path -> that path."""
+    if persistent_compile is False:
+        return None
+    if persistent_compile is None or persistent_compile is True:
+        if not persistent.enabled():
+            if persistent_compile is True:
+                log.warning("persistent_compile=True: this torch (%s) has no AOT precompile; compiling per process",
+                            torch.__version__)
+            return None
+        return persistent.default_dir()
+    return Path(persistent_compile)
 
 
 def resolve_options(model, compile_options, batch: int, dtype, resolver: FlagResolver = select):
@@ -40,14 +57,16 @@ def resolve_options(model, compile_options, batch: int, dtype, resolver: FlagRes
 
 
 def make_decode_step(decoder, options: Optional[dict], *, scope: str, dynamic_batch: bool, backend: str,
-                     max_batch: int) -> Callable:
+                     max_batch: int, persist_dir=None) -> Callable:
     """``(tokens [B], positions [B]) -> logits [B, V]``: ``decoder.decode_step`` eager (``options``
-    None), with its layers compiled (``scope="layer"``), or compiled whole (``"step"``)."""
+    None), with its layers compiled (``scope="layer"``; ``persist_dir``: the compiled layer kept
+    there for later processes, see :mod:`.persistent_compile`), or compiled whole (``"step"``)."""
     if options is None:
         return decoder.decode_step
     options = inductor_options_for_torch(options)
     if scope == "layer":
-        decoder.compile_layers(options, dynamic_batch=dynamic_batch, backend=backend, max_batch=max_batch)
+        decoder.compile_layers(options, dynamic_batch=dynamic_batch, backend=backend, max_batch=max_batch,
+                               persist_dir=persist_dir)
         return decoder.decode_step
     if backend != "inductor":  # e.g. dynamo's "eager": the engine's plumbing without Inductor
         return torch.compile(decoder.decode_step, backend=backend, fullgraph=True,

@@ -12,21 +12,31 @@ in place at fixed addresses, and so compiles with ``fullgraph=True`` and can be 
 Options: ``fused_projections`` runs q/k/v and gate/up as one GEMM each over fused weight tensors
 that the model's own parameters are re-pointed into (``fuse_projections``: still one copy; LoRA
 deltas read from the peft modules at every call); ``attention`` picks the decode attention;
-``compile_layers`` compiles one layer for all layers (regional compilation).
+``compile_layers`` compiles one layer for all layers (regional compilation). A 4-bit base
+(``model.load_in_4bit``) runs each projection through
+:func:`~compilepass.standby.rollout.linear4bit.linear_4bit` (no fused projections).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from compilepass import selection
+import compilepass.selection as selection
 from compilepass.core.errors import ConfigError, StorageError
 from compilepass.core.shapes import ModelShape, causal_lm_of
 from compilepass.flags import inductor_options_for_torch
 from compilepass.kernels.decode_attention import decode_attention
 from compilepass.kernels.decode_attention import supported as triton_attention_supports
 from compilepass.standby.rollout.fused import FusedProjections, fuse_projections
+from compilepass.standby.rollout.linear4bit import base_is_4bit, linear_4bit, model_has_4bit
+from compilepass.standby.rollout.persistent_compile import PersistentCompile, environment_key, source_digest
+
+#: the positions, in ``_decode_layer``'s arguments after ``self``, of the tensors whose dim 0 is the
+#: batch (x, delta, cos, sin, mask, rows, positions)
+LAYER_BATCH_ARGS = (3, 4, 5, 6, 7, 10, 11)
 
 
 class StaticKVCache:
@@ -179,6 +189,10 @@ class Decoder:
                                   f"{s.head_dim}; use attention='matmul'")
         self._attend_decode = {"matmul": self._attend_one, "sdpa": self._attend,
                                "sdpa_gqa": self._attend_gqa, "triton": self._attend_kernel}[attention]
+        self.quant4 = model_has_4bit(causal_lm)  # 4-bit (QLoRA) base layers: see _proj
+        if fused_projections and self.quant4:
+            raise ConfigError("fused projections need 16-bit base weights; this model's linear layers are 4-bit "
+                              "(model.load_in_4bit): use fused_projections=False")
         self.fused: FusedProjections | None = fuse_projections(model) if fused_projections else None
         self._layer_fn = None  # compile_layers() sets it
         self._layer_dynamic = False
@@ -213,7 +227,7 @@ class Decoder:
         if qkv is not None:
             q, k, v = qkv(h)
         else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = self._proj(attn.q_proj, h), self._proj(attn.k_proj, h), self._proj(attn.v_proj, h)
         q = q.view(B, T, s.num_heads, s.head_dim)
         k = k.view(B, T, s.num_kv_heads, s.head_dim)
         v = v.view(B, T, s.num_kv_heads, s.head_dim)
@@ -223,16 +237,25 @@ class Decoder:
         q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
         k, v = write_kv(i, k, v)
         y = attend(q, k, v, mask)  # [B, heads, T, D]
-        return x + attn.o_proj(y.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+        return x + self._proj(attn.o_proj, y.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
 
     def _mlp_out(self, layer, gate_up, x):
         """mlp(post_attention_layernorm(x)), without the residual add."""
         h = layer.post_attention_layernorm(x)
+        mlp = layer.mlp
         if gate_up is not None:
-            mlp = layer.mlp
             gate, up = gate_up(h)
-            return mlp.down_proj(mlp.act_fn(gate) * up)
-        return layer.mlp(h)
+            return self._proj(mlp.down_proj, mlp.act_fn(gate) * up)
+        if self.quant4:  # the MLP's three projections one by one, each through _proj
+            return self._proj(mlp.down_proj, mlp.act_fn(self._proj(mlp.gate_proj, h)) * self._proj(mlp.up_proj, h))
+        return mlp(h)
+
+    def _proj(self, module, x):
+        """``module(x)``, except that a 4-bit base runs :func:`linear_4bit` (its packed weight as is,
+        LoRA as peft adds it)."""
+        if self.quant4 and base_is_4bit(module):
+            return linear_4bit(module, x)
+        return module(x)
 
     def _decode_layer(self, layer, qkv, gate_up, x, delta, cos, sin, mask, kc, vc, rows, positions):
         """One layer of the decode step over its own K / V cache tensors: the unit that
@@ -250,21 +273,47 @@ class Decoder:
         return x, self._mlp_out(layer, gate_up, x)
 
     def compile_layers(self, options: dict | None = None, dynamic_batch: bool = False, backend: str = "inductor",
-                       max_batch: int | None = None) -> None:
+                       max_batch: int | None = None, persist_dir=None) -> None:
         """Regional compilation: ``decode_step`` stays a Python loop over the layers, each layer runs
         ONE compiled function (the layers share its graph: their weights and K / V tensors are its
         inputs), so a cold compile traces one layer instead of all of them. Embedding, rotary
         tables, final norm and lm_head run eagerly (inside the engine's CUDA graph they cost no
         launches). ``dynamic_batch``: a symbolic batch dimension (>= 2) instead of one compile per
-        batch size. ``None`` options: torch's defaults."""
-        kwargs = dict(fullgraph=True, dynamic=None if dynamic_batch else False)
+        batch size. ``None`` options: torch's defaults. ``persist_dir`` (Inductor only): keep the
+        compiled layer there for the next process (:class:`PersistentCompile`: no trace on a warm
+        start)."""
+        self._layer_max_batch = max_batch or self.cache.batch
+        kwargs = dict(dynamic=None if dynamic_batch else False)
         if backend == "inductor":
             kwargs["options"] = options or None
         else:
             kwargs["backend"] = backend
-        self._layer_fn = torch.compile(self._decode_layer, **kwargs)
+        if persist_dir is not None and backend == "inductor":
+            self._layer_fn = PersistentCompile(
+                type(self)._decode_layer, prefix=(self,), key=self.persist_key(options, dynamic_batch),
+                directory=persist_dir, compile_kwargs=kwargs, dynamic_args=LAYER_BATCH_ARGS,
+                dynamic_batch=dynamic_batch, max_batch=self._layer_max_batch)
+            self._layer_dynamic = False  # PersistentCompile marks the batch itself, for the trace only
+            return
+        self._layer_fn = torch.compile(self._decode_layer, fullgraph=True, **kwargs)
         self._layer_dynamic = bool(dynamic_batch)
-        self._layer_max_batch = max_batch or self.cache.batch
+
+    def persist_key(self, options: dict | None, dynamic_batch: bool) -> dict:
+        """What selects the persisted compiled layer: torch / Triton / transformers / peft versions,
+        the device, this package's rollout and kernel source, the options, and the model's shape."""
+        import dataclasses
+
+        import peft
+        import transformers
+
+        import compilepass.kernels as kernels_pkg
+
+        rollout_src = sorted(Path(__file__).parent.glob("*.py")) + sorted(Path(kernels_pkg.__file__).parent.glob("*.py"))
+        return {**environment_key(self.cache.k[0].device), "transformers": transformers.__version__,
+                "peft": peft.__version__, "source": source_digest(tuple(rollout_src)), "fn": "decode_layer",
+                "options": options or {}, "dynamic_batch": bool(dynamic_batch), "max_batch": self._layer_max_batch,
+                "shape": dataclasses.asdict(self.shape), "dtype": str(self.cache.dtype), "attention": self.attention,
+                "fused": self.fused is not None, "quant4": bool(self.quant4), "model": type(self.model).__name__}
 
     def _attend(self, q, k, v, mask):
         """GQA without repeating K/V: the n_rep query heads that share a KV head become n_rep * T

@@ -47,10 +47,13 @@ from compilepass.kernels.decode_attention import supported as triton_attention_s
 from compilepass.selection import select
 from compilepass.standby.rollout.backend import RolloutOutput, check_generate_args
 from compilepass.standby.rollout.capture import Captured, capture_graphs
-from compilepass.standby.rollout.compile import FlagResolver, compile_limits, make_decode_step, resolve_options
+from compilepass.standby.rollout.compile import (FlagResolver, compile_limits, make_decode_step, resolve_options,
+                                                 resolve_persist_dir)
 from compilepass.standby.rollout.decode import Decoder
 from compilepass.standby.rollout.kv_cache import build_kv_cache, kv_cache_specs
+from compilepass.standby.rollout.linear4bit import model_has_4bit
 from compilepass.standby.rollout.modes import eval_mode
+from compilepass.standby.rollout.persistent_compile import PersistentCompile
 from compilepass.standby.rollout.sampling import MAX_GRAPH_STOPS, post_function, sample_tokens, sampler_key
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,11 @@ class _Sampler:
     stops: torch.Tensor
 
 
+#: the positions, in a post function's arguments, of the tensors whose dim 0 is the batch: logits, noise,
+#: ids, mask, lps, slps, finished, tokens (not stops, step, temperature, pad)
+POST_BATCH_ARGS = (0, 2, 3, 4, 5, 6, 7, 10)
+
+
 class RolloutEngine:
     """Generate with ``model`` (the trainer's own objects) from a static, standby KV cache.
 
@@ -131,7 +139,8 @@ class RolloutEngine:
 
     - ``fused_projections``: q/k/v and gate/up run as one GEMM each, over fused weight tensors that
       the model's own parameters are re-pointed into (still one copy; see
-      :func:`~compilepass.standby.rollout.decode.fuse_projections`). Default on: on an H100 it took the
+      :func:`~compilepass.standby.rollout.decode.fuse_projections`; off by itself for a 4-bit base,
+      whose projections run :func:`~compilepass.standby.rollout.linear4bit.linear_4bit`). Default on: on an H100 it took the
       qwen3-0.6b decode step (batch 32) from 2.556 to 2.114 ms (benchmarks/results/
       rollout_variants_qwen3-0.6b_qwen3-8b_h100_2026-11-26.json).
     - ``attention``: decode attention, "auto" (default: "triton" on CUDA for power-of-two head
@@ -151,6 +160,11 @@ class RolloutEngine:
       launch overhead.
     - ``compile_backend``: torch.compile's backend, "inductor" (default); dynamo's "eager" traces
       and guards as Inductor would but generates no kernels (the CPU tests use it for speed).
+    - ``persistent_compile``: with the layer scope and Inductor, keep the compiled layer on disk
+      (torch's AOT precompile, :mod:`~compilepass.standby.rollout.persistent_compile`) so that a
+      later process loads it instead of tracing it again. None (default): on where this torch has
+      the API and ``COMPILEPASS_PRECOMPILE`` is not "0", in ``<cache dir>/precompiled``; False: off;
+      a path: that directory.
 
     The defaults are the fastest measured configuration that also meets the cold-start target: on
     an H100 (qwen3-0.6b, batch 32, prompt 128, 256 new tokens) fused + triton + graph sampling +
@@ -170,7 +184,7 @@ class RolloutEngine:
                  dynamic_batch: bool = True, fused_projections: bool = True, attention: str = "auto",
                  graph_sampling: Optional[bool] = None, sampling_modes: Sequence[str] = ("greedy", "sample"),
                  compile_scope: str = "layer", compile_backend: str = "inductor",
-                 flag_resolver: FlagResolver = select):
+                 flag_resolver: FlagResolver = select, persistent_compile: Union[None, bool, str] = None):
         t0 = time.perf_counter()
         param = next(model.parameters())
         self.model = model
@@ -199,6 +213,9 @@ class RolloutEngine:
         self._awake = True
         if attention == "auto":
             attention = default_attention(self.device, s.head_dim)
+        if fused_projections and model_has_4bit(model):  # the 4-bit reference path runs per projection
+            log.info("fused projections are off: this model's base linear layers are 4-bit")
+            fused_projections = False
         self.decoder = Decoder(model, self.cache, fused_projections=fused_projections, attention=attention)
         self.fused_projections, self.attention = bool(fused_projections), attention
 
@@ -214,6 +231,8 @@ class RolloutEngine:
             raise ValueError(f"compile_scope must be 'step' or 'layer', got {compile_scope!r}")
         self.compile_scope = compile_scope
         self.compile_backend = compile_backend
+        persists = compile_scope == "layer" and options is not None and compile_backend == "inductor"
+        self.persist_dir = resolve_persist_dir(persistent_compile) if persists else None  # eager: no dynamo import
         self._step = self._make_step()
         self._graphs: dict[int, "torch.cuda.CUDAGraph"] = {}  # bucket -> logits-only step graph
         self._graph_out: dict[int, torch.Tensor] = {}
@@ -297,12 +316,12 @@ class RolloutEngine:
     def _make_step(self):
         return make_decode_step(self.decoder, self._options, scope=self.compile_scope,
                                 dynamic_batch=self.dynamic_batch, backend=self.compile_backend,
-                                max_batch=self.max_batch)
+                                max_batch=self.max_batch, persist_dir=self.persist_dir)
 
     def _run_step(self, bucket: int) -> torch.Tensor:
         """The (compiled) step on the static buffers' first ``bucket`` rows, no graph replay."""
         tokens, positions = self._tokens[:bucket], self._positions[:bucket]
-        if self.dynamic_batch and bucket >= 2:
+        if self.dynamic_batch and bucket >= 2 and self.compile_scope == "step":  # the layer scope marks its own
             for t in (tokens, positions):
                 torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
         return self._step(tokens, positions)
@@ -389,7 +408,12 @@ class RolloutEngine:
         fn = self._post_fns.get((key, compiled))
         if fn is None:
             fn = post_function(key)
-            if compiled:
+            if compiled and self.persist_dir is not None and self.compile_backend == "inductor" and key[0] != "filtered":
+                fn = PersistentCompile(fn, key=dict(self.decoder.persist_key({}, self.dynamic_batch), fn=f"post:{key[0]}"),
+                                       directory=self.persist_dir, compile_kwargs={"dynamic": None if self.dynamic_batch else False},
+                                       dynamic_args=POST_BATCH_ARGS, dynamic_batch=self.dynamic_batch,
+                                       max_batch=self.max_batch)
+            elif compiled:
                 fn = torch.compile(fn, backend=self.compile_backend, fullgraph=True,
                                    dynamic=None if self.dynamic_batch else False)
             self._post_fns[(key, compiled)] = fn
@@ -405,7 +429,7 @@ class RolloutEngine:
         args = (logits, self._s_temp, noise, self._s_ids[:b], self._s_mask[:b], self._s_lp[:b], self._s_slp[:b],
                 self._s_finished[:b], sampler.stops, self._s_step, self._tokens[:b], self._s_pad)
         fn, compiled = self._post_fn(sampler.key, sampler.in_graph)
-        if compiled and self.dynamic_batch and b >= 2:
+        if compiled and self.dynamic_batch and b >= 2 and not isinstance(fn, PersistentCompile):
             for t in args:
                 if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b and t is not sampler.stops:
                     torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)

@@ -247,7 +247,7 @@ def test_cuda_sleep_releases_only_the_kv_cache(tiny_dir, monkeypatch):  # pragma
     (vLLM replays the graphs it captured at start: every address is where it was)."""
     base = build_model(str(tiny_dir), dtype=torch.bfloat16, device="cuda")
     model = add_lora(base, rank=8, alpha=16, init_random=True, seed=3)
-    engine = VllmEngine(model, max_batch=64, max_len=2048, compile_options=None)
+    engine = VllmEngine(model, max_batch=64, max_len=256, compile_options=None)
     captures = []
     real_begin = torch.cuda.CUDAGraph.capture_begin
 
@@ -267,6 +267,12 @@ def test_cuda_sleep_releases_only_the_kv_cache(tiny_dir, monkeypatch):  # pragma
             engine.sleep()
             engine.sleep()
             freed = torch.cuda.mem_get_info()[0] - free_awake
+            plan = getattr(engine._cumem_kv, "plan", None)
+            print(f"kv_release={engine.kv_release} freed={freed} kv_cache_memory_bytes="
+                  f"{engine.llm_kwargs['kv_cache_memory_bytes']}" + (
+                      "" if plan is None else f" released={len(plan.release)} release_bytes={plan.release_bytes} "
+                      f"preserve_bytes={plan.preserve_bytes} kv_bytes={plan.kv_bytes} "
+                      f"kv_bytes_covered={plan.kv_bytes_covered} kept={sorted(set(plan.kept.values()))}"))
             assert freed >= 0.8 * engine.llm_kwargs["kv_cache_memory_bytes"], freed
             if engine.kv_release == "cumem-segments":
                 assert abs(freed - engine._cumem_kv.nbytes) <= 64 * (1 << 20), (freed, engine._cumem_kv.nbytes)
@@ -279,6 +285,21 @@ def test_cuda_sleep_releases_only_the_kv_cache(tiny_dir, monkeypatch):  # pragma
         assert weights_shared(model, engine.vllm_model) == []
     finally:
         engine.close()
+
+
+def test_bench_context_trial_with_the_vllm_engine(tiny_dir):
+    """``bench context --engine vllm``'s trial: vLLM generates on the trainer's weights, the KV cache
+    is sized for the trial, the training step runs after (standby: a sleep) and the trial fits."""
+    from compilepass.standby.bench.context import run_trial
+
+    base = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
+    model = add_lora(base, rank=8, alpha=16, seed=0)
+    model.train()
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trial = run_trial(model, 12, generations=2, prompt_len=4, compile_options=False, engine_kind="vllm", lr=1e-2)
+    assert trial.ok, trial.error
+    assert trial.generated_tokens == 12 and trial.kv_region_gib > 0
+    assert any(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if "lora_B" in n)
 
 
 # ------------------------------------------------------------------------------ GRPO and tuning

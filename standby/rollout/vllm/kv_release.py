@@ -56,18 +56,38 @@ def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in out]
 
 
-def _inside(lo: int, hi: int, ranges: Sequence[tuple[int, int]]) -> bool:
-    return any(a <= lo and hi <= b for a, b in ranges)
+def _minus(lo: int, hi: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [lo, hi) outside every range of ``ranges`` (merged, sorted)."""
+    out, at = [], lo
+    for a, b in ranges:
+        if b <= at or a >= hi:
+            continue
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+        if at >= hi:
+            break
+    if at < hi:
+        out.append((at, hi))
+    return out
+
+
+def _live_extent(block: dict) -> tuple[int, int]:
+    """[start, end) of what a live block holds: its requested bytes where the snapshot records them
+    (torch keeps a block unsplit when the slack is small, so ``size`` can run past the tensor)."""
+    lo = int(block["address"])
+    n = int(block.get("requested_size") or block["size"])
+    return lo, lo + min(n, int(block["size"]))
 
 
 def plan_release(allocations: Iterable[tuple[int, int, str]], snapshot: Sequence[dict],
                  kv_ranges: Iterable[tuple[int, int]]) -> ReleasePlan:
     """``allocations``: (address, size, tag) of every cumem allocation; ``snapshot``: the segments of
     ``torch.cuda.memory_snapshot()`` (``address``, ``total_size``, ``blocks`` with ``address``,
-    ``size``, ``state``); ``kv_ranges``: [start, end) of each KV-cache tensor's storage. An allocation
-    is released if it is tagged ``kv_cache``, torch's snapshot knows it as one segment of the same
-    extent, and at least one of its live blocks lies inside a KV range; its other live blocks are
-    listed in ``preserve`` (copied out and back around the release)."""
+    ``size``, ``requested_size``, ``state``); ``kv_ranges``: [start, end) of each KV-cache tensor's
+    storage. An allocation is released if it is tagged ``kv_cache``, torch's snapshot knows it as
+    one segment of the same extent, and a KV range overlaps one of its live blocks; the live bytes
+    outside every KV range are listed in ``preserve`` (copied out and back around the release)."""
     kv = _merge(kv_ranges)
     plan = ReleasePlan(kv_bytes=sum(hi - lo for lo, hi in kv))
     segments = {int(s["address"]): s for s in snapshot}
@@ -78,14 +98,13 @@ def plan_release(allocations: Iterable[tuple[int, int, str]], snapshot: Sequence
         if seg is None or int(seg.get("total_size", -1)) != int(size):
             plan.kept[addr] = "torch's memory snapshot has no segment of this extent"
             continue
-        live = [(int(b["address"]), int(b["address"]) + int(b["size"])) for b in seg.get("blocks", [])
-                if b.get("state") != "inactive"]
+        live = [_live_extent(b) for b in seg.get("blocks", []) if b.get("state") != "inactive"]
         if not live:
             plan.kept[addr] = "no live block (nothing of the KV cache in it)"
             continue
-        other = [(lo, hi) for lo, hi in live if not _inside(lo, hi, kv)]
-        if len(other) == len(live):
-            plan.kept[addr] = f"no KV-cache tensor in it ({len(other)} live block(s) of engine metadata)"
+        other = [piece for lo, hi in live for piece in _minus(lo, hi, kv)]
+        if sum(hi - lo for lo, hi in other) == sum(hi - lo for lo, hi in live):
+            plan.kept[addr] = f"no KV-cache tensor in it ({len(live)} live block(s) of engine metadata)"
             continue
         plan.release.append(addr)
         plan.release_bytes += int(size)
