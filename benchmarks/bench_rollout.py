@@ -20,7 +20,10 @@ A variant is engine options joined by "+": ``baseline`` (none), ``fused`` (fused
 projections), ``sdpa`` / ``sdpa_gqa`` / ``triton`` (decode attention; ``triton`` reads each sequence's cache only
 up to its length), ``graph_sampling`` (sampler and
 bookkeeping inside the step's CUDA graph), ``layer`` (regional compilation), ``per_bucket`` (one
-static compile per bucket), ``eager`` (no compile); ``all`` = ``fused+sdpa+graph_sampling``.
+static compile per bucket), ``eager`` (no compile), ``nf4`` (a copy of the model with NF4 base weights,
+bitsandbytes' 4-bit matmul, fused projections off: issue 17's 4-bit decode beside the 16-bit rows),
+``nf4_triton`` (the same through our NF4 kernel, ``COMPILEPASS_NF4_MATMUL=triton``);
+``all`` = ``fused+sdpa+graph_sampling``.
 Variants without ``fused`` run first (fusing re-points the model's parameters for the rest of
 the process). ``--with-8b`` then runs qwen3-8b shapes at ``--batch-8b`` with the transformers
 baseline and the fastest 0.6b variant (or ``--variant-8b``).
@@ -64,7 +67,24 @@ VARIANT_TOKENS = {
     "layer": {"compile_scope": "layer"},
     "per_bucket": {"dynamic_batch": False},
     "eager": {},
+    "nf4": {"nf4": True},
+    "nf4_triton": {"nf4": True, "nf4_matmul": "triton"},
 }
+_NF4_MODELS: dict = {}
+
+
+def nf4_copy(model):
+    """A copy of ``model`` whose linear layers (not lm_head) are NF4 with double quantization
+    (:func:`compilepass.core.quantize.quantize_linears`, as ``model.load_in_4bit`` builds a preset):
+    the 4-bit rows of issue 17 beside the 16-bit ones, on the same weights. One copy per model."""
+    import copy
+
+    from compilepass.core.quantize import quantize_linears
+
+    key = id(model)
+    if key not in _NF4_MODELS:
+        _NF4_MODELS[key] = quantize_linears(copy.deepcopy(model), compute_dtype=next(model.parameters()).dtype)
+    return _NF4_MODELS[key]
 ALL = "fused+sdpa+graph_sampling"
 DEFAULT_VARIANTS = "baseline,fused,fused+sdpa,fused+graph_sampling,all,all+layer"
 
@@ -226,6 +246,28 @@ def _compile_time_totals() -> dict:
 
 def run_engine(model, prompts, new_tokens: int, flags, engine_kwargs: dict, repeats: int, warm_start, device,
                dynamic_batch: bool = True) -> dict:
+    """:func:`_run_engine` with ``COMPILEPASS_NF4_MATMUL`` set for the variant (``nf4_triton``), then restored."""
+    from compilepass.standby.rollout.linear4bit import MATMUL_ENV
+
+    engine_kwargs = dict(engine_kwargs)
+    backend = engine_kwargs.pop("nf4_matmul", None)
+    before = os.environ.get(MATMUL_ENV)
+    if backend:
+        os.environ[MATMUL_ENV] = backend
+    try:
+        row = _run_engine(model, prompts, new_tokens, flags, engine_kwargs, repeats, warm_start, device, dynamic_batch)
+    finally:
+        if before is None:
+            os.environ.pop(MATMUL_ENV, None)
+        else:
+            os.environ[MATMUL_ENV] = before
+    if backend:
+        row["nf4_matmul"] = backend
+    return row
+
+
+def _run_engine(model, prompts, new_tokens: int, flags, engine_kwargs: dict, repeats: int, warm_start, device,
+                dynamic_batch: bool = True) -> dict:
     import torch
 
     from compilepass.standby.rollout.engine import RolloutEngine
@@ -234,11 +276,15 @@ def run_engine(model, prompts, new_tokens: int, flags, engine_kwargs: dict, repe
     max_len = max(len(p) for p in prompts) + new_tokens
     options = False if flags == "eager" else flags
     kwargs = {"dynamic_batch": dynamic_batch, **engine_kwargs}
+    if kwargs.pop("nf4", False):
+        model = nf4_copy(model)
+        kwargs["fused_projections"] = False
     gc.collect()
     sync(device)
     before, phases_before = _cache_counters(), _compile_time_totals()
     t0 = time.perf_counter()
-    engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options, **kwargs)
+    engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options, persistent_compile=False,
+                           **kwargs)
     sync(device)
     cold = time.perf_counter() - t0
     after, phases_after = _cache_counters(), _compile_time_totals()
@@ -280,7 +326,8 @@ def run_engine(model, prompts, new_tokens: int, flags, engine_kwargs: dict, repe
     if options is not False and warm_start():
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options, **kwargs)
+        engine = RolloutEngine(model, max_batch=B, max_len=max_len, compile_options=options, persistent_compile=False,
+                           **kwargs)
         sync(device)
         row["warm_start_s"] = time.perf_counter() - t0
         engine.close()

@@ -4,8 +4,9 @@ without the gc patch.
     python benchmarks/bench_vllm.py --out $OUT/vllm_side_by_side.json          # on a GPU with vLLM
     python benchmarks/bench_vllm.py --out r.json --only native plain-vllm      # a subset
 
-Every row runs in its own child process (a cold process: fresh Inductor and Triton cache folders,
-vLLM's compile cache off with ``VLLM_DISABLE_COMPILE_CACHE=1``), on the same random-weight model
+Every row runs in its own child process (a new Inductor cache folder, vLLM's compile cache off with
+``VLLM_DISABLE_COMPILE_CACHE=1``; Triton's kernel cache and vLLM's JIT caches stay the machine's, so
+run it after one vLLM start on the machine), on the same random-weight model
 (``--model`` preset, bf16, seed 0) and the same random prompts; every completion runs to
 ``--new-tokens`` (EOS ignored). Rows:
 
@@ -18,7 +19,7 @@ vLLM's compile cache off with ``VLLM_DISABLE_COMPILE_CACHE=1``), on the same ran
   (``gpu_memory_utilization=0.9``), as a vLLM user would start it;
 - ``gc-off`` / ``gc-on``: plain vLLM again with ``--gc-objects`` live Python objects in the process
   (a trainer's heap), without and with :func:`compilepass.gc_patch.patch_vllm_capture`; the time
-  inside vLLM's ``capture_model`` is measured by a wrapper around it.
+  inside vLLM's ``capture_model`` is measured by a wrapper around it (start only, no generate).
 
 Per row: ``start_s`` (constructor wall time), ``capture_s`` (vLLM rows), the first generate's time,
 ``--repeats`` timed generates (raw), tok/s median. The JSON also has the device, versions and this
@@ -83,19 +84,26 @@ def _timed(generate, repeats: int) -> dict:
 
 
 def _wrap_capture(box: dict):
-    """Time vLLM's GPUModelRunner.capture_model (outermost wrapper, so it includes any gc patch)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    """Time vLLM's ``capture_model`` (outermost wrapper, so it includes any gc patch), on every model
+    runner class the installed vLLM has (V1's ``gpu_model_runner`` and 0.26's V2 ``gpu.model_runner``)."""
+    import importlib
 
-    inner = GPUModelRunner.capture_model
-
-    def timed(self, *a, **k):
-        t0 = time.perf_counter()
+    for module, cls in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+                        ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner")):
         try:
-            return inner(self, *a, **k)
-        finally:
-            box["capture_s"] = box.get("capture_s", 0.0) + time.perf_counter() - t0
+            runner = getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError):
+            continue
+        inner = runner.capture_model
 
-    GPUModelRunner.capture_model = timed
+        def timed(self, *a, _inner=inner, **k):
+            t0 = time.perf_counter()
+            try:
+                return _inner(self, *a, **k)
+            finally:
+                box["capture_s"] = box.get("capture_s", 0.0) + time.perf_counter() - t0
+
+        runner.capture_model = timed
 
 
 def child_native(args) -> dict:
@@ -106,7 +114,8 @@ def child_native(args) -> dict:
     model, prompts = _model_and_prompts(args)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    engine = RolloutEngine(model, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens)
+    engine = RolloutEngine(model, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens,
+                           persistent_compile=False)  # a cold start, also on a later repeat
     torch.cuda.synchronize()
     row = {"start_s": time.perf_counter() - t0, "compile_s": engine.compile_s, "capture_s": engine.capture_s}
 
@@ -205,7 +214,10 @@ def child_plain_vllm(args, gc_mode=None) -> dict:
         ids = torch.tensor([list(o.outputs[0].token_ids) for o in outs])
         return int(sum(len(o.outputs[0].token_ids) for o in outs)), ids
 
-    row.update(_timed(gen, args.repeats if gc_mode is None else 1))
+    if gc_mode is None:
+        row.update(_timed(gen, args.repeats))
+    else:  # the gc rows measure the engine's start only
+        row["last_ids"] = torch.zeros(1, dtype=torch.long)
     del keep
     return row
 
@@ -244,11 +256,15 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "versions": {d: dist_version(d) for d in ("torch", "triton", "vllm", "transformers", "peft")},
               "model": args.model, "batch": args.batch, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "rows": {}}
+              "new_tokens": args.new_tokens,
+              "caches": "every row in a new process with a new Inductor cache folder (FX graph and AOT "
+                        "autograd caches empty) and vLLM's compile cache off; Triton's kernel cache and "
+                        "vLLM's JIT caches are the machine's own (warm after its first vLLM start)",
+              "rows": {}}
     for name in args.only:
         tmp = Path(tempfile.mkdtemp(prefix=f"bench-vllm-{name}-"))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_DISABLE_COMPILE_CACHE="1",
-                   TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), TRITON_CACHE_DIR=str(tmp / "triton"),
+                   TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"),
                    BENCH_DUMP_S=str(max(10.0, args.child_timeout_s - 15)))
         cmd = [sys.executable, __file__, "--child", name, "--out", str(tmp / "row.json"), "--model", args.model,
                "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--new-tokens",
@@ -258,11 +274,11 @@ def main(argv=None) -> int:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout_s)
             ok = proc.returncode == 0 and (tmp / "row.json").exists()
             row = json.loads((tmp / "row.json").read_text()) if ok else {
-                "error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-4000:]}
+                "error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-12000:]}
         except subprocess.TimeoutExpired as exc:
             row = {"error": f"timed out after {args.child_timeout_s} s",
-                   "stderr_tail": (exc.stderr or b"")[-4000:].decode(errors="replace")
-                   if isinstance(exc.stderr, bytes) else str(exc.stderr)[-4000:]}
+                   "stderr_tail": (exc.stderr or b"")[-12000:].decode(errors="replace")
+                   if isinstance(exc.stderr, bytes) else str(exc.stderr)[-12000:]}
         row["process_s"] = time.perf_counter() - t0
         result["rows"][name] = row
         Path(args.out).write_text(json.dumps(result, indent=1))

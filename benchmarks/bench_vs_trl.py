@@ -26,15 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench_common import dist_version
+from bench_common import dist_version, result_header, run_json_child
 
 STACKS = ("trl-hf", "trl-vllm", "trl-ours", "ours")
 
@@ -234,7 +232,7 @@ def run_child(args) -> dict:
         from compilepass.standby.memory.cap import DeviceMemoryCap
 
         cap = DeviceMemoryCap(args.device_memory_gib)
-    visible = cap.visible_total() if cap is not None else (torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None)
+    visible = cap.visible_total if cap is not None else (torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None)
     row: dict = {"cap": cap.describe() if cap is not None else None}
     t0 = time.perf_counter()
     with PeakSampler(visible) as peak:
@@ -256,16 +254,7 @@ def _child(args, stack: str, model_dir: Path, completion_len: int, steps: int) -
            "--completion-len", str(completion_len), "--lora-rank", str(args.lora_rank), "--steps", str(steps)]
     if args.device_memory_gib:
         cmd += ["--device-memory-gib", str(args.device_memory_gib)]
-    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.child_timeout_s} s"}
-    if proc.returncode != 0 or not (tmp / "row.json").exists():
-        tail = proc.stderr[-3000:]
-        oom = "out of memory" in tail.lower() or "OutOfMemory" in tail
-        return {"error": "out of memory" if oom else f"exit {proc.returncode}", "stderr_tail": tail}
-    return json.loads((tmp / "row.json").read_text())
+    return run_json_child(cmd, tmp / "row.json", args.child_timeout_s)
 
 
 def main(argv=None) -> int:
@@ -273,16 +262,11 @@ def main(argv=None) -> int:
     if args.child:
         Path(args.out).write_text(json.dumps(run_child(args), indent=1))
         return 0
-    import torch
-
     if args.smoke:
         args.prompts, args.generations, args.prompt_len, args.completion_len, args.steps = 2, 2, 8, 8, 2
         args.model = "smoke"
     stacks = [s for s in args.stacks if s != "trl-vllm" or dist_version("vllm")]
-    result = {"benchmark": "grpo_vs_trl", "command": " ".join(shlex.quote(a) for a in sys.argv),
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "versions": {d: dist_version(d) for d in ("torch", "triton", "transformers", "peft", "trl", "vllm")},
-              "model": args.model, "prompts": args.prompts, "generations": args.generations,
+    result = {**result_header("grpo_vs_trl"), "model": args.model, "prompts": args.prompts, "generations": args.generations,
               "prompt_len": args.prompt_len, "completion_len": args.completion_len, "lora_rank": args.lora_rank,
               "steps": args.steps, "device_memory_gib": args.device_memory_gib,
               "skipped": sorted(set(args.stacks) - set(stacks)), "rows": {}, "context": {}}

@@ -1,12 +1,16 @@
-"""Engine start in a new process: cold (empty compile caches) vs warm (the caches a previous process left).
+"""Engine start in a new process: cold (empty compile caches) vs warm (the caches a previous process left),
+warm with the persisted compiled layer (``precompiled``) and warm through Inductor's caches alone (``fx``).
 
 Each start is its own ``python`` process that builds a random-weight model and a ``RolloutEngine``
 with its defaults and reports ``cold_start_s`` (construction: KV region, compile, CUDA-graph capture
 of every batch bucket and sampler), dynamo's timed compile phases and the FX-graph / AOT-autograd
 cache counters; then one greedy generate whose tokens every start must reproduce. The first start
 gets fresh ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` directories; the ``--warm`` later
-starts reuse them (what a user's second ``compilepass grpo`` run sees). Nothing is stored in the
-tuning database: the caches are torch's own, on disk.
+starts reuse them (what a user's second ``compilepass grpo`` run sees). The ``--warm`` starts run
+twice over, in the same call: with the engine's persistent compile (torch's AOT precompile: the
+compiled layer loaded from ``COMPILEPASS_CACHE_DIR/precompiled``, no dynamo trace) and with
+``COMPILEPASS_PRECOMPILE=0`` (dynamo traces again, Inductor's FX / AOT-autograd caches hit): the
+baseline. Nothing is stored in the tuning database: the caches are torch's and ours, on disk.
 
     python benchmarks/bench_warm_start.py --out $OUT/warm_start.json              # GPU: qwen3-0.6b
     python benchmarks/bench_warm_start.py --smoke --out /tmp/warm_start_smoke.json  # CPU, tiny
@@ -24,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from bench_common import add_rollout_shape_args
+from bench_common import add_rollout_shape_args, dist_version
 
 CHILD = r"""
 import json, sys, time
@@ -32,6 +36,7 @@ t_proc = time.perf_counter()
 import torch
 from torch._dynamo.utils import compilation_time_metrics, counters
 from compilepass.core.models import build_model
+from compilepass.standby.rollout import persistent_compile
 from compilepass.standby.rollout.engine import RolloutEngine
 
 args = json.loads(sys.argv[1])
@@ -58,6 +63,9 @@ print(json.dumps({
               "fxgraph_miss": counters["inductor"]["fxgraph_cache_miss"],
               "aot_autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
               "aot_autograd_miss": counters["aot_autograd"]["autograd_cache_miss"]},
+    "precompiled": {"supported": persistent_compile.supported(), "dir": str(engine.persist_dir or ""),
+                    "loaded": list(getattr(engine.decoder._layer_fn, "loaded", [])),
+                    "compiled": list(getattr(engine.decoder._layer_fn, "compiled", []))},
     "tokens_per_s": out.tokens_per_s, "first_tokens": out.completion_ids[:2, :8].tolist(),
     "tokens_checksum": int(out.completion_ids.sum()),
 }))
@@ -87,35 +95,46 @@ def main(argv=None) -> int:
             "compile": True}
     root = tempfile.mkdtemp(prefix="bench_warm_start_")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(root, "inductor"),
-               TRITON_CACHE_DIR=os.path.join(root, "triton"), PYTHONUNBUFFERED="1")
+               TRITON_CACHE_DIR=os.path.join(root, "triton"), COMPILEPASS_CACHE_DIR=os.path.join(root, "compilepass"),
+               PYTHONUNBUFFERED="1")
+    env.pop("COMPILEPASS_PRECOMPILE", None)
     starts = []
-    for i in range(1 + args.warm):
+    # the FX-cache path first (its cold start fills Inductor's caches; an AOT precompile does not), then
+    # the precompiled path's own first start (it compiles and saves), then its warm starts
+    plan = ([("cold", "0")] + [("warm_fx", "0")] * args.warm + [("cold_precompile", "1")]
+            + [("warm", "1")] * args.warm)
+    for i, (kind, precompile) in enumerate(plan):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, capture_output=True,
-                              text=True, timeout=900)
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
+                              env=dict(env, COMPILEPASS_PRECOMPILE=precompile), timeout=900)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"start {i} failed with exit code {proc.returncode}")
+            raise SystemExit(f"start {i} ({kind}) failed with exit code {proc.returncode}")
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row.update(kind="cold" if i == 0 else "warm", process_wall_s=wall)
+        row.update(kind=kind, process_wall_s=wall, stderr_tail=proc.stderr[-1500:])
         starts.append(row)
-        print(f"{row['kind']:>5}: engine {row['cold_start_s']:.2f} s (compile {row['compile_s']:.2f}, capture "
+        print(f"{row['kind']:>7}: engine {row['cold_start_s']:.2f} s (compile {row['compile_s']:.2f}, capture "
               f"{row['capture_s']:.2f}); process {wall:.1f} s; fx cache hit/miss {row['cache']['fxgraph_hit']}/"
-              f"{row['cache']['fxgraph_miss']}", flush=True)
+              f"{row['cache']['fxgraph_miss']}; precompiled loaded {row['precompiled']['loaded']}", flush=True)
     same = len({s["tokens_checksum"] for s in starts}) == 1
-    warm = [s["cold_start_s"] for s in starts[1:]]
+    warm = [s["cold_start_s"] for s in starts if s["kind"] == "warm"]
+    warm_fx = [s["cold_start_s"] for s in starts if s["kind"] == "warm_fx"]
     result = {
         "benchmark": "warm_start", "command": " ".join([sys.executable] + sys.argv),
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "triton": dist_version("triton"), "python": platform.python_version()},
         "spec": spec, "starts": starts, "cold_start_s": starts[0]["cold_start_s"],
-        "warm_start_s": warm, "warm_start_s_median": statistics.median(warm), "same_tokens": same,
+        "cold_precompile_start_s": next(s["cold_start_s"] for s in starts if s["kind"] == "cold_precompile"),
+        "warm_start_s": warm, "warm_start_s_median": statistics.median(warm),
+        "warm_fx_start_s": warm_fx, "warm_fx_start_s_median": statistics.median(warm_fx),
+        "precompile_supported": starts[0]["precompiled"]["supported"], "same_tokens": same,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"cold {result['cold_start_s']:.2f} s, warm median {result['warm_start_s_median']:.2f} s "
-          f"(of {len(warm)}), same tokens: {same}; wrote {args.out}")
+    print(f"cold {result['cold_start_s']:.2f} s (saving the precompiled layer: {result['cold_precompile_start_s']:.2f}"
+          f" s), warm median {result['warm_start_s_median']:.2f} s precompiled, {result['warm_fx_start_s_median']:.2f}"
+          f" s through the FX cache (of {len(warm)} each), same tokens: {same}; wrote {args.out}")
     return 0 if same else 1
 
 

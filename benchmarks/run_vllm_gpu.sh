@@ -4,13 +4,27 @@
 #   bash benchmarks/run_vllm_gpu.sh tests   # cumem probe + tests/vllm_env on CUDA       -> $OUT
 #   bash benchmarks/run_vllm_gpu.sh kv      # the KV-only release test alone (CUDA sleep/wake cycles)
 #   bash benchmarks/run_vllm_gpu.sh bench   # native / VllmEngine / plain vLLM; gc patch -> $OUT
-#   bash benchmarks/run_vllm_gpu.sh grpo    # GRPO steps, engine vllm vs native; a short vLLM tune
+#   bash benchmarks/run_vllm_gpu.sh grpo    # GRPO steps, engine vllm vs native
+#   TUNE_S=540 bash benchmarks/run_vllm_gpu.sh tune   # compilepass tune --engine vllm (short)
+#   bash benchmarks/run_vllm_gpu.sh trl     # benchmarks/bench_vs_trl.py (TRL, TRL+vLLM, TRL+ours, ours)
+#   bash benchmarks/run_vllm_gpu.sh warm    # one plain vLLM start with a long timeout: FlashInfer's JIT
+#                                           # builds (its sampler: minutes on a fresh machine) -> $OUT tarball
+#   bash benchmarks/run_vllm_gpu.sh context # bench context under an 80 GiB cap, engine native then vllm
+#                                           # (CONTEXT_MODEL, CONTEXT_LEN, CONTEXT_ARGS, CONTEXT_S per engine)
+#   bash benchmarks/run_vllm_gpu.sh learn   # benchmarks/learn_vs_trl.py on SmolLM2-135M-Instruct (ours, TRL+vLLM);
+#                                           # its GGUF arrives in two calls: cp .smol/pN/* /root/smolparts/
+#   bash benchmarks/run_vllm_gpu.sh start   # benchmarks/bench_warm_start.py (issue 15: engine start cold, warm
+#                                           # through the FX cache, warm with the persisted layer; no vLLM needed)
+# Every stage first restores .ficache/flashinfer.tar.gz (that tarball, carried) into ~/.cache.
 set -uo pipefail
-stage=${1:?stage: tests, bench or grpo}
+stage=${1:?stage: kv, tests, bench, grpo, tune or trl}
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} VLLM_ENABLE_V1_MULTIPROCESSING=0 PYTHONUNBUFFERED=1
 tag=h200_$(date -u +%Y-%m-%d)
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+if [ -f .ficache/flashinfer.tar.gz ] && [ ! -d ~/.cache/flashinfer ]; then
+  mkdir -p ~/.cache && tar -xzf .ficache/flashinfer.tar.gz -C ~/.cache && echo "FlashInfer JIT cache restored"
+fi
 case "$stage" in
 tests)
   timeout 120 python3 benchmarks/probe_vllm_cumem.py --out "$out/vllm_cumem_probe_$tag.json" 2>&1 | tail -40
@@ -37,11 +51,45 @@ grpo)
     echo "grpo $eng exit $?"; tail -4 "$out/grpo_${eng}_$tag.log"
     cp /tmp/grpo-$eng/metrics.jsonl "$out/grpo_${eng}_metrics_$tag.jsonl" 2>/dev/null
   done
-  if [ "${TUNE_S:-0}" != 0 ]; then
-    timeout "$TUNE_S" python3 -m compilepass.cli tune --engine vllm --model qwen3-0.6b --trials "${TUNE_TRIALS:-4}" \
-      --repeats 3 --verify-rounds 4 --verify-candidates 1 --time-budget $((TUNE_S - 150)) --no-record \
-      --out "$out/tune_vllm_qwen3-0.6b_$tag.json" > "$out/tune_vllm_$tag.log" 2>&1
-    echo "tune exit $?"; tail -15 "$out/tune_vllm_$tag.log"
+  ;;
+start)
+  timeout "${START_S:-560}" python3 benchmarks/bench_warm_start.py --warm "${START_WARM:-3}" \
+    --out "$out/warm_start_qwen3-0.6b_$tag.json" 2>&1 | tail -12
+  ;;
+tune)
+  tune_s=${TUNE_S:-540}
+  timeout "$tune_s" python3 -m compilepass.cli tune --engine vllm --model qwen3-0.6b --trials "${TUNE_TRIALS:-4}" \
+    --repeats 3 --verify-rounds 4 --verify-candidates 1 --time-budget $((tune_s - 150)) --no-record \
+    --out "$out/tune_vllm_qwen3-0.6b_$tag.json" > "$out/tune_vllm_$tag.log" 2>&1
+  echo "tune exit $?"; tail -15 "$out/tune_vllm_$tag.log"
+  ;;
+trl)
+  timeout "${TRL_S:-560}" python3 benchmarks/bench_vs_trl.py --out "$out/vs_trl_$tag.json" --model qwen3-0.6b \
+    --device-memory-gib 80 ${TRL_ARGS:-} > "$out/vs_trl_$tag.log" 2>&1
+  echo "bench_vs_trl exit $?"; grep -vE "it/s\]|s/it\]" "$out/vs_trl_$tag.log" | tail -25
+  ;;
+context)
+  model=${CONTEXT_MODEL:-qwen3-8b}; len=${CONTEXT_LEN:-131072}
+  for eng in native vllm; do
+    timeout "${CONTEXT_S:-280}" python3 -m compilepass.cli bench context --engine $eng --model "$model" \
+      --device-memory-gib 80 --standby on --generate-tokens 16 --compile eager --min-len "$len" --max-len "$len" \
+      ${CONTEXT_ARGS:---micro-batch-size 1} --out "$out/context_${model}_${eng}_cap80_$tag.json" \
+      > "$out/context_${model}_${eng}_cap80_$tag.log" 2>&1
+    echo "context $eng exit $?"; grep -E "completion_len|max_completion_len" "$out/context_${model}_${eng}_cap80_$tag.log" | tail -3
+  done
+  ;;
+learn)
+  if [ ! -d /root/smol ]; then
+    cat /root/smolparts/smolpart_* > /root/smol.gguf && echo "$(cat .smol/sha256)  /root/smol.gguf" | sha256sum -c - \
+      && python3 -m compilepass.cli model import-gguf /root/smol.gguf /root/smol > /dev/null || exit 1
   fi
+  timeout "${LEARN_S:-560}" python3 benchmarks/learn_vs_trl.py --model-dir /root/smol --device-memory-gib 80 \
+    --out "$out/learn_vs_trl_smollm2_$tag.json" ${LEARN_ARGS:-} > "$out/learn_vs_trl_$tag.log" 2>&1
+  echo "learn_vs_trl exit $?"; tail -4 "$out/learn_vs_trl_$tag.log"
+  ;;
+warm)
+  timeout "${WARM_S:-420}" python3 benchmarks/bench_vllm.py --out "$out/vllm_warm_start_$tag.json" --only plain-vllm \
+    --repeats 1 --child-timeout-s $((${WARM_S:-420} - 20)) 2>&1 | tail -5
+  tar -czf "$out/flashinfer.tar.gz" -C ~/.cache flashinfer && ls -la "$out/flashinfer.tar.gz"
   ;;
 esac
