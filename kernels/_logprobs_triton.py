@@ -17,6 +17,12 @@ One program computes one ``[BLOCK_M tokens x BLOCK_N vocab]`` tile of
   gradient of the log-probs w.r.t. the logits (temperature folded into ``gscale``), on bounded
   chunks only.
 
+With ``ENTROPY`` (modes 0 and 1), the tile also writes the entropy of its own softmax,
+``log(sum_j e_j) + sum_j e_j (max - s_j) / sum_j e_j`` with ``e_j = exp(s_j - max)``, to
+``ent[row, tile]``: a sum of non-negative terms, so a confident row's small entropy is not the
+difference of two large numbers. The host combines tiles by the chain rule of entropy,
+``H = sum_t w_t (H_t - log w_t)`` with ``w_t = exp(lse_t - lse)``.
+
 Programs are ordered in groups of GROUP_M row blocks (as in the Triton matmul tutorial) so that a
 group's hidden rows and the weight tiles it walks over stay in L2.
 """
@@ -40,6 +46,7 @@ def logits_tile_kernel(
     tgt_ptr,  # MODE 0/1: [M] fp32 target logit
     lse_ptr,  # MODE 2: [M] fp32 log-sum-exp
     gscale_ptr,  # MODE 2: [M] fp32 upstream grad * inv_temp
+    ent_ptr,  # ENTROPY (MODE 0/1): [M, tiles] fp32 entropy of the tile's softmax (stride_stat)
     M,
     VN,
     K,
@@ -57,6 +64,7 @@ def logits_tile_kernel(
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    ENTROPY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -116,6 +124,9 @@ def logits_tile_kernel(
         e = tl.exp(s - m[:, None])  # 0 in masked columns
         l = tl.reduce(e, 1, tl.standard._sum_combine)
         stat_offs = offs_m.to(tl.int64) * stride_stat + pid_n
+        if ENTROPY:
+            gap = e * tl.where(col_ok[None, :], m[:, None] - s, 0.0)  # e * (max - s); 0 past VN, not 0 * inf
+            tl.store(ent_ptr + stat_offs, tl.log(l) + tl.reduce(gap, 1, tl.standard._sum_combine) / l, mask=row_ok)
         if MODE == 0:
             tl.store(stat0_ptr + stat_offs, m + tl.log(l), mask=row_ok)
         else:

@@ -51,19 +51,22 @@ def backend_for(tensor: torch.Tensor) -> str:
 
 
 def selective_log_softmax(
-    hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
+    hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
+    *, return_entropy: bool = False,
+):
     """float32 log-probs of ``token_ids`` under ``softmax(hidden @ weight.T / temperature)``.
 
     Shapes: hidden ``[..., H]``, weight ``[V, H]``, token_ids ``[...]`` -> ``[...]``. Gradients to
-    hidden, and to weight only if ``weight.requires_grad``.
+    hidden, and to weight only if ``weight.requires_grad``. ``return_entropy``: ``(logp, entropy)``,
+    the entropy of that softmax per token (float32, no gradient) from the same logits, without a
+    second pass over the vocabulary.
     """
     backend = backend_for(hidden)
     if backend == "triton":
-        return selective_log_softmax_triton(hidden, weight, token_ids, temperature)
+        return selective_log_softmax_triton(hidden, weight, token_ids, temperature, return_entropy=return_entropy)
     if backend == "reference":
-        return selective_log_softmax_reference(hidden, weight, token_ids, temperature)
-    return selective_log_softmax_chunked(hidden, weight, token_ids, temperature)
+        return selective_log_softmax_reference(hidden, weight, token_ids, temperature, return_entropy=return_entropy)
+    return selective_log_softmax_chunked(hidden, weight, token_ids, temperature, return_entropy=return_entropy)
 
 
 def grpo_loss(

@@ -3,7 +3,8 @@
     logp[n] = log_softmax((hidden[n] @ weight.T) / temperature)[token_ids[n]]
 
 Three implementations with one signature (``hidden [..., H]``, ``weight [V, H]``, ``token_ids [...]``,
-result ``float32 [...]``):
+result ``float32 [...]``; with ``return_entropy=True`` also the softmax's entropy per token, no
+gradient, from the same logits: the ``entropy`` metric without a second pass over the vocabulary):
 
 * :func:`selective_log_softmax_reference` - plain PyTorch, materializes the ``[tokens, vocab]`` logits
   in float32. The test oracle and the benchmark baseline.
@@ -84,14 +85,27 @@ def _empty_result(h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return (h.sum() * 0).float().expand(token_ids.shape).clone()
 
 
+def _with_entropy(logp: torch.Tensor, return_entropy: bool):
+    """``logp``, or ``(logp, zero-size entropies)`` for a call with no tokens."""
+    return (logp, torch.zeros(logp.shape, dtype=torch.float32, device=logp.device)) if return_entropy else logp
+
+
+def logits_entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Entropy per row of ``softmax(logits)`` (float32 logits [rows, V], their log-sum-exp [rows]),
+    ``sum_v p_v (lse - s_v)``: non-negative terms."""
+    gap = lse[:, None] - logits
+    return (torch.exp(-gap) * gap).sum(dim=1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Reference: materialized logits
 # --------------------------------------------------------------------------------------------------
 
 
 def selective_log_softmax_reference(
-    hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
+    hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
+    return_entropy: bool = False,
+):
     """Materialized-logits reference: ``log_softmax(float32(hidden @ weight.T) / T).gather(token_ids)``.
 
     The matmul runs in the inputs' dtype (as an lm_head does), the softmax in float32. Peak memory
@@ -105,8 +119,12 @@ def selective_log_softmax_reference(
     if temperature != 1.0:
         logits = logits.div_(temperature)  # in place: neither mm nor the cast saves its output
     logp = torch.log_softmax(logits, dim=-1)
-    out = logp.gather(-1, token_ids.reshape(-1, 1).long()).squeeze(-1)
-    return out.reshape(token_ids.shape)
+    out = logp.gather(-1, token_ids.reshape(-1, 1).long()).squeeze(-1).reshape(token_ids.shape)
+    if not return_entropy:
+        return out
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return out, entropy.reshape(token_ids.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,10 +134,11 @@ def selective_log_softmax_reference(
 
 class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, ids, temperature, chunk):
+    def forward(ctx, h, weight, ids, temperature, chunk, with_entropy):
         n = h.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=h.device)
         for r0 in range(0, n, chunk):
             r1 = min(n, r0 + chunk)
             logits = (h[r0:r1] @ weight.t()).float()
@@ -128,13 +147,16 @@ class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
             lse_c = torch.logsumexp(logits, dim=-1)
             out[r0:r1] = logits.gather(1, ids[r0:r1, None]).squeeze(1) - lse_c
             lse[r0:r1] = lse_c
+            if with_entropy:
+                entropy[r0:r1] = logits_entropy(logits, lse_c)
         ctx.save_for_backward(h, weight, ids, lse)
         ctx.temperature = temperature
         ctx.chunk = chunk
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_entropy):
         h, weight, ids, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         inv_t = 1.0 / ctx.temperature
@@ -154,7 +176,7 @@ class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
                 dh[r0:r1] = (d.to(weight.dtype) @ weight).to(h.dtype)
             if need_w:
                 dw.addmm_(d.t(), h[r0:r1].float())
-        return dh, (dw.to(weight.dtype) if need_w else None), None, None, None
+        return dh, (dw.to(weight.dtype) if need_w else None), None, None, None, None
 
 
 def selective_log_softmax_chunked(
@@ -164,12 +186,14 @@ def selective_log_softmax_chunked(
     temperature: float = 1.0,
     *,
     chunk_size: Optional[int] = None,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+):
     """Pure-PyTorch version chunked over tokens; logits of one chunk at a time (recomputed in backward).
 
     ``chunk_size`` tokens per chunk; by default chosen so a chunk's float32 logits take ~256 MiB.
     Gradients: hidden (in its dtype) and, only when ``weight.requires_grad``, weight (accumulated
-    in float32).
+    in float32). ``return_entropy``: ``(logp, entropy)``, the entropies (no gradient) from the same
+    chunks of logits.
     """
     _check_inputs(hidden, weight, token_ids, temperature)
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -179,9 +203,11 @@ def selective_log_softmax_chunked(
     if chunk_size is None:
         chunk_size = max(1, (256 << 20) // (4 * weight.shape[0]))
     if h.shape[0] == 0:
-        return _empty_result(h, token_ids)
-    out = _ChunkedSelectiveLogSoftmax.apply(h, weight, ids, float(temperature), int(chunk_size))
-    return out.reshape(token_ids.shape)
+        return _with_entropy(_empty_result(h, token_ids), return_entropy)
+    out, entropy = _ChunkedSelectiveLogSoftmax.apply(h, weight, ids, float(temperature), int(chunk_size),
+                                                     bool(return_entropy))
+    out = out.reshape(token_ids.shape)
+    return (out, entropy.reshape(token_ids.shape)) if return_entropy else out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,8 +250,10 @@ def _precision(dtype: torch.dtype, interpreted: bool) -> str:
 
 
 def _launch(kernel, cfg: TileConfig, mode: int, h, w, ids, *, out=None, stat0=None, stat1=None, tgt=None,
-            lse=None, gscale=None, v_start: int = 0, inv_temp: float = 1.0):
+            lse=None, gscale=None, ent=None, v_start: int = 0, inv_temp: float = 1.0):
     interp = is_interpreted(kernel)
+    if ent is not None and (stat0 is None or ent.stride(0) != stat0.stride(0)):
+        raise ValueError("the tile-entropy buffer must have the tile statistics' row stride")
     m, k = h.shape
     vn = w.shape[0]
     any_t = tgt if tgt is not None else (lse if lse is not None else ids)
@@ -238,6 +266,7 @@ def _launch(kernel, cfg: TileConfig, mode: int, h, w, ids, *, out=None, stat0=No
         tgt if tgt is not None else any_t,
         lse if lse is not None else any_t,
         gscale if gscale is not None else any_t,
+        ent if ent is not None else any_t,
         m, vn, k, v_start,
         h.stride(0), w.stride(0),
         out.stride(0) if out is not None else 0,
@@ -251,6 +280,7 @@ def _launch(kernel, cfg: TileConfig, mode: int, h, w, ids, *, out=None, stat0=No
         EVEN_K=(k % cfg.block_k == 0),
         UPCAST=(interp and w.dtype != torch.float32),
         PRECISION=_precision(w.dtype, interp),
+        ENTROPY=ent is not None,
         **cfg.launch_options(interp),
     )
 
@@ -290,8 +320,18 @@ def _select_config(mode: int, kernel, h, w, ids, rows: int, cols: int, inv_temp:
     return pick_config(key, cuda_candidates(w.dtype), launch)
 
 
-def _forward_lse(kernel, h, w, ids, inv_temp: float, opts: _Options):
-    """log-probs and log-sum-exp without any [tokens, vocab] buffer (no-grad / weight-grad-only path)."""
+def combine_tile_entropies(tile_lse: torch.Tensor, tile_entropy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lse, entropy) per row of a softmax split into groups of columns (tiles), from each group's
+    log-sum-exp and the entropy of its own softmax ([rows, groups] each): the chain rule of entropy,
+    ``H = sum_t w_t (H_t - log w_t)``, ``w_t = exp(lse_t - lse)``; every term is >= 0."""
+    lse = torch.logsumexp(tile_lse, dim=1)
+    gap = lse[:, None] - tile_lse  # -log w_t >= 0
+    return lse, (torch.exp(-gap) * (tile_entropy + gap)).sum(dim=1)
+
+
+def _forward_lse(kernel, h, w, ids, inv_temp: float, opts: _Options, with_entropy: bool = False):
+    """log-probs, log-sum-exp (and entropies) without any [tokens, vocab] buffer (no-grad /
+    weight-grad-only path)."""
     from ._logprobs_triton import MODE_LSE
 
     n = h.shape[0]
@@ -305,21 +345,29 @@ def _forward_lse(kernel, h, w, ids, inv_temp: float, opts: _Options):
     if rows < n and rows > cfg.block_m:
         rows = rows // cfg.block_m * cfg.block_m
     part = torch.empty(rows, tiles, dtype=torch.float32, device=dev)
+    part_ent = torch.empty_like(part) if with_entropy else None
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
+    entropy = torch.empty(n, dtype=torch.float32, device=dev) if with_entropy else None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         nr = r1 - r0
         tgt = torch.full((nr,), float("nan"), dtype=torch.float32, device=dev)
-        _launch(kernel, cfg, MODE_LSE, h[r0:r1], w, ids[r0:r1], stat0=part[:nr], tgt=tgt, inv_temp=inv_temp)
-        lse_c = torch.logsumexp(part[:nr], dim=1)
+        ent_c = part_ent[:nr] if with_entropy else None
+        _launch(kernel, cfg, MODE_LSE, h[r0:r1], w, ids[r0:r1], stat0=part[:nr], tgt=tgt, ent=ent_c,
+                inv_temp=inv_temp)
+        if with_entropy:
+            lse_c, entropy[r0:r1] = combine_tile_entropies(part[:nr], ent_c)
+        else:
+            lse_c = torch.logsumexp(part[:nr], dim=1)
         lse[r0:r1] = lse_c
         logp[r0:r1] = tgt - lse_c
-    return logp, lse
+    return logp, lse, entropy
 
 
-def _forward_with_grad_basis(kernel, h, w, ids, inv_temp: float, opts: _Options):
-    """log-probs, log-sum-exp and C = sum_v p_v (W[t] - W[v]) (so that dlogp/dh = C / T)."""
+def _forward_with_grad_basis(kernel, h, w, ids, inv_temp: float, opts: _Options, with_entropy: bool = False):
+    """log-probs, log-sum-exp, C = sum_v p_v (W[t] - W[v]) (so that dlogp/dh = C / T), and the
+    entropies when asked (from the same tiles: no extra GEMM)."""
     from ._logprobs_triton import MODE_PROBS
 
     n, hdim = h.shape
@@ -333,6 +381,8 @@ def _forward_with_grad_basis(kernel, h, w, ids, inv_temp: float, opts: _Options)
     p_buf = torch.empty(nc, tiles_max * bn, dtype=w.dtype, device=dev)
     tmax_buf = torch.empty(nc, tiles_max, dtype=torch.float32, device=dev)
     tsum_buf = torch.empty_like(tmax_buf)
+    tent_buf = torch.empty_like(tmax_buf) if with_entropy else None
+    entropy = torch.empty(n, dtype=torch.float32, device=dev) if with_entropy else None
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     lse_all = torch.empty(n, dtype=torch.float32, device=dev)
     basis = torch.empty(n, hdim, dtype=w.dtype, device=dev)
@@ -344,6 +394,7 @@ def _forward_with_grad_basis(kernel, h, w, ids, inv_temp: float, opts: _Options)
         l = torch.zeros(nr, dtype=torch.float32, device=dev)
         acc = torch.zeros(nr, hdim, dtype=torch.float32, device=dev)  # sum_{v != t} exp(s_v - m) W[v]
         tgt = torch.full((nr,), float("nan"), dtype=torch.float32, device=dev)
+        chunk_lse, chunk_ent = [], []  # per vocab chunk, for the entropies
         for v0 in range(0, v, vc):
             v1 = min(v, v0 + vc)
             vl = v1 - v0
@@ -351,9 +402,14 @@ def _forward_with_grad_basis(kernel, h, w, ids, inv_temp: float, opts: _Options)
             p = p_buf[:nr, : nt * bn]
             tmax = tmax_buf[:nr, :nt]
             tsum = tsum_buf[:nr, :nt]
+            tent = tent_buf[:nr, :nt] if with_entropy else None
             wc = w[v0:v1]
-            _launch(kernel, cfg, MODE_PROBS, hc, wc, idc, out=p, stat0=tmax, stat1=tsum, tgt=tgt,
+            _launch(kernel, cfg, MODE_PROBS, hc, wc, idc, out=p, stat0=tmax, stat1=tsum, tgt=tgt, ent=tent,
                     v_start=v0, inv_temp=inv_temp)
+            if with_entropy:
+                lse_v, ent_v = combine_tile_entropies(tmax + torch.log(tsum), tent)
+                chunk_lse.append(lse_v)
+                chunk_ent.append(ent_v)
             m_new = torch.maximum(m, tmax.amax(dim=1))
             scale = torch.exp(tmax - m_new[:, None])  # [nr, nt]
             alpha = torch.exp(m - m_new)  # 0 on the first chunk
@@ -375,8 +431,10 @@ def _forward_with_grad_basis(kernel, h, w, ids, inv_temp: float, opts: _Options)
         basis[r0:r1].copy_(acc)
         logp[r0:r1] = lp
         lse_all[r0:r1] = lse
+        if with_entropy:
+            entropy[r0:r1] = combine_tile_entropies(torch.stack(chunk_lse, 1), torch.stack(chunk_ent, 1))[1]
         del acc
-    return logp, lse_all, basis
+    return logp, lse_all, basis, entropy
 
 
 def _backward_weight(kernel, h, w, ids, lse, gscale, inv_temp: float, opts: _Options) -> torch.Tensor:
@@ -426,7 +484,7 @@ def _tile_kernel_fn():
 
 class _TritonSelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, ids, temperature, opts, need_h, need_w):
+    def forward(ctx, h, weight, ids, temperature, opts, need_h, need_w, with_entropy):
         # need_h / need_w come from the caller: inside forward grad mode is always off, and
         # ctx.needs_input_grad is True under torch.no_grad() too, which would make a no-grad
         # forward pay for the gradient basis.
@@ -434,17 +492,19 @@ class _TritonSelectiveLogSoftmax(torch.autograd.Function):
         inv_t = 1.0 / temperature
         basis = None
         if need_h:
-            logp, lse, basis = _forward_with_grad_basis(kernel, h, weight, ids, inv_t, opts)
+            logp, lse, basis, entropy = _forward_with_grad_basis(kernel, h, weight, ids, inv_t, opts, with_entropy)
         else:
-            logp, lse = _forward_lse(kernel, h, weight, ids, inv_t, opts)
+            logp, lse, entropy = _forward_lse(kernel, h, weight, ids, inv_t, opts, with_entropy)
         ctx.save_for_backward(h if need_w else None, weight if need_w else None, ids, lse if need_w else None, basis)
         ctx.inv_t = inv_t
         ctx.opts = opts
         ctx.kernel = kernel
-        return logp
+        entropy = logp.new_empty(0) if entropy is None else entropy
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_entropy):
         h, weight, ids, lse, basis = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gscale = grad.float() * ctx.inv_t
@@ -455,7 +515,7 @@ class _TritonSelectiveLogSoftmax(torch.autograd.Function):
             # grad_hidden = C * g / T, written over C (C is not needed afterwards; a second backward
             # through this graph fails autograd's saved-tensor version check instead of going wrong).
             dh = basis.mul_(gscale[:, None])
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def selective_log_softmax_triton(
@@ -469,8 +529,12 @@ def selective_log_softmax_triton(
     chunk_bytes: int = 128 << 20,
     lse_buffer_bytes: int = 32 << 20,
     config: Optional[TileConfig] = None,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+):
     """Triton log-probs of ``token_ids`` under ``softmax(hidden @ weight.T / temperature)``; float32.
+
+    ``return_entropy``: return ``(logp, entropy)``, the entropy of that softmax per token (float32,
+    no gradient), from the same logit tiles as the log-probs (no extra GEMM).
 
     Never materializes ``[tokens, vocab]`` logits (see the module docstring for the algorithm and
     the memory bound). Works on CUDA (compiled) and on CPU (the Triton interpreter; slow, for tests).
@@ -501,9 +565,11 @@ def selective_log_softmax_triton(
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     ids = token_ids.reshape(-1).to(torch.int64).contiguous()
     if h.shape[0] == 0:
-        return _empty_result(h, token_ids)
+        return _with_entropy(_empty_result(h, token_ids), return_entropy)
     opts = _Options(int(token_chunk), int(vocab_chunk), int(chunk_bytes), int(lse_buffer_bytes), config)
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and h.requires_grad, grad_on and w.requires_grad
-    out = _TritonSelectiveLogSoftmax.apply(h, w, ids, float(temperature), opts, need_h, need_w)
-    return out.reshape(token_ids.shape)
+    out, entropy = _TritonSelectiveLogSoftmax.apply(h, w, ids, float(temperature), opts, need_h, need_w,
+                                                    bool(return_entropy))
+    out = out.reshape(token_ids.shape)
+    return (out, entropy.reshape(token_ids.shape)) if return_entropy else out

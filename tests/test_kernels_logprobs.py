@@ -102,6 +102,82 @@ def test_triton_matches_reference(lead, hdim, vocab, dtype, weight_grad):
            token_chunk=16, vocab_chunk=64, chunk_bytes=16 * 64 * weight.element_size())
 
 
+def _entropy_oracle(hidden, weight, temperature, logits_in_input_dtype=False):
+    """float64 entropy of softmax(hidden @ weight.T / T) on the (upcast) inputs; or of the logits as
+    a matmul in the inputs' dtype gives them (what the reference and the chunked version softmax)."""
+    h, w = hidden.detach(), weight.detach()
+    z = (h @ w.t()).double() if logits_in_input_dtype else h.double() @ w.double().t()
+    z = z / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    return -(logp.exp() * logp).sum(-1).float()
+
+
+ENTROPY_IMPLS = {
+    "reference": lambda h, w, i, t, **kw: selective_log_softmax_reference(h, w, i, t, return_entropy=True),
+    "chunked": lambda h, w, i, t, **kw: selective_log_softmax_chunked(h, w, i, t, chunk_size=7, return_entropy=True),
+    "triton": lambda h, w, i, t, **kw: selective_log_softmax_triton(h, w, i, t, return_entropy=True, **kw),
+}
+
+
+@pytest.mark.parametrize("impl", list(ENTROPY_IMPLS))
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_from_the_same_pass_matches_the_softmax_entropy(impl, grad, dtype):
+    if impl == "triton" and not triton_available():
+        pytest.skip("triton is not importable")
+    hidden, weight, ids, up = _make((3, 13), 40, 203, dtype, weight_grad=False, seed=7)
+    # small chunks: several token chunks, vocab chunks and tiles are combined (the chain rule)
+    kw = dict(token_chunk=16, vocab_chunk=64, lse_buffer_bytes=4 * 7 * 10) if impl == "triton" else {}
+    with torch.set_grad_enabled(grad):
+        logp, entropy = ENTROPY_IMPLS[impl](hidden, weight, ids, 0.8, **kw)
+    assert entropy.shape == ids.shape and entropy.dtype == torch.float32 and not entropy.requires_grad
+    assert logp.requires_grad == grad
+    # the Triton kernel never rounds logits to the inputs' dtype; the two PyTorch versions do
+    expect = _entropy_oracle(hidden, weight, 0.8, logits_in_input_dtype=impl != "triton")
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(entropy, expect, rtol=tol, atol=tol)
+    if grad:  # the log-probs and their gradients are the ones without return_entropy
+        logp.backward(up)
+        dh = hidden.grad.clone()
+        hidden.grad = None
+        plain = {"reference": selective_log_softmax_reference, "chunked": selective_log_softmax_chunked,
+                 "triton": selective_log_softmax_triton}[impl]
+        same_chunks = {"triton": {"token_chunk": 16, "vocab_chunk": 64}, "chunked": {"chunk_size": 7}}
+        plain_logp = plain(hidden, weight, ids, 0.8, **same_chunks.get(impl, {}))
+        torch.testing.assert_close(logp.detach(), plain_logp.detach(), rtol=0, atol=0)
+        plain_logp.backward(up)
+        torch.testing.assert_close(dh, hidden.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", list(ENTROPY_IMPLS))
+def test_entropy_of_a_confident_row_is_small_and_not_a_cancellation(impl):
+    """Logits near 40 apart: the entropy is ~1e-15; written as lse - E[s] it would be float32 noise
+    of ~1e-6 (two numbers near 40). The kernels sum non-negative terms instead."""
+    if impl == "triton" and not triton_available():
+        pytest.skip("triton is not importable")
+    vocab, hdim = 150, 8
+    weight = torch.zeros(vocab, hdim)
+    weight[:, 0] = -1.0
+    weight[5, 0] = 39.0  # token 5's logit 39, every other -1
+    hidden = torch.zeros(4, hdim)
+    hidden[:, 0] = 1.0
+    ids = torch.tensor([5, 5, 0, 1])
+    with torch.no_grad():
+        _, entropy = ENTROPY_IMPLS[impl](hidden, weight, ids, 1.0)
+    expect = _entropy_oracle(hidden, weight, 1.0)
+    assert expect.max().item() < 1e-12
+    assert entropy.max().item() < 1e-12 and entropy.min().item() >= 0.0
+
+
+@needs_triton
+def test_entropy_with_no_tokens():
+    weight = torch.randn(50, 16)
+    hidden = torch.zeros(0, 16, requires_grad=True)
+    logp, entropy = selective_log_softmax_triton(hidden, weight, torch.zeros(0, dtype=torch.long), return_entropy=True)
+    assert logp.shape == entropy.shape == (0,)
+    logp.sum().backward()
+
+
 @needs_triton
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1.5])
 def test_triton_temperature_and_default_chunks(temperature):
@@ -338,7 +414,7 @@ def _tile_signature(mode, dt):
     import inspect
 
     sig = {}
-    const_names = ("MODE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EVEN_K", "UPCAST", "PRECISION")
+    const_names = ("MODE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EVEN_K", "UPCAST", "PRECISION", "ENTROPY")
     for name in inspect.signature(logits_tile_kernel).parameters:
         if name in const_names:
             sig[name] = "constexpr"
@@ -360,15 +436,20 @@ def _tile_signature(mode, dt):
 SM90_CASES = [(mode, cfg, "bf16") for mode in (0, 1, 2) for cfg in lp_mod.cuda_candidates(torch.bfloat16)[:2]]
 SM90_CASES += [(1, cfg, "bf16") for cfg in lp_mod.cuda_candidates(torch.bfloat16)[2:]]
 SM90_CASES += [(mode, lp_mod.cuda_candidates(torch.float32)[0], "fp32") for mode in (0, 1, 2)]
+SM90_CASES = [(mode, cfg, dt, False) for mode, cfg, dt in SM90_CASES]
+# with the tile entropies (modes 0 and 1 only): every bf16 candidate, the fp32 one
+SM90_CASES += [(mode, cfg, "bf16", True) for mode in (0, 1) for cfg in lp_mod.cuda_candidates(torch.bfloat16)]
+SM90_CASES += [(mode, lp_mod.cuda_candidates(torch.float32)[0], "fp32", True) for mode in (0, 1)]
 
 
 @pytest.mark.skipif(_ptxas_tools() is None, reason="no triton ptxas/cuobjdump, or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("mode,cfg,dt", SM90_CASES, ids=lambda x: str(x) if not isinstance(x, TileConfig) else
-                         f"{x.block_m}x{x.block_n}x{x.block_k}w{x.num_warps}s{x.num_stages}")
-def test_tile_kernel_compiles_for_sm90_without_spills(mode, cfg, dt):
+@pytest.mark.parametrize("mode,cfg,dt,entropy", SM90_CASES, ids=lambda x: (
+    f"{x.block_m}x{x.block_n}x{x.block_k}w{x.num_warps}s{x.num_stages}" if isinstance(x, TileConfig)
+    else ("entropy" if x is True else "" if x is False else str(x))))
+def test_tile_kernel_compiles_for_sm90_without_spills(mode, cfg, dt, entropy):
     fn, sig = _tile_signature(mode, dt)
     consts = dict(MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                  EVEN_K=True, UPCAST=False, PRECISION="tf32x3" if dt == "fp32" else "tf32")
+                  EVEN_K=True, UPCAST=False, PRECISION="tf32x3" if dt == "fp32" else "tf32", ENTROPY=entropy)
     divisible = {n for n in sig if n.endswith("_ptr")} | {"K", "stride_h", "stride_w", "stride_out"}
     compiled, local = _aot_compile_sm90(fn, sig, consts, divisible, cfg.num_warps, cfg.num_stages)
     assert local == 0, "register spills to local memory"

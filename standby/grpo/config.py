@@ -351,7 +351,7 @@ class RunConfig:
     # logging and outputs (compilepass.standby.grpo.trackers / outputs)
     report_to: Union[str, list[str]] = field(default_factory=list)  # tensorboard / wandb / trackio / none / all
     logging_steps: Optional[int] = None  # TRL's name for log_every; when set, it is the one used
-    log_entropy: bool = True  # the policy's entropy over completion tokens (one extra head matmul, no grad)
+    log_entropy: bool = True  # the policy's entropy over completion tokens (from the log-prob kernel's pass, no grad)
     save_merged: bool = False  # also write output_dir/merged: the adapter merged into the base (plain HF)
 
     def _validate(self) -> None:

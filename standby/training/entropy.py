@@ -1,10 +1,10 @@
 """The policy's entropy over completion tokens, for the ``entropy`` metric (TRL's name).
 
-``token_entropy(hidden, weight, temperature)`` is the entropy of ``softmax(hidden @ weight.T /
-temperature)`` per token, computed without gradients in row chunks, so at most ``chunk_rows x
-vocab`` logits exist at a time: one extra forward matmul of the output head over the completion
-tokens (the loss kernels never form the distribution, so they cannot hand it over).
-:class:`EntropyMeter` sums it over the completion mask across micro-batches.
+For heads that the log-prob kernels handle, the entropy per token comes out of the same kernel
+pass as the log-probs (``selective_log_softmax(..., return_entropy=True)``: each logit tile's
+own entropy, combined by the chain rule); :func:`entropy_from_logits` is for models whose logits
+are materialized anyway. :class:`EntropyMeter` sums it over the completion mask across
+micro-batches.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["EntropyMeter", "entropy_from_logits", "token_entropy"]
+__all__ = ["EntropyMeter", "entropy_from_logits"]
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -23,19 +23,6 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
         z = z / temperature
     logp = torch.log_softmax(z, dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-@torch.no_grad()
-def token_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0,
-                  chunk_rows: int = 256) -> torch.Tensor:
-    """Entropy per token [...] of ``softmax(hidden [..., H] @ weight [V, H].T / temperature)``."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    if h.dtype != weight.dtype:
-        h = h.to(weight.dtype)
-    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    for r0 in range(0, h.shape[0], chunk_rows):
-        out[r0:r0 + chunk_rows] = entropy_from_logits(h[r0:r0 + chunk_rows] @ weight.t(), temperature)
-    return out.reshape(hidden.shape[:-1])
 
 
 class EntropyMeter:

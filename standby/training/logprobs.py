@@ -15,7 +15,7 @@ import torch
 
 from compilepass.core.shapes import FAMILIES, causal_lm_of
 from compilepass.kernels import selective_log_softmax
-from compilepass.standby.training.entropy import EntropyMeter, entropy_from_logits, token_entropy
+from compilepass.standby.training.entropy import EntropyMeter, entropy_from_logits
 
 __all__ = ["HIDDEN_STATE_FAMILIES", "hidden_state_head", "policy_logprobs"]
 
@@ -49,7 +49,8 @@ def policy_logprobs(model, prompts: Sequence[Sequence[int]], completion_ids: tor
     completion positions only: the [tokens x vocab] logits never exist (families without such a
     head: the model's logits, see the module docstring). Gradients flow when enabled.
     ``entropy``: also add the policy's per-token entropy at the sampling temperature (no
-    gradient) to this meter, over the completion mask.
+    gradient; computed by the same kernel pass as the log-probs) to this meter, over the
+    completion mask.
 
     No attention mask is passed: each row is its prompt, then its completion, then padding, so
     the causal mask alone is exact for every real position (none of them can see a later pad),
@@ -82,7 +83,9 @@ def policy_logprobs(model, prompts: Sequence[Sequence[int]], completion_ids: tor
     else:
         hidden = causal_lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         h = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
-        logp = selective_log_softmax(h, head.weight, completion_ids.long(), temperature)
-        if entropy is not None:
-            entropy.add(token_entropy(h.detach(), head.weight.detach(), temperature), completion_mask)
+        if entropy is None:
+            logp = selective_log_softmax(h, head.weight, completion_ids.long(), temperature)
+        else:  # from the same logit tiles as the log-probs: no second pass over the vocabulary
+            logp, ent = selective_log_softmax(h, head.weight, completion_ids.long(), temperature, return_entropy=True)
+            entropy.add(ent, completion_mask)
     return logp * completion_mask.to(logp.dtype)
