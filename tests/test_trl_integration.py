@@ -84,6 +84,7 @@ def test_trl_trains_while_our_engine_generates(model_dir, tmp_path):
     trainer.train()
     assert trainer.rollout_calls >= 2 and trainer.rollout_engine is not None
     assert not trainer.rollout_engine.is_awake  # standby while TRL trains
+    assert trainer.logprobs_path == "compilepass"  # TRL's loss ran on our kernel's log-probs
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, lora[n])]
     assert changed, "TRL's optimizer changed no LoRA tensor"
     logged = [h for h in trainer.state.log_history if "reward" in h]
@@ -102,6 +103,72 @@ def test_trl_trains_while_our_engine_generates(model_dir, tmp_path):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     for c in out["completion_ids"]:
         assert EOS not in c[:-1] and len(c) <= 8  # stops at TRL's EOS, at most max_completion_length
+
+
+def _batch(rows=4, completion=6, seed=0):
+    """A TRL-shaped training batch: left-padded prompts, right-padded completions, their masks."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(2, 40, (rows, 5), generator=g)
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[0, :2] = 0  # left padding
+    prompt[0, :2] = PAD
+    comp = torch.randint(2, 40, (rows, completion), generator=g)
+    comp_mask = torch.ones_like(comp)
+    comp_mask[1, 3:] = 0  # a short completion
+    comp[1, 3:] = PAD
+    return torch.cat([prompt, comp], 1), torch.cat([prompt_mask, comp_mask], 1), completion
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_training_logprobs_through_our_kernels_equal_trls_fused_head(model_dir, tmp_path, temperature):
+    """The integration's training-side log-probs, entropies and LoRA gradients (compilepass's kernel)
+    against TRL's own fused head on the same batch, the same trainer and weights."""
+    from peft import LoraConfig
+
+    from compilepass.integrations.trl import GRPOTrainer
+
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=says_target, args=_args(tmp_path, temperature=temperature),
+                          train_dataset=_dataset(), peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                           target_modules=["q_proj", "v_proj"]),
+                          rollout_engine_options={"compile_options": False})
+    ids, mask, keep = _batch()
+    lora = [p for p in trainer.model.parameters() if p.requires_grad]
+    results = {}
+    for path in (True, False):
+        trainer.kernel_logprobs = path
+        trainer.model.zero_grad(set_to_none=True)
+        logps, ents, aux = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep, batch_size=3,
+                                                                      compute_entropy=True)
+        (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum().backward()
+        results[path] = (logps.detach(), ents.detach(), [p.grad.clone() for p in lora], trainer.logprobs_path)
+        assert aux is None and logps.shape == ents.shape == (ids.shape[0], keep)
+    ours, theirs = results[True], results[False]
+    assert ours[3] == "compilepass" and theirs[3] == "trl: kernel_logprobs=False"
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
+    assert (ours[0][1, 3:] == 0).all() and (ours[1][1, 3:] == 0).all()  # padding: 0, as TRL writes it
+    for a, b in zip(ours[2], theirs[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # no entropy asked: none computed
+    with torch.no_grad():
+        trainer.kernel_logprobs = True
+        logps, ents, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)
+    assert ents is None
+    torch.testing.assert_close(logps, ours[0], rtol=1e-5, atol=1e-5)
+
+
+def test_training_logprobs_fall_back_to_trl_for_an_entropy_bonus(model_dir, tmp_path):
+    from compilepass.integrations.trl import GRPOTrainer
+
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=says_target, args=_args(tmp_path, entropy_coef=0.01),
+                          train_dataset=_dataset(), rollout_engine_options={"compile_options": False})
+    ids, mask, keep = _batch()
+    _, ents, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep, compute_entropy=True)
+    assert trainer.logprobs_path.startswith("trl: an entropy bonus")
+    assert ents.requires_grad  # TRL's entropy, with the gradient the bonus needs
+    with pytest.raises(ConfigError, match="kernel_logprobs must be True or False"):
+        GRPOTrainer(model=str(model_dir), reward_funcs=says_target, args=_args(tmp_path), train_dataset=_dataset(),
+                    kernel_logprobs="yes")
 
 
 def test_unsupported_options_are_one_line_errors(model_dir, tmp_path):

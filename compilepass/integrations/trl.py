@@ -19,6 +19,16 @@ and wakes at the same addresses before the next generation. Prompts are tokenize
 EOS ids; the sampling log-probs returned are the engine's, so TRL's
 ``vllm_importance_sampling_correction`` applies to them unchanged.
 
+The training-side log-probs (and the ``entropy`` TRL logs and masks with) come from compilepass's
+kernels too: TRL's ``_get_per_token_logps_and_entropies`` is replaced by the model body followed by
+:func:`compilepass.kernels.selective_log_softmax` over the completion positions (Triton on CUDA:
+no ``[tokens x vocab]`` logits, the entropy from the same pass). TRL's own fused head runs instead,
+with the reason logged once, where ours does not apply: ``kernel_logprobs=False``, an output head
+that is not a bias-free projection of the last hidden state (soft-capping, logit scaling),
+multimodal inputs, MoE auxiliary losses, an entropy bonus (``entropy_coef`` /
+``use_adaptive_entropy``: its gradient flows through the entropy), or several processes (the
+body is called inside the DDP / FSDP wrapper only through TRL's path).
+
 Supported TRL versions: :data:`SUPPORTED_TRL` (checked at import, one clear error otherwise). Not
 supported (refused at construction with the reason): ``use_vllm`` (this replaces it), tools /
 environments, vision-language models, ``min_p`` and ``repetition_penalty`` other than 1.
@@ -73,11 +83,19 @@ class GRPOTrainer(_trl.GRPOTrainer):
     workload ``train`` (never a rollout entry; one log line names the entry and why): ``"auto"``
     (default) on CUDA only, ``True`` always, ``False`` never. ``self.train_compile_selection`` is
     that :class:`~compilepass.selection.Selection` (None when not compiled).
+    ``kernel_logprobs`` (default True): training-side log-probs and entropies through compilepass's
+    kernels where they apply (module doc); False keeps TRL's fused head. ``self.logprobs_path`` says
+    which ran last (``"compilepass"`` or ``"trl: <why>"``).
     """
 
-    def __init__(self, *args, rollout_engine_options: Optional[dict] = None, compile_train="auto", **kwargs):
+    def __init__(self, *args, rollout_engine_options: Optional[dict] = None, compile_train="auto",
+                 kernel_logprobs: bool = True, **kwargs):
         if compile_train not in ("auto", True, False):
             raise ConfigError(f"compile_train must be 'auto', True or False (got {compile_train!r})")
+        if kernel_logprobs not in (True, False):
+            raise ConfigError(f"kernel_logprobs must be True or False (got {kernel_logprobs!r})")
+        self.kernel_logprobs = kernel_logprobs
+        self.logprobs_path: Optional[str] = None
         if kwargs.get("rollout_func") is not None:
             raise ConfigError("compilepass's GRPOTrainer supplies rollout_func itself; pass none")
         for name in ("tools", "environment_factory"):
@@ -111,6 +129,74 @@ class GRPOTrainer(_trl.GRPOTrainer):
         # the prompt lengths are not known before the data is seen: the train entry's bucket is chosen
         # without a sequence length (the lookup's nearest-bucket rules apply)
         return compile_module_in_place(self.model, model=base, workload="train")
+
+    # -- training-side log-probs ---------------------------------------------------------------
+
+    def _kernel_logprobs_head(self, model, compute_aux_loss: bool, extra: dict):
+        """``(causal_lm, lm_head)`` when compilepass's kernels compute these log-probs, else the reason."""
+        from compilepass.core.shapes import causal_lm_of
+        from compilepass.standby.training.logprobs import hidden_state_head
+
+        if not self.kernel_logprobs:
+            return "kernel_logprobs=False"
+        if self.accelerator.num_processes > 1:
+            return "several processes (the DDP / FSDP wrapper runs only through TRL's forward)"
+        if compute_aux_loss:
+            return "an MoE auxiliary loss is requested"
+        if any(v is not None for v in extra.values()):
+            return "multimodal inputs"
+        if getattr(self, "_entropy_bonus_enabled", False):
+            return "an entropy bonus (its gradient flows through the entropy)"
+        causal_lm = causal_lm_of(self.accelerator.unwrap_model(model))
+        head = hidden_state_head(causal_lm)
+        if head is None:
+            return f"the {getattr(causal_lm.config, 'model_type', '?')} output head is not a bias-free projection"
+        return causal_lm, head
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extra):
+        """TRL's method, computed by the model body and compilepass's log-prob kernel (module doc);
+        TRL's own where that does not apply. Same inputs and outputs as TRL's: ``[B, logits_to_keep]``
+        log-probs and entropies, 0 at padding."""
+        import torch
+
+        from compilepass.kernels import selective_log_softmax
+
+        found = self._kernel_logprobs_head(model, compute_aux_loss, extra)
+        if isinstance(found, str):
+            self._note_logprobs_path("trl: " + found)
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+        self._note_logprobs_path("compilepass")
+        causal_lm, head = found
+        fp32_head = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for lo in range(0, input_ids.size(0), batch_size):
+            ids, am = input_ids[lo:lo + batch_size], attention_mask[lo:lo + batch_size]
+            with self.accelerator.autocast():
+                hidden = causal_lm.base_model(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
+                hidden = hidden[:, -logits_to_keep - 1:-1]  # the output at position i predicts token i + 1
+                keep = am[:, -logits_to_keep:].bool()
+                if fp32_head:  # TRL's cast_lm_head_to_fp32: the head in float32, outside autocast
+                    with torch.autocast(hidden.device.type, enabled=False):
+                        out = selective_log_softmax(hidden[keep].float(), head.weight, ids[:, -logits_to_keep:][keep],
+                                                    self.temperature, return_entropy=compute_entropy)
+                else:
+                    out = selective_log_softmax(hidden[keep], head.weight, ids[:, -logits_to_keep:][keep],
+                                                self.temperature, return_entropy=compute_entropy)
+            lp, ent = out if compute_entropy else (out, None)
+            # masked_scatter keeps an all-padding micro-batch connected to the graph (a zero loss)
+            logps.append(lp.new_zeros(keep.shape).masked_scatter(keep, lp))
+            if compute_entropy:
+                entropies.append(ent.new_zeros(keep.shape).masked_scatter(keep, ent))
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    def _note_logprobs_path(self, path: str) -> None:
+        if path != self.logprobs_path:
+            log.info("training log-probs: %s", path)
+        self.logprobs_path = path
 
     # -- the engine --------------------------------------------------------------------------
 
