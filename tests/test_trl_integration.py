@@ -193,9 +193,9 @@ def test_trl_version_is_checked(monkeypatch):
 
 @pytest.mark.slow
 def test_compile_train_compiles_the_training_forward_with_train_flags(model_dir, tmp_path, caplog):
-    """``compile_train=True``: TRL's training forward runs through torch.compile (in place: the same
-    module, optimizer and adapter), with flags selected for workload train, and training still moves
-    the adapter."""
+    """``compile_train=True``: the training forward's body (the decoder stack, which our kernel path
+    and TRL's fused head both call) runs through torch.compile (in place: the same modules, optimizer
+    and adapter), with flags selected for workload train, and training still moves the adapter."""
     import logging
 
     from peft import LoraConfig
@@ -209,7 +209,8 @@ def test_compile_train_compiles_the_training_forward_with_train_flags(model_dir,
                           rollout_engine_options={"compile_options": False})
     sel = trainer.train_compile_selection
     assert sel is not None and sel.workload == "train"
-    assert trainer.model._compiled_call_impl is not None  # nn.Module.compile: the module itself is compiled
+    body = trainer.model.get_base_model().model  # the decoder stack both log-prob paths call
+    assert body._compiled_call_impl is not None  # nn.Module.compile: the module itself is compiled
     assert any("compile: train" in r.getMessage() for r in caplog.records)
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     from torch._dynamo.utils import counters
@@ -226,7 +227,10 @@ def test_compile_train_is_off_on_cpu_by_default_and_checked(model_dir, tmp_path)
 
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[says_target], args=_args(tmp_path),
                           train_dataset=_dataset())
-    assert trainer.train_compile_selection is None and trainer.model._compiled_call_impl is None
+    assert trainer.train_compile_selection is None
+    from compilepass.core.shapes import causal_lm_of
+
+    assert causal_lm_of(trainer.model).base_model._compiled_call_impl is None
     with pytest.raises(ConfigError, match="compile_train"):
         GRPOTrainer(model=str(model_dir), reward_funcs=[says_target], args=_args(tmp_path), train_dataset=_dataset(),
                     compile_train="yes")

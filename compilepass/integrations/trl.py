@@ -124,11 +124,17 @@ class GRPOTrainer(_trl.GRPOTrainer):
         on_cuda = next(self.model.parameters()).is_cuda
         if compile_train is False or (compile_train == "auto" and not on_cuda):
             return None
+        from compilepass.core.shapes import causal_lm_of
+
         policy = self.accelerator.unwrap_model(self.model)
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        # The body (the decoder stack, LoRA layers included) is what both log-prob paths call: ours
+        # directly, TRL's fused head through the model's forward; the head itself is a kernel (ours)
+        # or TRL's tiled loop, neither of which Dynamo would trace into one graph.
+        body = causal_lm_of(policy).base_model
         # the prompt lengths are not known before the data is seen: the train entry's bucket is chosen
         # without a sequence length (the lookup's nearest-bucket rules apply)
-        return compile_module_in_place(self.model, model=base, workload="train")
+        return compile_module_in_place(body, model=base, workload="train")
 
     # -- training-side log-probs ---------------------------------------------------------------
 

@@ -21,6 +21,7 @@ holds no compiled artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -38,12 +39,22 @@ ENV_SWITCH = "COMPILEPASS_PRECOMPILE"
 SUFFIX = ".pt2"
 
 
+def _aot_compile_on():
+    """``torch._dynamo.config.enable_aot_compile`` on for the ``torch.compile`` calls inside: torch
+    attaches ``aot_compile`` to a compiled function only with it (off by default in torch 2.11,
+    on in 2.13); a torch without the option gets a no-op."""
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):
+        return torch._dynamo.config.patch(enable_aot_compile=True)
+    return contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=None)
 def supported() -> bool:
     """Whether this torch has the AOT precompile API (torch >= 2.10: ``aot_compile`` on a compiled
-    function and ``torch.compiler.load_compiled_function``)."""
-    return hasattr(torch.compiler, "load_compiled_function") and hasattr(
-        torch.compile(lambda x: x, fullgraph=True), "aot_compile")
+    function, with ``enable_aot_compile`` on, and ``torch.compiler.load_compiled_function``)."""
+    with _aot_compile_on():
+        fn = torch.compile(lambda x: x, fullgraph=True)
+    return hasattr(torch.compiler, "load_compiled_function") and hasattr(fn, "aot_compile")
 
 
 def enabled() -> bool:
@@ -174,7 +185,9 @@ class PersistentCompile:
         if self.fallback is not None:
             return self._plain_call
         try:
-            fn = torch.compile(self.fn, fullgraph=True, **self.compile_kwargs).aot_compile((self.prefix + args, {}))
+            with _aot_compile_on():
+                wrapper = torch.compile(self.fn, fullgraph=True, **self.compile_kwargs)
+            fn = wrapper.aot_compile((self.prefix + args, {}))
         except Exception as exc:  # this torch cannot precompile it: compile as usual, in this process only
             self.fallback = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
             log.warning("AOT precompile failed (%s); compiling without saving", self.fallback)
