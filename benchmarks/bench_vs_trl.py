@@ -8,7 +8,10 @@ Stacks (``--stacks``), each in its own child process on a fresh device (the cap 
 - ``trl-hf``: ``trl.GRPOTrainer``, generation with transformers (TRL's default);
 - ``trl-vllm``: ``trl.GRPOTrainer`` with ``use_vllm=True, vllm_mode="colocate"`` (when vLLM imports;
   TRL's sleep mode on);
-- ``trl-ours``: :class:`compilepass.integrations.trl.GRPOTrainer` (TRL trains, our engine generates);
+- ``trl-ours``: :class:`compilepass.integrations.trl.GRPOTrainer` (TRL trains, our engine generates,
+  our kernel computes the training log-probs);
+- ``trl-ours-trl-head``: the same with ``kernel_logprobs=False`` (TRL's own fused head computes them):
+  the two beside each other time our log-prob kernel against TRL's inside one trainer;
 - ``ours``: ``compilepass grpo``'s trainer (:class:`compilepass.standby.grpo.trainer.GRPOTrainer`).
 
 Same for all: the model (``--model``: a preset, given random weights and saved as a Hugging Face
@@ -34,7 +37,7 @@ from pathlib import Path
 
 from bench_common import dist_version, result_header, run_json_child
 
-STACKS = ("trl-hf", "trl-vllm", "trl-ours", "ours")
+STACKS = ("trl-hf", "trl-vllm", "trl-ours", "trl-ours-trl-head", "ours")
 
 
 def distinct_bytes_reward(prompts=None, completions=None, *args, **kwargs):
@@ -186,15 +189,16 @@ def run_trl(args, model_dir: str, stack: str) -> dict:
     lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear")
     kwargs = dict(model=model, reward_funcs=distinct_bytes_reward, args=_trl_args(args, str(Path(model_dir) / stack),
                   stack == "trl-vllm"), train_dataset=ds, peft_config=lora, callbacks=[StepTimer()])
-    if stack == "trl-ours":
+    if stack.startswith("trl-ours"):
         from compilepass.integrations.trl import GRPOTrainer
 
-        trainer = GRPOTrainer(**kwargs)
+        trainer = GRPOTrainer(**kwargs, kernel_logprobs=stack == "trl-ours")
     else:
         trainer = trl.GRPOTrainer(**kwargs)
     trainer.train()
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
-    return {"step_s": times, "completion_mean_length": lengths}
+    return {"step_s": times, "completion_mean_length": lengths,
+            "logprobs_path": getattr(trainer, "logprobs_path", "trl")}
 
 
 def run_ours(args, model_dir: str) -> dict:
