@@ -41,6 +41,7 @@ def nf4_matmul_kernel(
     BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot's input_precision on the fp32 path ("tf32x3" on a GPU: ~fp32)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -50,6 +51,7 @@ def nf4_matmul_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
+    rn64 = rn.to(tl.int64)  # rn * K passes 2**31 for N x K weights of 2**31 elements (a large quantized head)
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     if NESTED:
         offset = tl.load(offset_ptr)
@@ -59,10 +61,10 @@ def nf4_matmul_kernel(
         j = j0 + tl.arange(0, BLOCK_KH)
         j_ok = j < j_end
         w_ok = n_ok[:, None] & j_ok[None, :]
-        packed = tl.load(w_ptr + rn[:, None] * KH + j[None, :], mask=w_ok, other=0).to(tl.int32)
+        packed = tl.load(w_ptr + rn64[:, None] * KH + j[None, :], mask=w_ok, other=0).to(tl.int32)
         w_hi = tl.load(code_ptr + (packed >> 4))  # [BLOCK_N, BLOCK_KH] fp32
         w_lo = tl.load(code_ptr + (packed & 15))
-        block = (rn[:, None] * K + 2 * j[None, :]) // BLOCKSIZE  # elements 2j and 2j+1 share it
+        block = (rn64[:, None] * K + 2 * j[None, :]) // BLOCKSIZE  # elements 2j and 2j+1 share it
         if NESTED:
             q = tl.load(absmax_ptr + block, mask=w_ok, other=0).to(tl.int32)
             scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=w_ok, other=0.0) + offset
@@ -74,8 +76,8 @@ def nf4_matmul_kernel(
         x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :], mask=x_ok, other=0.0)
         x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :] + 1, mask=x_ok, other=0.0)
         if UPCAST:  # fp32 inputs, or the interpreter (no 16-bit float dot)
-            acc += tl.dot(x_even.to(tl.float32), tl.trans(w_hi))
-            acc += tl.dot(x_odd.to(tl.float32), tl.trans(w_lo))
+            acc += tl.dot(x_even.to(tl.float32), tl.trans(w_hi), input_precision=PRECISION)
+            acc += tl.dot(x_odd.to(tl.float32), tl.trans(w_lo), input_precision=PRECISION)
         else:
             acc += tl.dot(x_even, tl.trans(w_hi.to(x_even.dtype)))
             acc += tl.dot(x_odd, tl.trans(w_lo.to(x_odd.dtype)))

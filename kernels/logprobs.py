@@ -338,10 +338,11 @@ def _forward_lse(kernel, h, w, ids, inv_temp: float, opts: _Options, with_entrop
     v = w.shape[0]
     dev = h.device
     # Chunk size bounded by the partial-LSE buffer; the config is tuned on the first chunk.
-    rows_guess = max(1, min(n, opts.lse_buffer_bytes // (4 * cdiv(v, 64))))
+    buffers = 2 if with_entropy else 1  # the tile entropies share the bound with the tile lse's
+    rows_guess = max(1, min(n, opts.lse_buffer_bytes // (4 * buffers * cdiv(v, 64))))
     cfg = _select_config(MODE_LSE, kernel, h, w, ids, rows_guess, v, inv_temp, opts)
     tiles = cdiv(v, cfg.block_n)
-    rows = max(1, min(n, opts.lse_buffer_bytes // (4 * tiles)))
+    rows = max(1, min(n, opts.lse_buffer_bytes // (4 * buffers * tiles)))
     if rows < n and rows > cfg.block_m:
         rows = rows // cfg.block_m * cfg.block_m
     part = torch.empty(rows, tiles, dtype=torch.float32, device=dev)

@@ -28,10 +28,13 @@ __all__ = ["nf4_matmul", "nf4_matmul_reference", "nf4_operands", "supports", "sp
 
 
 def supports(weight) -> bool:
-    """A bitsandbytes NF4 weight with an even input size and an even block size (both nibbles of a
-    byte then share one scale)."""
+    """A bitsandbytes NF4 weight packed in uint8 storage (not ``quant_storage=bf16`` and the like,
+    nor bitsandbytes' CPU re-packing), with an even input size and an even block size (both
+    nibbles of a byte then share one scale)."""
     qs = getattr(weight, "quant_state", None)
     if qs is None or getattr(qs, "quant_type", None) != "nf4" or len(qs.shape) != 2:
+        return False
+    if getattr(weight, "dtype", None) != torch.uint8 or getattr(qs, "packing_format_for_cpu", False):
         return False
     return qs.shape[1] % 2 == 0 and qs.blocksize % 2 == 0 and (not qs.nested or qs.state2.blocksize > 0)
 
@@ -113,6 +116,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absm
         M, N, K, kh_split, x2.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KH=block_kh, BLOCKSIZE=blocksize,
         BLOCKSIZE2=max(1, blocksize2), NESTED=nested, UPCAST=(interp or x.dtype == torch.float32),
+        PRECISION="ieee" if interp else "tf32x3",  # fp32 inputs: ~fp32 on tensor cores, not plain TF32
         **({} if interp else {"num_warps": 4, "num_stages": 3}),
     )
     y = part[0] if splits == 1 else part.sum(0)

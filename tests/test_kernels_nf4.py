@@ -43,6 +43,43 @@ def test_reference_is_bitsandbytes_dequantization(nested):
 
 
 @pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "fp32-scales"])
+@pytest.mark.parametrize("n,k", [(24, 100), (4, 96), (33, 96)])
+def test_reference_is_the_flat_block_dequantization_when_blocks_span_rows(nested, n, k):
+    """K not a multiple of the block size: a scale's block runs on into the next row (bitsandbytes'
+    CUDA and default backends, flat index // blocksize). bitsandbytes' CPU dequantize_4bit differs
+    there, so the oracle is its default backend's dequantization, on the dequantized scales."""
+    import bitsandbytes as bnb
+    import bitsandbytes.backends.default.ops as default_ops
+
+    from compilepass.kernels.nf4_matmul import nf4_matmul_reference, nf4_operands
+
+    w = nf4_weight(n, k, nested, seed=n * k)
+    qs = w.quant_state
+    absmax = (bnb.functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if nested else qs.absmax
+    compute = getattr(default_ops._dequantize_4bit_compute, "__wrapped__", default_ops._dequantize_4bit_compute)
+    deq = compute(w.data.view(-1), absmax.float(), qs.code, qs.blocksize, (n, k), torch.float32)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(k))
+    torch.testing.assert_close(nf4_matmul_reference(x, *nf4_operands(w)), x @ deq.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_in_other_storage_are_not_taken():
+    """quant_storage=bf16 (FSDP-QLoRA checkpoints) packs the same bytes in another dtype: the kernel
+    would read the values, not the bytes; it is left to bitsandbytes."""
+    import bitsandbytes as bnb
+
+    from compilepass.kernels.nf4_matmul import supports
+
+    layer = bnb.nn.Linear4bit(64, 16, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              quant_storage=torch.bfloat16, device="meta")
+    layer.weight = bnb.nn.Params4bit(torch.randn(16, 64) * 0.05, requires_grad=False, quant_type="nf4",
+                                     quant_storage=torch.bfloat16, module=layer)
+    weight = layer.to("cpu").weight
+    assert weight.dtype == torch.bfloat16 and weight.quant_state is not None
+    assert not supports(weight)
+    assert supports(nf4_weight(16, 64))
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "fp32-scales"])
 @pytest.mark.parametrize("n,k", [(96, 128), (40, 320), (24, 100)], ids=["split-k", "k-5-blocks", "blocks-span-rows"])
 @pytest.mark.parametrize("m", [1, 5, 33])
 def test_triton_kernel_matches_the_reference(nested, n, k, m):
@@ -83,18 +120,19 @@ def _sm90_tools():
 
 
 @pytest.mark.skipif(_sm90_tools() is None, reason="no triton ptxas/cuobjdump, or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("block_m", [16, 32, 64])
-def test_kernel_compiles_for_sm90_without_spills(block_m):
+@pytest.mark.parametrize("block_m,x_dtype", [(16, "bf16"), (32, "bf16"), (64, "bf16"), (32, "fp32")])
+def test_kernel_compiles_for_sm90_without_spills(block_m, x_dtype):
     import inspect
 
     from test_kernels_logprobs import _aot_compile_sm90
 
     from compilepass.kernels._nf4_triton import nf4_matmul_kernel
 
-    consts = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_KH=64, BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, UPCAST=False)
+    consts = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_KH=64, BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True,
+                  UPCAST=x_dtype == "fp32", PRECISION="tf32x3")  # fp32 activations: the 3xTF32 dot
     sig = {}
     for name in inspect.signature(nf4_matmul_kernel).parameters:
-        sig[name] = ("constexpr" if name in consts else "*bf16" if name == "x_ptr" else "*u8" if name in (
+        sig[name] = ("constexpr" if name in consts else f"*{x_dtype}" if name == "x_ptr" else "*u8" if name in (
             "w_ptr", "absmax_ptr") else "*fp32" if name.endswith("_ptr") else "i32")
     divisible = {n for n in sig if n.endswith("_ptr")} | {"K", "stride_xm"}
     compiled, local = _aot_compile_sm90(nf4_matmul_kernel, sig, consts, divisible, 4, 3)
