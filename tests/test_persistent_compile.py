@@ -70,6 +70,57 @@ def test_a_corrupt_or_mismatched_file_is_compiled_again_and_replaced(tmp_path, m
 
 
 @needs_aot
+def test_a_call_failing_the_guards_after_the_first_compiles_the_ordinary_way(tmp_path, monkeypatch, caplog):
+    """A precompiled function raises on a guard failure where torch.compile would compile again; a later
+    call of the same variant with other guards (here float64, as LoRA on some layers only gives the
+    others) takes the ordinary compile, and the precompiled one keeps serving its own inputs."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    f = make(tmp_path / "pc")
+    torch.testing.assert_close(f(*inputs(4)), scaled_add(*inputs(4)))
+    with caplog.at_level(logging.INFO, logger=pc.__name__):
+        torch.testing.assert_close(f(*inputs(4, torch.float64)), scaled_add(*inputs(4, torch.float64)))
+        torch.testing.assert_close(f(*inputs(3, torch.float64)), scaled_add(*inputs(3, torch.float64)))
+    assert f.compiled == ["dyn"] and f.guard_misses == ["dyn"] and "guards fail on a call" in caplog.text
+    batch = inputs(5)
+    torch.testing.assert_close(f(*batch), scaled_add(*batch))
+    assert not [a for t in batch for a in vars(t) if "dynamo" in a]  # no marks left on the caller's tensors
+    assert not [p for p in (tmp_path / "pc").iterdir() if p.name.endswith(".tmp")]  # saved by rename
+
+
+def test_the_key_holds_what_global_guards_check():
+    """The thread count (torchrun's OMP_NUM_THREADS=1 vs one process) and the matmul precision are
+    checked by the global-state guards: another value is another file, not a replaced one."""
+    before = torch.get_num_threads()
+    try:
+        key = pc.environment_key(torch.device("cpu"))
+        torch.set_num_threads(max(1, before - 1) if before > 1 else 2)
+        assert pc.environment_key(torch.device("cpu"))["threads"] != key["threads"]
+    finally:
+        torch.set_num_threads(before)
+    assert {"python", "fp32_matmul", "inductor_config", "torch"} <= set(key)
+
+
+def test_the_layer_key_tells_lora_set_ups_apart():
+    from peft import LoraConfig, get_peft_model
+
+    from compilepass.core.models import build_model
+    from compilepass.core.shapes import ModelShape
+    from compilepass.standby.rollout.decode import Decoder, StaticKVCache
+
+    keys = []
+    for cfg in (None, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[0]),
+                LoraConfig(r=8, target_modules=["q_proj", "v_proj"])):
+        model = build_model("tiny", dtype=torch.float32, seed=0)
+        model = get_peft_model(model, cfg) if cfg is not None else model
+        cache = StaticKVCache(ModelShape.from_hf_config(model.config), batch=2, max_len=8, dtype=torch.float32)
+        keys.append(Decoder(model, cache).persist_key({}, True))
+    assert len({k["adapters"] for k in keys}) == 4
+    cache = StaticKVCache(ModelShape.from_hf_config(model.config), batch=2, max_len=16, dtype=torch.float32)
+    assert Decoder(model, cache).persist_key({}, True)["max_len"] == 16 != keys[-1]["max_len"]
+
+
+@needs_aot
 def test_a_function_torch_cannot_precompile_is_compiled_as_usual(tmp_path, monkeypatch, caplog):
     """With Inductor's caches off, torch refuses to precompile: the plain compile runs, nothing is saved,
     the symbolic batch still serves every batch >= 2."""
@@ -138,3 +189,27 @@ def test_a_second_engine_process_loads_every_compiled_function_and_traces_none(t
     for row in rows:
         assert row["tokens"] == row["eager"] and row["sampled"] == row["eager_sampled"]
     assert len(list((tmp_path / "cp" / "precompiled").iterdir())) == 3
+
+
+@needs_aot
+@pytest.mark.slow
+def test_an_engine_with_lora_on_some_layers_only_generates_as_eager(tmp_path, monkeypatch):
+    """One compiled layer serves every layer: with LoRA on layer 0 only, layer 1's call fails the
+    precompiled layer's guards (its projections are plain Linear); it compiles the ordinary way."""
+    from peft import LoraConfig, get_peft_model
+
+    from compilepass.core.models import build_model
+    from compilepass.standby.rollout.engine import RolloutEngine
+
+    monkeypatch.setenv("COMPILEPASS_CACHE_DIR", str(tmp_path / "cp"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "ind"))
+    monkeypatch.delenv(pc.ENV_SWITCH, raising=False)
+    model = get_peft_model(build_model("tiny", dtype=torch.float32, seed=0),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[0],
+                                      init_lora_weights=False))
+    prompts = [[5, 6, 7], [8, 9]]
+    engine = RolloutEngine(model, max_batch=2, max_len=16, compile_options={}, persistent_compile=True)
+    eager = RolloutEngine(model, max_batch=2, max_len=16, compile_options=False)
+    out = engine.generate(prompts, max_new_tokens=5, temperature=0)
+    assert out.completion_ids.tolist() == eager.generate(prompts, max_new_tokens=5, temperature=0).completion_ids.tolist()
+    assert engine.decoder._layer_fn.guard_misses  # layer 1 took the ordinary compile

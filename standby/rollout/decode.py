@@ -19,6 +19,7 @@ deltas read from the peft modules at every call); ``attention`` picks the decode
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -37,6 +38,23 @@ from compilepass.standby.rollout.persistent_compile import PersistentCompile, en
 #: the positions, in ``_decode_layer``'s arguments after ``self``, of the tensors whose dim 0 is the
 #: batch (x, delta, cos, sin, mask, rows, positions)
 LAYER_BATCH_ARGS = (3, 4, 5, 6, 7, 10, 11)
+
+
+def _adapter_fingerprint(layers) -> str:
+    """Digest of the decoder layers' module types and LoRA set-up (ranks, scalings, shapes, active and
+    merged adapters): what the compiled layer's guards check, so that two set-ups keep two files
+    instead of replacing each other's."""
+    parts = []
+    for name, m in layers.named_modules():
+        entry = [name, type(m).__name__]
+        r = getattr(m, "r", None)
+        if isinstance(r, dict):  # a peft LoRA layer
+            entry += [sorted(r.items()), sorted(getattr(m, "scaling", {}).items()),
+                      sorted((k, list(v.weight.shape)) for k, v in getattr(m, "lora_A", {}).items()),
+                      list(getattr(m, "active_adapters", [])), bool(getattr(m, "disable_adapters", False)),
+                      list(getattr(m, "merged_adapters", []))]
+        parts.append(entry)
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 class StaticKVCache:
@@ -308,12 +326,23 @@ class Decoder:
 
         import compilepass.kernels as kernels_pkg
 
-        rollout_src = sorted(Path(__file__).parent.glob("*.py")) + sorted(Path(kernels_pkg.__file__).parent.glob("*.py"))
-        return {**environment_key(self.cache.k[0].device), "transformers": transformers.__version__,
-                "peft": peft.__version__, "source": source_digest(tuple(rollout_src)), "fn": "decode_layer",
-                "options": options or {}, "dynamic_batch": bool(dynamic_batch), "max_batch": self._layer_max_batch,
-                "shape": dataclasses.asdict(self.shape), "dtype": str(self.cache.dtype), "attention": self.attention,
-                "fused": self.fused is not None, "quant4": bool(self.quant4), "model": type(self.model).__name__}
+        import compilepass.core.quantize as quantize
+
+        rollout_src = (sorted(Path(__file__).parent.glob("*.py")) + sorted(Path(kernels_pkg.__file__).parent.glob("*.py"))
+                       + [Path(quantize.__file__)])  # quantize: traced through base_is_4bit
+        key = {**environment_key(self.cache.k[0].device), "transformers": transformers.__version__,
+               "peft": peft.__version__, "source": source_digest(tuple(rollout_src)), "fn": "decode_layer",
+               "options": options or {}, "dynamic_batch": bool(dynamic_batch), "max_batch": getattr(self, "_layer_max_batch", None),
+               "max_len": self.cache.max_len, "cache_batch": self.cache.batch, "shape": dataclasses.asdict(self.shape), "dtype": str(self.cache.dtype),
+               "attention": self.attention, "fused": self.fused is not None, "quant4": bool(self.quant4),
+               "model": type(self.model).__name__, "adapters": _adapter_fingerprint(self.layers)}
+        if self.quant4:  # read while tracing, never guarded: the 4-bit matmul's backend and its library
+            import bitsandbytes
+
+            from compilepass.standby.rollout.linear4bit import matmul_backend
+
+            key.update(nf4_matmul=matmul_backend(), bitsandbytes=bitsandbytes.__version__)
+        return key
 
     def _attend(self, q, k, v, mask):
         """GQA without repeating K/V: the n_rep query heads that share a KV head become n_rep * T

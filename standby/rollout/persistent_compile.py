@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -81,9 +82,23 @@ def source_digest(paths: tuple) -> str:
     return h.hexdigest()[:16]
 
 
+def _inductor_config_digest() -> str:
+    """Inductor's global settings as a digest (``TORCHINDUCTOR_*`` environment variables land there):
+    in AOT precompile mode torch leaves keying artifacts by them to the caller."""
+    try:
+        cfg = torch._inductor.config.save_config_portable()
+    except Exception:  # private API: keyed by the torch version alone then
+        return "unknown"
+    return hashlib.sha256(repr(sorted((k, repr(v)) for k, v in cfg.items())).encode()).hexdigest()[:16]
+
+
 def environment_key(device: torch.device) -> dict:
-    """What, besides the function and its options, decides the compiled code."""
-    key = {"torch": torch.__version__, "device": device.type}
+    """What, besides the function and its options, decides the compiled code or its guards: versions,
+    the device (its index too: the tensor guards check it, and torchrun's ranks each have one), the
+    thread count and matmul precision settings (global-state guards), Inductor's global settings."""
+    key = {"torch": torch.__version__, "python": list(sys.version_info[:2]), "device": device.type,
+           "threads": torch.get_num_threads(), "fp32_matmul": torch.get_float32_matmul_precision(),
+           "inductor_config": _inductor_config_digest()}
     try:
         import triton
 
@@ -92,13 +107,24 @@ def environment_key(device: torch.device) -> dict:
         pass
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
+        key["index"] = idx
         key["gpu"] = torch.cuda.get_device_name(idx)
         key["capability"] = list(torch.cuda.get_device_capability(idx))
+        key["tf32"] = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
     return key
 
 
-def _dynamo_marks(t: torch.Tensor) -> set[str]:
-    return {a for a in vars(t) if "dynamo" in a}
+def _dynamo_marks(t: torch.Tensor) -> dict:
+    """The tensor's dynamo mark attributes and (copies of) their values."""
+    return {a: (set(v) if isinstance(v, set) else v) for a, v in vars(t).items() if "dynamo" in a}
+
+
+def _restore_marks(t: torch.Tensor, marks: dict) -> None:
+    for a in [a for a in vars(t) if "dynamo" in a]:
+        if a not in marks:
+            delattr(t, a)
+    for a, v in marks.items():
+        setattr(t, a, v)
 
 
 def _guard_failure(fn, args: tuple) -> str:
@@ -134,6 +160,7 @@ class PersistentCompile:
         self.loaded: list[str] = []
         self.compiled: list[str] = []
         self.fallback: Optional[str] = None  # why torch's AOT precompile was given up, if it was
+        self.guard_misses: list[str] = []  # variants some call of which failed the guards (compiled plainly)
         self._plain: Optional[Callable] = None
 
     def path(self, variant: str) -> Path:
@@ -154,7 +181,20 @@ class PersistentCompile:
         fn = self._fns.get(name)
         if fn is None:
             fn = self._fns[name] = self._load(name, args) or self._compile(name, args)
-        return fn(*self.prefix, *args)
+        full = (*self.prefix, *args)
+        try:
+            return fn(*full)
+        except RuntimeError:
+            # A precompiled function checks its guards before it runs anything and raises where plain
+            # torch.compile would compile again (LoRA on some layers only, a thread count or autocast
+            # changed since): such calls take the ordinary compile; other errors propagate.
+            if fn is self._plain_call or fn.guard_check(*full):
+                raise
+        if name not in self.guard_misses:
+            self.guard_misses.append(name)
+            log.info("precompiled %s: guards fail on a call (%s); such calls compile the ordinary way", name,
+                     _guard_failure(fn, full))
+        return self._plain_call(*full)
 
     def _load(self, name: str, args: tuple) -> Optional[Callable]:
         """The saved variant, if it is there, loads, and passes its guards on ``args``; else None."""
@@ -162,7 +202,9 @@ class PersistentCompile:
         if not path.exists():
             return None
         try:
-            with open(path, "rb") as f:
+            # loading sets the graph up under Inductor's global config (CUDA graphs or not, e.g.), not
+            # under the options it was compiled with: load under those options
+            with open(path, "rb") as f, self._options_config():
                 fn = torch.compiler.load_compiled_function(f)
             if not fn.guard_check(*self.prefix, *args):
                 raise RuntimeError(f"its guards fail on these inputs: {_guard_failure(fn, self.prefix + args)}")
@@ -176,14 +218,13 @@ class PersistentCompile:
     def _compile(self, name: str, args: tuple) -> Callable:
         """Trace and compile on ``args`` (batch marked dynamic for "dyn"), then save. The marks are
         taken off again: a loaded function's guards expect unmarked tensors, and so does this one."""
+        if self.fallback is not None:
+            return self._plain_call
         marked = []
         if name == "dyn":
             for t in self._batch_tensors(args):
-                before = _dynamo_marks(t)
+                marked.append((t, _dynamo_marks(t)))
                 torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
-                marked.append((t, _dynamo_marks(t) - before))
-        if self.fallback is not None:
-            return self._plain_call
         try:
             with _aot_compile_on():
                 wrapper = torch.compile(self.fn, fullgraph=True, **self.compile_kwargs)
@@ -193,25 +234,42 @@ class PersistentCompile:
             log.warning("AOT precompile failed (%s); compiling without saving", self.fallback)
             return self._plain_call
         finally:
-            for t, attrs in marked:
-                for a in attrs:
-                    delattr(t, a)
+            for t, marks in marked:
+                _restore_marks(t, marks)
         self.compiled.append(name)
+        path = self.path(name)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fn.save_compiled_function(str(self.path(name)))
+            fn.save_compiled_function(str(tmp))  # then renamed: another process never reads half a file
+            os.replace(tmp, path)
         except Exception as exc:  # e.g. an unpicklable closure: usable here, compiled again next time
+            tmp.unlink(missing_ok=True)
             log.warning("could not save the precompiled %s (%s: %s)", name, type(exc).__name__,
                         (str(exc).splitlines() or [""])[0][:200])
         return fn
+
+    def _options_config(self):
+        """Inductor's config patched with this function's compile options (a no-op without any)."""
+        options = self.compile_kwargs.get("options")
+        if not options:
+            return contextlib.nullcontext()
+        return torch._inductor.config.patch(dict(options))
 
     def _plain_call(self, *full):
         """The fallback: one ordinary ``torch.compile`` for every variant, the batch marked per call as
         the engine's other compiles do (an error in its trace propagates as it would without us)."""
         if self._plain is None:
             self._plain = torch.compile(self.fn, fullgraph=True, **self.compile_kwargs)
-        if self.dynamic_batch:
-            for t in self._batch_tensors(full[len(self.prefix):]):
-                if t.shape[0] >= 2:
-                    torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
-        return self._plain(*full)
+        if not self.dynamic_batch:
+            return self._plain(*full)
+        marked = []
+        for t in self._batch_tensors(full[len(self.prefix):]):
+            if t.shape[0] >= 2:
+                marked.append((t, _dynamo_marks(t)))
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
+        try:
+            return self._plain(*full)
+        finally:  # a tensor this call marked, passed to the precompiled function later, would fail its guards
+            for t, marks in marked:
+                _restore_marks(t, marks)
