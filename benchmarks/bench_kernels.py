@@ -10,6 +10,8 @@ Methods (same inputs, same loss definition: dapo, beta=0.04 with reference log-p
   pytorch  materialized logits: selective_log_softmax_reference + grpo_loss_reference
   liger    liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (compiled=True, chunk_size=1), if importable
   ours     selective_log_softmax_triton + grpo_loss_triton
+  fused    kernels/fused_head_loss.py: the loss and its gradients inside the head's pass (three GEMMs
+           with a trained head, against ours' four; a [chunk x vocab] float32 logits buffer)
 
 Cases: tokens in {16384, 32768} (sequences of --seq-len tokens) x hidden in {4096, 5120} x vocab in
 {151936, 128256}, bf16 hidden and lm_head weight, weight frozen as under LoRA; plus one case at
@@ -49,6 +51,7 @@ import traceback
 import torch
 
 from compilepass.kernels._triton_support import _MM_OUT_DTYPE_OK, tuning_report
+from compilepass.kernels.fused_head_loss import fused_head_grpo_loss
 from compilepass.kernels.grpo_loss import grpo_loss_reference, grpo_loss_triton
 from compilepass.kernels.logprobs import (
     cuda_candidates,
@@ -94,6 +97,13 @@ def run_pytorch(inp):
 def run_ours(inp):
     logp = selective_log_softmax_triton(inp["hidden"], inp["weight"], inp["ids"], TEMPERATURE)
     return grpo_loss_triton(logp, None, inp["ref"], inp["adv"], inp["mask"], **LOSS_KW)
+
+
+def run_fused(inp):
+    """The loss inside the head's pass (kernels/fused_head_loss.py): three GEMMs with a trained head."""
+    loss, _ = fused_head_grpo_loss(inp["hidden"], inp["weight"], inp["ids"], TEMPERATURE, None, inp["ref"], inp["adv"],
+                                   inp["mask"], **LOSS_KW)
+    return loss, {}
 
 
 def nograd_pytorch(inp):
@@ -436,7 +446,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per method before measuring")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; smoke 16)")
     p.add_argument("--only", default=None, help="comma-separated cases TOKENSxHIDDENxVOCAB[+dW] to run")
-    p.add_argument("--methods", default="pytorch,liger,ours")
+    p.add_argument("--methods", default="pytorch,liger,ours,fused")
     p.add_argument("--budget-s", type=float, default=400.0,
                    help="a case predicted to end after this many seconds is not started (recorded as not_run)")
     p.add_argument("--no-correctness", action="store_true", help="skip the small correctness checks")
@@ -471,7 +481,8 @@ def main(argv=None):
         cases = [c for c in cases if f"{c[0]}x{c[1]}x{c[2]}" + ("+dW" if c[3] else "") in wanted]
     out_path = args.out or os.path.join(os.environ.get("OUT", "."), "kernels_bench.json")
 
-    all_methods = {"pytorch": run_pytorch, "liger": LigerMethod(compiled=liger_compiled), "ours": run_ours}
+    all_methods = {"pytorch": run_pytorch, "liger": LigerMethod(compiled=liger_compiled), "ours": run_ours,
+                   "fused": run_fused}
     methods = {k: all_methods[k] for k in args.methods.split(",")}
     if "liger" in methods and methods["liger"].error:
         print(f"NOTE: {methods['liger'].error} -- liger is recorded as unavailable in every case", flush=True)

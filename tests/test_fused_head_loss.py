@@ -1,0 +1,83 @@
+"""fused_head_grpo_loss (the loss and its gradients in the forward, three GEMMs) against the materialized
+composition: selective_log_softmax_reference then grpo_loss_reference, autograd through both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compilepass.kernels.fused_head_loss import fused_head_grpo_loss
+from compilepass.kernels.grpo_loss import LOSS_TYPES, grpo_loss_reference
+from compilepass.kernels.logprobs import selective_log_softmax_reference
+
+
+def _case(dtype=torch.float32, B=3, T=7, H=24, V=101, seed=0, head_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) * 0.3).to(dtype).requires_grad_(head_grad)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    with torch.no_grad():
+        logp0 = selective_log_softmax_reference(hidden.float(), weight.float(), ids, 0.8)
+    old = logp0 + 0.3 * torch.randn(B, T, generator=g)  # ratios on both sides of the clip range
+    ref = logp0 + 0.2 * torch.randn(B, T, generator=g)
+    adv = torch.tensor([1.0, -0.7, 0.4])[:B]
+    isw = 0.5 + torch.rand(B, T, generator=g)
+    return hidden, weight, ids, old, ref, adv, mask, isw
+
+
+def _reference(hidden, weight, ids, temperature, *args, **kw):
+    logp = selective_log_softmax_reference(hidden, weight, ids, temperature)
+    loss, _ = grpo_loss_reference(logp, *args, **kw)
+    return loss, logp
+
+
+def _grads(fn, hidden, weight, *args, **kw):
+    for t in (hidden, weight):
+        t.grad = None
+    loss, logp = fn(hidden, weight, *args, **kw)
+    (loss * 1.7).backward()  # an upstream gradient other than 1 reaches the stored gradients
+    return loss.detach(), logp.detach(), hidden.grad.clone(), None if weight.grad is None else weight.grad.clone()
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("beta,bias_kl,with_isw", [(0.0, False, False), (0.04, False, True), (0.04, True, False)],
+                         ids=["plain", "kl+isw", "bias-corrected-kl"])
+def test_loss_and_gradients_equal_the_materialized_composition(loss_type, beta, bias_kl, with_isw):
+    hidden, weight, ids, old, ref, adv, mask, isw = _case()
+    kw = dict(epsilon_low=0.2, epsilon_high=0.28 if loss_type != "cispo" else 4.0, beta=beta, loss_type=loss_type,
+              max_completion_length=9, num_items_in_batch=11 if loss_type in ("dapo", "cispo") else None,
+              is_weight=isw if with_isw else None, use_bias_correction_kl=bias_kl)
+    args = (ids, 0.8, old, ref if beta > 0 else None, adv, mask)
+    want = _grads(_reference, hidden, weight, *args, **kw)
+    got = _grads(fused_head_grpo_loss, hidden, weight, *args, chunk_bytes=4 * 101 * 5, **kw)  # 5 tokens a chunk
+    for a, b, name in zip(got, want, ("loss", "logp", "d_hidden", "d_weight")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_on_policy_frozen_head_and_bf16():
+    hidden, weight, ids, _, _, adv, mask, _ = _case(head_grad=False)
+    want = _grads(_reference, hidden, weight, ids, 1.0, None, None, adv, mask)
+    got = _grads(fused_head_grpo_loss, hidden, weight, ids, 1.0, None, None, adv, mask)
+    assert got[3] is None  # a frozen head: no weight gradient computed
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    hidden, weight, ids, old, _, adv, mask, _ = _case(torch.bfloat16, seed=3)
+    want = _grads(_reference, hidden, weight, ids, 0.7, old, None, adv, mask)
+    got = _grads(fused_head_grpo_loss, hidden, weight, ids, 0.7, old, None, adv, mask)
+    assert got[2].dtype == got[3].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-3)
+    for a, b in zip(got[2:], want[2:]):  # both round D (or the logits' gradient) to bf16 on the way
+        assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 3e-2
+
+
+def test_sequence_level_weights_and_bad_shapes_are_refused():
+    hidden, weight, ids, old, _, adv, mask, _ = _case()
+    with pytest.raises(ValueError, match="token-level importance weights"):
+        fused_head_grpo_loss(hidden, weight, ids, 1.0, old, None, adv, mask, importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match=r"hidden must be \[B, T, H\]"):
+        fused_head_grpo_loss(hidden[0], weight, ids, 1.0, old, None, adv, mask)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fused_head_grpo_loss(hidden, weight, ids, 0.0, old, None, adv, mask)
