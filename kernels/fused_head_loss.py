@@ -67,7 +67,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         for r0 in range(0, n, chunk):
             r1 = min(n, r0 + chunk)
             hc, idc = h[r0:r1], ids[r0:r1, None]
-            z = torch.mm(hc, weight.t()).float()  # GEMM 1: this chunk's logits, the only [tokens x vocab] buffer
+            z = mm_fp32_out(hc, weight.t())  # GEMM 1: this chunk's logits (float32 out), the [tokens x vocab] buffer
+            if z.dtype != torch.float32:  # a torch without a float32-out 16-bit GEMM on this device
+                z = z.float()
             if temperature != 1.0:
                 z.mul_(inv_t)
             lse = torch.logsumexp(z, dim=1)
