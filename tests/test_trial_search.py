@@ -69,8 +69,9 @@ def test_study_records_crash_and_timeout_and_continues(tmp_path, hanging_compile
     registry = (FlagSpec("cpp.cxx", ((None, "g++"), ("/nonexistent/c++",), (hanging_compiler,)), frozenset({"cpu"})),
                 FlagSpec("split_reductions", (True,)))
     space = FlagSpace(device_kind="cpu", registry=registry)
+    # 60 s: the g++ trial's cold compile once took over 25 s on the loaded 2-core machine (status timeout)
     config = TuneConfig(workload=MLP, trials=3, storage=f"sqlite:///{tmp_path}/s.db", study_name="t",
-                        repeats=2, trial_timeout_s=25, heartbeat_s=5)
+                        repeats=2, trial_timeout_s=60, heartbeat_s=5)
     study, _ = create_or_load_study(config, space, current_environment())
     for value in (("/nonexistent/c++",), (hanging_compiler,)):
         study.enqueue_trial({"cpp.cxx": encode_choice(value), "split_reductions": True})
