@@ -31,26 +31,14 @@ from typing import Optional
 import torch
 
 from ._triton_support import mm_fp32_out
-from .grpo_loss import Number, _row_weights, _validate, _weight_2d
+from .grpo_loss import Number, _row_weights, _validate, _weight_2d, token_terms
 
 __all__ = ["fused_head_grpo_loss"]
 
 
-def _token_loss(lp, old, ref, adv, w, isw, *, loss_type: str, epsilon_low: float, epsilon_high: float, beta: float,
-                bias_kl: bool):
-    """Each token's weighted loss term (grpo_loss_reference's per-token formula times its weight)."""
-    coef = torch.exp(lp - old)
-    if loss_type == "cispo":
-        per = -torch.clamp(coef, max=epsilon_high).detach() * adv * lp
-    else:
-        per = -torch.min(coef * adv, torch.clamp(coef, 1 - epsilon_low, 1 + epsilon_high) * adv)
-    if isw is not None:
-        per = per * isw
-    if beta > 0:
-        delta = ref - lp
-        kl = torch.exp(delta) - delta - 1
-        per = per + beta * (kl * coef if bias_kl else kl)
-    return per * w
+def _token_loss(lp, old, ref, adv, w, isw, **kw):
+    """Each token's weighted loss term: the reference's per-token terms times its weight."""
+    return token_terms(lp, lp - old, adv, isw, ref, **kw)[0] * w
 
 
 class _FusedHeadLoss(torch.autograd.Function):

@@ -112,6 +112,29 @@ def _weight_2d(is_weight: Optional[torch.Tensor], B: int, T: int) -> Optional[to
 # --------------------------------------------------------------------------------------------------
 
 
+def token_terms(logp, log_w, adv, isw, ref, *, loss_type: str, epsilon_low: float, epsilon_high: float, beta: float,
+                bias_kl: bool):
+    """``(loss_tok, coef, kl)``: each token's loss term before normalization (the module docstring's
+    formulas), its importance weight and its KL term (None unless beta > 0). Shared by the reference
+    and :func:`~compilepass.kernels.fused_head_loss.fused_head_grpo_loss`."""
+    coef = torch.exp(log_w)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(coef, max=epsilon_high).detach() * adv * logp
+    else:
+        clipped = torch.clamp(coef, 1 - epsilon_low, 1 + epsilon_high)
+        per_token = -torch.min(coef * adv, clipped * adv)
+    if isw is not None:
+        per_token = per_token * isw
+    kl = None
+    if beta > 0:
+        delta = ref - logp
+        kl = torch.exp(delta) - delta - 1
+        if bias_kl:
+            kl = kl * coef
+        per_token = per_token + beta * kl
+    return per_token, coef, kl
+
+
 def grpo_loss_reference(
     logp: torch.Tensor,
     old_logp: Optional[torch.Tensor],
@@ -142,22 +165,10 @@ def grpo_loss_reference(
         log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # [B, 1]
     else:
         log_w = log_ratio
-    coef = torch.exp(log_w)
-    if loss_type == "cispo":
-        per_token = -torch.clamp(coef, max=epsilon_high).detach() * adv * logp
-    else:
-        clipped = torch.clamp(coef, 1 - epsilon_low, 1 + epsilon_high)
-        per_token = -torch.min(coef * adv, clipped * adv)
-    isw = _weight_2d(is_weight, B, T)
-    if isw is not None:
-        per_token = per_token * isw
-    kl = None
-    if beta > 0:
-        delta = ref_logp.detach().float() - logp
-        kl = torch.exp(delta) - delta - 1
-        if use_bias_correction_kl:
-            kl = kl * coef
-        per_token = per_token + beta * kl
+    per_token, coef, kl = token_terms(logp, log_w, adv, _weight_2d(is_weight, B, T),
+                                      None if beta <= 0 else ref_logp.detach().float(), loss_type=loss_type,
+                                      epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+                                      bias_kl=use_bias_correction_kl)
     masked = per_token.expand(B, T) * mask
     if loss_type == "grpo":
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
