@@ -23,7 +23,7 @@ def _case(dtype=torch.float32, B=3, T=7, H=24, V=101, seed=0, head_grad=True):
         logp0 = selective_log_softmax_reference(hidden.float(), weight.float(), ids, 0.8)
     old = logp0 + 0.3 * torch.randn(B, T, generator=g)  # ratios on both sides of the clip range
     ref = logp0 + 0.2 * torch.randn(B, T, generator=g)
-    adv = torch.tensor([1.0, -0.7, 0.4])[:B]
+    adv = torch.tensor([1.0, -0.7, 0.4, -0.2])[:B]
     isw = 0.5 + torch.rand(B, T, generator=g)
     return hidden, weight, ids, old, ref, adv, mask, isw
 
@@ -81,3 +81,26 @@ def test_sequence_level_weights_and_bad_shapes_are_refused():
         fused_head_grpo_loss(hidden[0], weight, ids, 1.0, old, None, adv, mask)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         fused_head_grpo_loss(hidden, weight, ids, 0.0, old, None, adv, mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the bf16 GEMMs with float32 output on the GPU")
+def test_cuda_bf16_trained_head_against_a_float64_oracle():
+    """On the GPU (the bench's path): bf16 hidden and head, several chunks, the float32-out logits GEMM;
+    the loss and both gradients against the composition in float64 of the same bf16 inputs."""
+    hidden, weight, ids, old, ref, adv, mask, _ = _case(torch.bfloat16, B=4, T=96, H=256, V=4099, seed=5)
+    dev = torch.device("cuda")
+    h = hidden.detach().to(dev).requires_grad_(True)
+    w = weight.detach().to(dev).requires_grad_(True)
+    args = [t.to(dev) for t in (ids,)] + [0.9] + [t.to(dev) for t in (old, ref, adv, mask)]
+    kw = dict(epsilon_low=0.2, epsilon_high=0.28, beta=0.04, loss_type="dapo", num_items_in_batch=300)
+    got = _grads(fused_head_grpo_loss, h, w, *args, chunk_bytes=4 * 4099 * 64, **kw)  # 64 tokens a chunk
+    h64 = hidden.detach().double().to(dev).requires_grad_(True)
+    w64 = weight.detach().double().to(dev).requires_grad_(True)
+    args64 = [args[0], 0.9] + [t.double() for t in args[2:]]
+    want = _grads(_reference, h64, w64, *args64, **kw)
+    assert abs(got[0].item() - want[0].item()) <= 1e-3 * max(1.0, abs(want[0].item()))
+    torch.testing.assert_close(got[1].double(), want[1], rtol=0, atol=2e-2)  # log-probs of bf16-rounded logits
+    for a, b in zip(got[2:], want[2:]):
+        assert a.dtype == torch.bfloat16
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 2e-2
