@@ -36,8 +36,9 @@ def run_json_child(cmd: list, out, timeout_s: float, env_extra: dict = TRL_CHILD
 
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ, **env_extra))
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s} s"}
+    except subprocess.TimeoutExpired as e:  # what the child had printed says where it was
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return {"error": f"timed out after {timeout_s} s", "stderr_tail": err[-3000:]}
     if proc.returncode != 0 or not Path(out).exists():
         tail = proc.stderr[-3000:]
         oom = "out of memory" in tail.lower() or "OutOfMemory" in tail

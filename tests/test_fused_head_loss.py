@@ -100,7 +100,7 @@ def test_cuda_bf16_trained_head_against_a_float64_oracle():
     args64 = [args[0], 0.9] + [t.double() for t in args[2:]]
     want = _grads(_reference, h64, w64, *args64, **kw)
     assert abs(got[0].item() - want[0].item()) <= 1e-3 * max(1.0, abs(want[0].item()))
-    torch.testing.assert_close(got[1].double(), want[1], rtol=0, atol=2e-2)  # log-probs of bf16-rounded logits
+    torch.testing.assert_close(got[1].double(), want[1].double(), rtol=0, atol=2e-2)  # log-probs of bf16-rounded logits
     for a, b in zip(got[2:], want[2:]):
         assert a.dtype == torch.bfloat16
         assert ((a.double() - b).abs().max() / b.abs().max()).item() < 2e-2

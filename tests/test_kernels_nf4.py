@@ -155,6 +155,9 @@ def test_engine_tokens_through_the_kernel_equal_bitsandbytes(monkeypatch):
     calls = []
     real = linear4bit.nf4_matmul
     monkeypatch.setattr(linear4bit, "nf4_matmul", lambda *a: calls.append(1) or real(*a))
+    engine.generate(PROMPTS, max_new_tokens=NEW, temperature=0)
+    assert not calls, "the backend is the one the engine was built with, not read again at each call"
+    engine = RolloutEngine(model, max_batch=4, max_len=32, compile_options=False)
     out = engine.generate(PROMPTS, max_new_tokens=NEW, temperature=0)
     assert calls, "the kernel was not called"
     assert torch.equal(out.completion_ids, ref.completion_ids)
@@ -163,7 +166,7 @@ def test_engine_tokens_through_the_kernel_equal_bitsandbytes(monkeypatch):
     from compilepass.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="COMPILEPASS_NF4_MATMUL"):
-        engine.generate(PROMPTS, max_new_tokens=NEW, temperature=0)
+        RolloutEngine(model, max_batch=4, max_len=32, compile_options=False)
 
 
 @pytest.mark.gpu
@@ -186,7 +189,8 @@ def test_compiled_kernel_on_cuda_matches_the_reference_and_replays_in_a_graph(m)
     ref = nf4_matmul_reference(x, *ops).float()
     torch.testing.assert_close(nf4_matmul(x, *ops).float(), ref, rtol=2e-2, atol=2e-2)
     deq = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
-    torch.testing.assert_close(ref, (x.float() @ deq.t()), rtol=1e-3, atol=1e-3)
+    # the reference returns bf16: within its rounding (2**-8 relative) and one ulp of accumulation order
+    torch.testing.assert_close(ref, (x.float() @ deq.t()), rtol=2 ** -7, atol=1e-3)
     static_x = x.clone()
     nf4_matmul(static_x, *ops)  # compile outside the capture
     torch.cuda.synchronize()

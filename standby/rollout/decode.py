@@ -32,7 +32,7 @@ from compilepass.flags import inductor_options_for_torch
 from compilepass.kernels.decode_attention import decode_attention
 from compilepass.kernels.decode_attention import supported as triton_attention_supports
 from compilepass.standby.rollout.fused import FusedProjections, fuse_projections
-from compilepass.standby.rollout.linear4bit import base_is_4bit, linear_4bit, model_has_4bit
+from compilepass.standby.rollout.linear4bit import base_is_4bit, linear_4bit, matmul_backend, model_has_4bit
 from compilepass.standby.rollout.persistent_compile import PersistentCompile, environment_key, source_digest
 
 #: the positions, in ``_decode_layer``'s arguments after ``self``, of the tensors whose dim 0 is the
@@ -208,6 +208,10 @@ class Decoder:
         self._attend_decode = {"matmul": self._attend_one, "sdpa": self._attend,
                                "sdpa_gqa": self._attend_gqa, "triton": self._attend_kernel}[attention]
         self.quant4 = model_has_4bit(causal_lm)  # 4-bit (QLoRA) base layers: see _proj
+        # the 4-bit matmul's backend, fixed for this decoder: read inside the compiled layer it is an
+        # attribute Dynamo guards on (an environment variable read while tracing would not be guarded,
+        # so a second engine in the process would replay the first one's backend)
+        self.nf4_backend = matmul_backend() if self.quant4 else None
         if fused_projections and self.quant4:
             raise ConfigError("fused projections need 16-bit base weights; this model's linear layers are 4-bit "
                               "(model.load_in_4bit): use fused_projections=False")
@@ -272,7 +276,7 @@ class Decoder:
         """``module(x)``, except that a 4-bit base runs :func:`linear_4bit` (its packed weight as is,
         LoRA as peft adds it)."""
         if self.quant4 and base_is_4bit(module):
-            return linear_4bit(module, x)
+            return linear_4bit(module, x, self.nf4_backend)
         return module(x)
 
     def _decode_layer(self, layer, qkv, gate_up, x, delta, cos, sin, mask, kc, vc, rows, positions):
@@ -339,9 +343,7 @@ class Decoder:
         if self.quant4:  # read while tracing, never guarded: the 4-bit matmul's backend and its library
             import bitsandbytes
 
-            from compilepass.standby.rollout.linear4bit import matmul_backend
-
-            key.update(nf4_matmul=matmul_backend(), bitsandbytes=bitsandbytes.__version__)
+            key.update(nf4_matmul=self.nf4_backend, bitsandbytes=bitsandbytes.__version__)
         return key
 
     def _attend(self, q, k, v, mask):

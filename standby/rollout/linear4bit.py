@@ -56,13 +56,16 @@ def matmul_backend() -> str:
     return value
 
 
-def linear_4bit(module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for a 4-bit base (see the module docstring): x [..., in] -> [..., out]."""
+def linear_4bit(module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """``module(x)`` for a 4-bit base (see the module docstring): x [..., in] -> [..., out].
+    ``backend``: "bnb" or "triton" (the decoder passes the one it was built with); None reads
+    ``COMPILEPASS_NF4_MATMUL`` now."""
+    backend = matmul_backend() if backend is None else backend
     base = _base(module)
     weight = base.weight
     compute = base.compute_dtype or x.dtype
     bias = base.bias.to(compute) if base.bias is not None else None
-    if matmul_backend() == "triton" and nf4_supports(weight):
+    if backend == "triton" and nf4_supports(weight):
         y = nf4_matmul(x.to(compute), *nf4_operands(weight))
         y = (y + bias if bias is not None else y).to(x.dtype)
     else:
