@@ -11,7 +11,9 @@ Methods (same inputs, same loss definition: dapo, beta=0.04 with reference log-p
   liger    liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (compiled=True, chunk_size=1), if importable
   ours     selective_log_softmax_triton + grpo_loss_triton
   fused    kernels/fused_head_loss.py: the loss and its gradients inside the head's pass (three GEMMs
-           with a trained head, against ours' four; a [chunk x vocab] float32 logits buffer)
+           with a trained head, against ours' four; a [chunk x vocab] float32 logits buffer), its two
+           passes over that buffer in our Triton kernels on CUDA (impl="auto")
+  fused-torch  the same with those passes in PyTorch's ops (impl="torch"), 1 GiB chunks
 
 Cases: tokens in {16384, 32768} (sequences of --seq-len tokens) x hidden in {4096, 5120} x vocab in
 {151936, 128256}, bf16 hidden and lm_head weight, weight frozen as under LoRA; plus one case at
@@ -99,11 +101,16 @@ def run_ours(inp):
     return grpo_loss_triton(logp, None, inp["ref"], inp["adv"], inp["mask"], **LOSS_KW)
 
 
-def run_fused(inp):
+def run_fused(inp, **kw):
     """The loss inside the head's pass (kernels/fused_head_loss.py): three GEMMs with a trained head."""
     loss, _ = fused_head_grpo_loss(inp["hidden"], inp["weight"], inp["ids"], TEMPERATURE, None, inp["ref"], inp["adv"],
-                                   inp["mask"], **LOSS_KW)
+                                   inp["mask"], **LOSS_KW, **kw)
     return loss, {}
+
+
+def run_fused_torch(inp):
+    """run_fused with PyTorch's ops over the logits buffer and session 9's 1 GiB chunks (its H200 baseline)."""
+    return run_fused(inp, impl="torch", chunk_bytes=1 << 30)
 
 
 def nograd_pytorch(inp):
@@ -482,7 +489,7 @@ def main(argv=None):
     out_path = args.out or os.path.join(os.environ.get("OUT", "."), "kernels_bench.json")
 
     all_methods = {"pytorch": run_pytorch, "liger": LigerMethod(compiled=liger_compiled), "ours": run_ours,
-                   "fused": run_fused}
+                   "fused": run_fused, "fused-torch": run_fused_torch}
     methods = {k: all_methods[k] for k in args.methods.split(",")}
     if "liger" in methods and methods["liger"].error:
         print(f"NOTE: {methods['liger'].error} -- liger is recorded as unavailable in every case", flush=True)

@@ -170,3 +170,22 @@ def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _MM_OUT_DTYPE_OK: Dict[str, bool] = {}
+
+
+def addmm_fp32_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` into the float32 ``acc``, for 16-bit or 32-bit ``a``, ``b``.
+
+    Uses ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` (the GEMM adds into ``acc`` in
+    its epilogue: one read and one write of it) where this torch build has it for the device;
+    otherwise :func:`mm_fp32_out` then an add (a temporary of ``acc``'s size, read twice more)."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    key = "addmm:" + acc.device.type
+    if _MM_OUT_DTYPE_OK.get(key, True):
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE_OK[key] = False
+    return acc.add_(mm_fp32_out(a, b))

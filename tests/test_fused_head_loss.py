@@ -42,17 +42,20 @@ def _grads(fn, hidden, weight, *args, **kw):
     return loss.detach(), logp.detach(), hidden.grad.clone(), None if weight.grad is None else weight.grad.clone()
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("beta,bias_kl,with_isw", [(0.0, False, False), (0.04, False, True), (0.04, True, False)],
                          ids=["plain", "kl+isw", "bias-corrected-kl"])
-def test_loss_and_gradients_equal_the_materialized_composition(loss_type, beta, bias_kl, with_isw):
+def test_loss_and_gradients_equal_the_materialized_composition(loss_type, beta, bias_kl, with_isw, impl):
+    """Both implementations of the passes over the logits buffer (the Triton kernels run in Triton's
+    interpreter here), several chunks, a head that trains."""
     hidden, weight, ids, old, ref, adv, mask, isw = _case()
     kw = dict(epsilon_low=0.2, epsilon_high=0.28 if loss_type != "cispo" else 4.0, beta=beta, loss_type=loss_type,
               max_completion_length=9, num_items_in_batch=11 if loss_type in ("dapo", "cispo") else None,
               is_weight=isw if with_isw else None, use_bias_correction_kl=bias_kl)
     args = (ids, 0.8, old, ref if beta > 0 else None, adv, mask)
     want = _grads(_reference, hidden, weight, *args, **kw)
-    got = _grads(fused_head_grpo_loss, hidden, weight, *args, chunk_bytes=4 * 101 * 5, **kw)  # 5 tokens a chunk
+    got = _grads(fused_head_grpo_loss, hidden, weight, *args, chunk_bytes=4 * 101 * 5, impl=impl, **kw)  # 5 a chunk
     for a, b, name in zip(got, want, ("loss", "logp", "d_hidden", "d_weight")):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -71,6 +74,30 @@ def test_on_policy_frozen_head_and_bf16():
     torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-3)
     for a, b in zip(got[2:], want[2:]):  # both round D (or the logits' gradient) to bf16 on the way
         assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 3e-2
+
+
+def test_triton_passes_handle_temperature_ragged_tiles_and_extreme_logits():
+    """The Triton row statistics and logit gradient against PyTorch's ops: a vocab that no tile divides,
+    rows past the last tile, a temperature, a target at the last column, and one logit per row in the
+    hundreds (every other column's exp underflows)."""
+    hidden, weight, ids, old, _, adv, mask, _ = _case(B=3, T=5, H=16, V=203, seed=9)
+    with torch.no_grad():
+        weight[7] = 400.0 * weight[7]  # one huge logit per row: exp underflows for every other column
+    ids[0, 0] = 202
+    ids[2, 1] = 7
+    for t in (1.0, 0.6):
+        want = _grads(fused_head_grpo_loss, hidden, weight, ids, t, old, None, adv, mask, impl="torch")
+        got = _grads(fused_head_grpo_loss, hidden, weight, ids, t, old, None, adv, mask, impl="triton",
+                     chunk_bytes=4 * 203 * 7)  # 7 rows a chunk: a ragged last chunk of row tiles of 2
+        for a, b, name in zip(got, want, ("loss", "logp", "d_hidden", "d_weight")):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} at T={t}")
+            assert torch.isfinite(a).all()
+
+
+def test_bad_impl_is_refused():
+    hidden, weight, ids, old, _, adv, mask, _ = _case()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        fused_head_grpo_loss(hidden, weight, ids, 1.0, old, None, adv, mask, impl="cuda")
 
 
 def test_sequence_level_weights_and_bad_shapes_are_refused():
@@ -104,3 +131,31 @@ def test_cuda_bf16_trained_head_against_a_float64_oracle():
     for a, b in zip(got[2:], want[2:]):
         assert a.dtype == torch.bfloat16
         assert ((a.double() - b).abs().max() / b.abs().max()).item() < 2e-2
+
+
+def _sm90_tools():
+    from test_kernels_logprobs import _ptxas_tools
+
+    return _ptxas_tools()
+
+
+@pytest.mark.skipif(_sm90_tools() is None, reason="no triton ptxas/cuobjdump, or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("which", ["row_stats", "logit_grad"])
+def test_triton_passes_compile_for_sm90_without_spills(which):
+    """Both kernels at the tile sizes and warps the GPU launches use (fused_head_loss._triton_*)."""
+    import inspect
+
+    from test_kernels_logprobs import _aot_compile_sm90
+
+    from compilepass.kernels import _fused_head_triton as k
+
+    fn = k.row_stats_kernel if which == "row_stats" else k.logit_grad_kernel
+    consts = dict(BLOCK_R=4, BLOCK_V=2048 if which == "row_stats" else 1024)
+    sig = {}
+    for name in inspect.signature(fn).parameters:
+        sig[name] = ("constexpr" if name in consts else "*i64" if name == "ids_ptr" else "*bf16" if name == "d_ptr"
+                     else "*fp32" if name.endswith("_ptr") else "fp32" if name == "inv_t" else "i32")
+    divisible = {n for n in sig if n.endswith("_ptr")}
+    compiled, local = _aot_compile_sm90(fn, sig, consts, divisible, 8 if which == "row_stats" else 4, 1)
+    assert local == 0, "register spills to local memory"
+    assert "ex2.approx" in compiled.asm["ptx"]  # the exponentials on the SFU, not a library call
