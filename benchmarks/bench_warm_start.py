@@ -65,7 +65,10 @@ print(json.dumps({
               "aot_autograd_miss": counters["aot_autograd"]["autograd_cache_miss"]},
     "precompiled": {"supported": persistent_compile.supported(), "dir": str(engine.persist_dir or ""),
                     "loaded": list(getattr(engine.decoder._layer_fn, "loaded", [])),
-                    "compiled": list(getattr(engine.decoder._layer_fn, "compiled", []))},
+                    "compiled": list(getattr(engine.decoder._layer_fn, "compiled", [])),
+                    "samplers": {str(k[0][0]): {"loaded": list(getattr(f, "loaded", [])),
+                                                "compiled": list(getattr(f, "compiled", []))}
+                                 for k, f in engine._post_fns.items() if k[1]}},
     "tokens_per_s": out.tokens_per_s, "first_tokens": out.completion_ids[:2, :8].tolist(),
     "tokens_checksum": int(out.completion_ids.sum()),
 }))
@@ -114,14 +117,18 @@ def main(argv=None) -> int:
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row.update(kind=kind, process_wall_s=wall, stderr_tail=proc.stderr[-1500:])
         starts.append(row)
+        with open(args.out, "w") as f:  # kept if a later process is cut short (a call's time limit)
+            json.dump({"benchmark": "warm_start", "complete": False, "command": " ".join([sys.executable] + sys.argv),
+                       "spec": spec, "starts": starts}, f, indent=2)
         print(f"{row['kind']:>7}: engine {row['cold_start_s']:.2f} s (compile {row['compile_s']:.2f}, capture "
               f"{row['capture_s']:.2f}); process {wall:.1f} s; fx cache hit/miss {row['cache']['fxgraph_hit']}/"
-              f"{row['cache']['fxgraph_miss']}; precompiled loaded {row['precompiled']['loaded']}", flush=True)
+              f"{row['cache']['fxgraph_miss']}; precompiled loaded {row['precompiled']['loaded']}"
+              f" (samplers: {row['precompiled']['samplers']})", flush=True)
     same = len({s["tokens_checksum"] for s in starts}) == 1
     warm = [s["cold_start_s"] for s in starts if s["kind"] == "warm"]
     warm_fx = [s["cold_start_s"] for s in starts if s["kind"] == "warm_fx"]
     result = {
-        "benchmark": "warm_start", "command": " ".join([sys.executable] + sys.argv),
+        "benchmark": "warm_start", "complete": True, "command": " ".join([sys.executable] + sys.argv),
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
         "versions": {"torch": torch.__version__, "triton": dist_version("triton"), "python": platform.python_version()},
         "spec": spec, "starts": starts, "cold_start_s": starts[0]["cold_start_s"],

@@ -222,7 +222,7 @@ def test_compile_train_compiles_the_training_forward_with_train_flags(model_dir,
     assert moved, "the compiled training forward did not train the adapter"
 
 
-def test_compile_train_is_off_on_cpu_by_default_and_checked(model_dir, tmp_path):
+def test_compile_train_is_off_by_default_and_checked(model_dir, tmp_path):
     from compilepass.integrations.trl import GRPOTrainer
 
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[says_target], args=_args(tmp_path),
@@ -231,6 +231,9 @@ def test_compile_train_is_off_on_cpu_by_default_and_checked(model_dir, tmp_path)
     from compilepass.core.shapes import causal_lm_of
 
     assert causal_lm_of(trainer.model).base_model._compiled_call_impl is None
+    auto = GRPOTrainer(model=str(model_dir), reward_funcs=[says_target], args=_args(tmp_path),
+                       train_dataset=_dataset(), compile_train="auto")
+    assert auto.train_compile_selection is None  # "auto" compiles on CUDA only
     with pytest.raises(ConfigError, match="compile_train"):
         GRPOTrainer(model=str(model_dir), reward_funcs=[says_target], args=_args(tmp_path), train_dataset=_dataset(),
                     compile_train="yes")

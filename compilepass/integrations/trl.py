@@ -80,15 +80,18 @@ class GRPOTrainer(_trl.GRPOTrainer):
     :class:`~compilepass.standby.rollout.engine.RolloutEngine` (e.g. ``compile_options=False`` for
     eager, ``max_batch``). ``self.rollout_engine`` is the engine once the first batch is generated.
     ``compile_train``: compile the training forward in place with the tuning database's flags for
-    workload ``train`` (never a rollout entry; one log line names the entry and why): ``"auto"``
-    (default) on CUDA only, ``True`` always, ``False`` never. ``self.train_compile_selection`` is
+    workload ``train`` (never a rollout entry; one log line names the entry and why): ``False``
+    (default) never, ``"auto"`` on CUDA only, ``True`` always. Off by default: a cold compile of a
+    training forward took 60-140 s on an H100 (the shipped train entries), and on the H200 the
+    first steps of a 4-step run with it did not finish within 110 s, against a 1.22x faster step
+    at best (qwen3-0.6b's train entry): worth it for long runs only. ``self.train_compile_selection`` is
     that :class:`~compilepass.selection.Selection` (None when not compiled).
     ``kernel_logprobs`` (default True): training-side log-probs and entropies through compilepass's
     kernels where they apply (module doc); False keeps TRL's fused head. ``self.logprobs_path`` says
     which ran last (``"compilepass"`` or ``"trl: <why>"``).
     """
 
-    def __init__(self, *args, rollout_engine_options: Optional[dict] = None, compile_train="auto",
+    def __init__(self, *args, rollout_engine_options: Optional[dict] = None, compile_train=False,
                  kernel_logprobs: bool = True, **kwargs):
         if compile_train not in ("auto", True, False):
             raise ConfigError(f"compile_train must be 'auto', True or False (got {compile_train!r})")
