@@ -283,3 +283,66 @@ def test_bench_context_with_a_4bit_base_fits_and_records_it():
     assert res.load_in_4bit and res.max_completion_len == 4 and all(t.ok for t in res.trials), res.trials
     with pytest.raises(CompilepassError, match="--load-in-4bit generates with the native engine"):
         max_context("tiny", allow_cpu=True, load_in_4bit=True, engine="vllm")
+
+
+# ------------------------------------------------------------------------------ the tuner and the database
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", ["rollout", "train"])
+def test_tune_workloads_measure_the_4bit_model(kind):
+    """``compilepass tune --load-in-4bit``: the workload's model is the NF4 base, frozen under the LoRA
+    adapter for ``train`` (the engine's 4-bit decode and the 4-bit LoRA backward are tested above)."""
+    from compilepass.core.workload_spec import WorkloadSpec
+    from compilepass.tuning.workloads import RolloutWorkload, TrainWorkload
+
+    spec = WorkloadSpec(kind=kind, model="tiny", batch=2, prompt_len=4, new_tokens=3, seq_len=8, lora_rank=4,
+                        device="cpu", load_in_4bit=True)
+    wl = (RolloutWorkload if kind == "rollout" else TrainWorkload)(spec)
+    wl.prepare()
+    assert quant_of(wl.model.get_base_model() if kind == "train" else wl.model) == NF4_DQ
+    if kind == "train":
+        trainable = {n for n, p in wl.model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)  # the 4-bit base stays frozen
+
+
+def test_tune_4bit_is_keyed_named_and_refused_as_4bit(tmp_path, capsys, monkeypatch):
+    """A 4-bit tune result records a ``quant`` key (never offered to the 16-bit model), its study has its
+    own name (16-bit names unchanged), and the combinations it cannot measure are one line each."""
+    import dataclasses
+
+    from test_db import make_result
+
+    from compilepass import db
+    from compilepass.core.workload_spec import WorkloadSpec
+    from compilepass.tuning.search import study_name_for
+
+    r = make_result(winner={"max_autotune": True})
+    r16 = db.entry_from_tune_result(r)
+    r["workload"] = dict(r["workload"], load_in_4bit=True)
+    r4 = db.entry_from_tune_result(r)
+    assert r4["key"]["model"]["quant"] == NF4_DQ and "quant" not in r16["key"]["model"] and r4["id"] != r16["id"]
+    old = dict(r["workload"])
+    old.pop("load_in_4bit")  # a result written before the field existed reads as 16-bit
+    assert WorkloadSpec.from_dict(old).quant() is None
+
+    from compilepass.core.env import EnvironmentKey
+
+    env = EnvironmentKey(**{f.name: None for f in dataclasses.fields(EnvironmentKey)})
+    w16 = WorkloadSpec(model="qwen3-0.6b")
+    n16, n4 = study_name_for(env, w16), study_name_for(env, dataclasses.replace(w16, load_in_4bit=True))
+    assert n4 != n16 and n4.startswith("qwen3-0.6b-nf4-dq-rollout-") and n16.startswith("qwen3-0.6b-rollout-")
+    w16.load_in_4bit = False
+    assert study_name_for(env, w16) == n16
+
+    for argv, match in ((["--engine", "vllm"], "--load-in-4bit measures the native engine"),
+                        (["--workload", "mlp"], "--load-in-4bit needs a model workload")):
+        rc = cli.main(["tune", "--model", "tiny", "--load-in-4bit", "--no-record", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and match in err[0], err
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    rc = cli.main(["tune", "--model", "tiny", "--load-in-4bit", "--no-record", "--storage",
+                   f"sqlite:///{tmp_path / 's.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "needs bitsandbytes" in err[0], err
+    assert not (tmp_path / "s.db").exists()  # refused before any study

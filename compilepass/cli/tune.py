@@ -30,6 +30,9 @@ def add_tune(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None, help="train: tokens per sequence")
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="a QLoRA base (NF4, double quantization; bitsandbytes): its result is keyed as 4-bit and "
+                        "never applies to a 16-bit model")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--device", default="auto")
     p.add_argument("--trials", type=int, default=12, help="measured trials in the study, the defaults included")
@@ -70,11 +73,16 @@ def _workload_from_args(args):
     cuda = _is_cuda(args)
     spec = WorkloadSpec(kind=args.workload, model=args.model, dtype=args.dtype, device=args.device,
                         lora_rank=args.lora_rank, seed=args.seed, engine=args.engine,
+                        load_in_4bit=args.load_in_4bit,
                         batch=_given(args.batch, 32 if cuda else 8),
                         prompt_len=_given(args.prompt_len, 128 if cuda else 16),
                         new_tokens=_given(args.new_tokens, 256 if cuda else 16),
                         seq_len=_given(args.seq_len, 1024 if cuda else 64))
     spec.validate()  # sizes first: one line, before the model is resolved or anything is opened
+    if spec.load_in_4bit:
+        from compilepass.core.quantize import require_bitsandbytes
+
+        require_bitsandbytes()  # one line here, not one failed trial after another
     if args.workload != "mlp":
         resolve_model_source(args.model)  # fail here, in one line, before any study is created
     return spec

@@ -28,13 +28,11 @@ from typing import Optional
 import torch
 
 from compilepass.core.errors import ConfigError
+from compilepass.core.workload_spec import NF4_DQ  # the name the database keys 4-bit entries by
 
 __all__ = ["NF4_DQ", "QUANT_KEY", "bitsandbytes_available", "require_bitsandbytes", "bnb_4bit_config",
            "quantize_linears", "prepare_4bit_for_training", "quant_of", "is_4bit_linear", "SKIP_MODULES"]
 
-#: The name of the only quantization compilepass builds: NF4 codes, blocks of 64, double-quantized
-#: scales. The tuning database keys 4-bit entries by it (16-bit entries have no quant).
-NF4_DQ = "nf4-dq"
 
 #: The config key that asks for it (named in every refusal).
 QUANT_KEY = "model.load_in_4bit"

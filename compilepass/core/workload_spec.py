@@ -16,6 +16,9 @@ ENGINES = ("native", "vllm")
 #: Decision policies a tune result is verified and recorded under (``--policy``).
 POLICIES = ("balanced", "throughput")
 WORKLOAD_KINDS = ("rollout", "train", "mlp")
+#: The name of the only quantization compilepass builds: NF4 codes, blocks of 64, double-quantized
+#: scales. The tuning database keys 4-bit entries by it (16-bit entries have no quant).
+NF4_DQ = "nf4-dq"
 
 
 @dataclass
@@ -31,6 +34,7 @@ class WorkloadSpec:
     device: str = "auto"
     seed: int = 0
     engine: str = "native"  # rollout only: "vllm" measures vLLM's generation
+    load_in_4bit: bool = False  # a QLoRA base (NF4, double quantization): entries keyed ModelSignature.quant
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +57,10 @@ class WorkloadSpec:
             return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
 
+    def quant(self):
+        """The database key's quantization of this workload's model: ``NF4_DQ`` or None (16-bit)."""
+        return NF4_DQ if self.load_in_4bit else None
+
     def size_bucket(self) -> str:
         if self.kind == "rollout":
             return f"b{self.batch}-p{self.prompt_len}-n{self.new_tokens}"
@@ -69,5 +77,10 @@ class WorkloadSpec:
             raise ConfigError(f"unknown engine {self.engine!r}; choose native or vllm")
         if self.engine == "vllm" and self.kind != "rollout":
             raise ConfigError(f"--engine vllm measures generation: use --workload rollout (got {self.kind})")
+        if self.load_in_4bit and self.engine == "vllm":
+            raise ConfigError("--load-in-4bit measures the native engine (the vLLM engine does not share a 4-bit "
+                              "base); use --engine native")
+        if self.load_in_4bit and self.kind == "mlp":
+            raise ConfigError("--load-in-4bit needs a model workload (rollout or train), not mlp")
         for name in ("batch", "prompt_len", "new_tokens", "seq_len", "lora_rank"):
             check_int("--" + name.replace("_", "-"), getattr(self, name), 1)

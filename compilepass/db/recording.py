@@ -105,7 +105,8 @@ def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str 
         env.update(device_name="cpu:" + (platform.processor() or platform.machine()), compute_capability=None)
     spec = WorkloadSpec.from_dict(wl)
     shape = model_shape or shape_for(spec.model)
-    signature = ModelSignature.from_shape(shape, resolved_dtype_name(wl, env))
+    signature = ModelSignature.from_shape(shape, resolved_dtype_name(wl, env),
+                                          quant=spec.quant())
     key = TuneKey.build(env, signature, spec.kind, spec.size_bucket(), engine=engine, policy=policy)
 
     winner = r.get("winner")

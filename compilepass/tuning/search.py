@@ -123,11 +123,14 @@ def default_storage_url() -> str:
 def study_name_for(env: EnvironmentKey, workload: WorkloadSpec, engine: str = "native") -> str:
     w = workload.to_dict()
     w.pop("engine", None)  # named once, below (native study names stay what they were)
+    if not w.get("load_in_4bit"):
+        w.pop("load_in_4bit", None)  # 16-bit study names stay what they were before the field
     key = json.dumps({"env": [env.torch, env.triton, env.vllm, env.device_name], "workload": w,
                       "engine": engine}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     model = Path(workload.model).name if os.sep in workload.model else workload.model
-    return f"{model}-{workload.kind}-{workload.size_bucket()}-{digest}"
+    quant = f"-{workload.quant()}" if workload.quant() else ""
+    return f"{model}{quant}-{workload.kind}-{workload.size_bucket()}-{digest}"
 
 
 JOURNAL_PREFIX = "journal:"

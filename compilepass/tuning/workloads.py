@@ -57,7 +57,8 @@ class RolloutWorkload(Workload):
         s = self.spec
         self.device = s.resolved_device()
         self.dtype = s.resolved_dtype()
-        self.model = build_model(s.model, dtype=self.dtype, device=self.device, seed=s.seed)
+        self.model = build_model(s.model, dtype=self.dtype, device=self.device, seed=s.seed,
+                                 load_in_4bit=s.load_in_4bit)  # 4-bit: the engine's NF4 path
         self.shape = ModelShape.from_hf_config(self.model.config)
         g = torch.Generator(device="cpu").manual_seed(s.seed)
         self.prompts = torch.randint(3, self.shape.vocab_size, (s.batch, s.prompt_len), generator=g).tolist()
@@ -106,7 +107,11 @@ class TrainWorkload(Workload):
         s = self.spec
         self.device = s.resolved_device()
         dtype = s.resolved_dtype()
-        base = build_model(s.model, dtype=dtype, device=self.device, seed=s.seed)
+        base = build_model(s.model, dtype=dtype, device=self.device, seed=s.seed, load_in_4bit=s.load_in_4bit)
+        if s.load_in_4bit:  # QLoRA as the trainer runs it: a frozen NF4 base under the adapter
+            from compilepass.core.quantize import prepare_4bit_for_training
+
+            base = prepare_4bit_for_training(base)
         self.shape = ModelShape.from_hf_config(base.config)
         self.model = add_lora(base, rank=s.lora_rank, alpha=2 * s.lora_rank, seed=s.seed)
         self.model.train()
