@@ -12,8 +12,13 @@ the codes and the (double-quantized) scales and dequantizes tiles in registers.
 - :func:`nf4_operands`: the tensors of a ``Params4bit`` weight and its ``quant_state``, in the
   op's argument order; ``supports`` says whether a weight's layout is one the kernel reads.
 
-The result is ``x.dtype``; accumulation is fp32. Not yet measured on a GPU: the engine uses it only
-when asked (``COMPILEPASS_NF4_MATMUL=triton``, see ``standby/rollout/linear4bit.py``).
+The result is ``x.dtype``; accumulation is fp32. Batches of more than ``DEQUANT_ROWS`` rows (prefill)
+dequantize W once into a 16-bit temporary (``nf4_dequant_kernel``) and multiply with cuBLAS, as
+bitsandbytes does; decode batches dequantize in registers. On the H200 (session 10) the first
+version, one gathered scale per element and every tile dequantized once per M tile, was 5x slower
+than bitsandbytes in the decode step and 12x in prefill; this one (one scale per row and block on
+K-aligned weights, the prefill path above) is not yet measured. The engine uses it only when asked
+(``COMPILEPASS_NF4_MATMUL=triton``, see ``standby/rollout/linear4bit.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ import torch
 
 from ._triton_support import cdiv, is_interpreted, kernel_for
 
-__all__ = ["nf4_matmul", "nf4_matmul_reference", "nf4_operands", "supports", "split_k_for"]
+__all__ = ["nf4_matmul", "nf4_matmul_reference", "nf4_operands", "supports", "split_k_for", "DEQUANT_ROWS"]
+
+#: Above this many rows the op dequantizes W once and runs a GEMM (module doc).
+DEQUANT_ROWS = 64
 
 
 def supports(weight) -> bool:
@@ -82,6 +90,36 @@ def _kernel_fn():
     return nf4_matmul_kernel
 
 
+def _dequant_fn():
+    from ._nf4_triton import nf4_dequant_kernel
+
+    return nf4_dequant_kernel
+
+
+def _aligned_block_kh(k: int, blocksize: int) -> int:
+    """``BLOCKSIZE // 2`` when the kernel's ALIGNED path applies to K (0 when it does not)."""
+    half = blocksize // 2
+    ok = k % blocksize == 0 and 16 <= half <= 128 and half & (half - 1) == 0
+    return half if ok else 0
+
+
+def _dequantize(packed, absmax, absmax2, code2, code, offset, out_features: int, k: int, blocksize: int,
+                blocksize2: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [out_features, k] in ``dtype`` from its packed codes (``nf4_dequant_kernel``)."""
+    kernel = kernel_for(_dequant_fn(), packed.device)
+    interp = is_interpreted(kernel)
+    out = torch.empty(out_features * k, dtype=dtype, device=packed.device)
+    nbytes = packed.numel()
+    block = 256 if interp else 1024
+    nested = absmax2 is not None
+    dummy = code
+    kernel[(cdiv(nbytes, block),)](packed, absmax, absmax2 if nested else dummy, code2 if nested else dummy, code,
+                                   offset if nested else dummy, out, nbytes, BLOCK=block, BLOCKSIZE=blocksize,
+                                   BLOCKSIZE2=max(1, blocksize2), NESTED=nested,
+                                   **({} if interp else {"num_warps": 4}))
+    return out.view(out_features, k)
+
+
 @torch.library.custom_op("compilepass::nf4_matmul", mutates_args=())
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
                code2: Optional[torch.Tensor], code: torch.Tensor, offset: Optional[torch.Tensor], out_features: int,
@@ -95,10 +133,16 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absm
     M, N = x2.shape[0], out_features
     if M == 0:
         return x.new_empty(*lead, N)
+    if M > DEQUANT_ROWS:  # prefill: one dequantization, then cuBLAS (fp32 accumulation)
+        w = _dequantize(packed, absmax, absmax2, code2, code, offset, N, K, blocksize, blocksize2, x2.dtype)
+        return torch.mm(x2, w.t()).reshape(*lead, N)
     kernel = kernel_for(_kernel_fn(), x.device)
     interp = is_interpreted(kernel)
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_n, block_kh = (32, 32) if interp else (64, 64)
+    aligned_kh = _aligned_block_kh(K, blocksize)
+    if aligned_kh:
+        block_kh = aligned_kh
     kh = K // 2
     if interp:
         splits = 2 if kh >= 2 * block_kh else 1
@@ -117,6 +161,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absm
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KH=block_kh, BLOCKSIZE=blocksize,
         BLOCKSIZE2=max(1, blocksize2), NESTED=nested, UPCAST=(interp or x.dtype == torch.float32),
         PRECISION="ieee" if interp else "tf32x3",  # fp32 inputs: ~fp32 on tensor cores, not plain TF32
+        ALIGNED=bool(aligned_kh),
         **({} if interp else {"num_warps": 4, "num_stages": 3}),
     )
     y = part[0] if splits == 1 else part.sum(0)

@@ -81,8 +81,10 @@ def test_weights_in_other_storage_are_not_taken():
 
 @pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "fp32-scales"])
 @pytest.mark.parametrize("n,k", [(96, 128), (40, 320), (24, 100)], ids=["split-k", "k-5-blocks", "blocks-span-rows"])
-@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("m", [1, 5, 33, 80], ids=["m1", "m5", "m33", "m80-dequant-then-gemm"])
 def test_triton_kernel_matches_the_reference(nested, n, k, m):
+    """K multiples of the block size take the aligned path (one scale per row and step), 100 the general one;
+    80 rows, more than DEQUANT_ROWS, dequantize W once and multiply."""
     from compilepass.kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference, nf4_operands, supports
 
     w = nf4_weight(n, k, nested, seed=n + k)
@@ -120,16 +122,18 @@ def _sm90_tools():
 
 
 @pytest.mark.skipif(_sm90_tools() is None, reason="no triton ptxas/cuobjdump, or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "general"])
 @pytest.mark.parametrize("block_m,x_dtype", [(16, "bf16"), (32, "bf16"), (64, "bf16"), (32, "fp32")])
-def test_kernel_compiles_for_sm90_without_spills(block_m, x_dtype):
+def test_kernel_compiles_for_sm90_without_spills(block_m, x_dtype, aligned):
     import inspect
 
     from test_kernels_logprobs import _aot_compile_sm90
 
     from compilepass.kernels._nf4_triton import nf4_matmul_kernel
 
-    consts = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_KH=64, BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True,
-                  UPCAST=x_dtype == "fp32", PRECISION="tf32x3")  # fp32 activations: the 3xTF32 dot
+    consts = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_KH=32 if aligned else 64, BLOCKSIZE=64, BLOCKSIZE2=256,
+                  NESTED=True, UPCAST=x_dtype == "fp32", PRECISION="tf32x3",  # fp32 activations: the 3xTF32 dot
+                  ALIGNED=aligned)  # as nf4_matmul launches it: one block per row and step when aligned
     sig = {}
     for name in inspect.signature(nf4_matmul_kernel).parameters:
         sig[name] = ("constexpr" if name in consts else f"*{x_dtype}" if name == "x_ptr" else "*u8" if name in (
@@ -138,6 +142,22 @@ def test_kernel_compiles_for_sm90_without_spills(block_m, x_dtype):
     compiled, local = _aot_compile_sm90(nf4_matmul_kernel, sig, consts, divisible, 4, 3)
     assert local == 0, "register spills to local memory"
     assert "mma" in compiled.asm["ptx"]  # tensor-core MMA (mma.sync or wgmma), not a scalar loop
+
+
+@pytest.mark.skipif(_sm90_tools() is None, reason="no triton ptxas/cuobjdump, or TRITON_INTERPRET=1")
+def test_dequant_kernel_compiles_for_sm90_without_spills():
+    import inspect
+
+    from test_kernels_logprobs import _aot_compile_sm90
+
+    from compilepass.kernels._nf4_triton import nf4_dequant_kernel
+
+    consts = dict(BLOCK=1024, BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True)
+    sig = {name: ("constexpr" if name in consts else "*u8" if name in ("w_ptr", "absmax_ptr") else "*bf16"
+                  if name == "out_ptr" else "*fp32" if name.endswith("_ptr") else "i64")
+           for name in inspect.signature(nf4_dequant_kernel).parameters}
+    compiled, local = _aot_compile_sm90(nf4_dequant_kernel, sig, consts, {n for n in sig if n.endswith("_ptr")}, 4, 1)
+    assert local == 0, "register spills to local memory"
 
 
 def test_engine_tokens_through_the_kernel_equal_bitsandbytes(monkeypatch):
@@ -171,7 +191,7 @@ def test_engine_tokens_through_the_kernel_equal_bitsandbytes(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled kernel")
-@pytest.mark.parametrize("m", [1, 8, 32, 64])
+@pytest.mark.parametrize("m", [1, 8, 32, 64, 128])
 def test_compiled_kernel_on_cuda_matches_the_reference_and_replays_in_a_graph(m):
     """bf16 activations at decode batches on a qwen3-0.6b-sized projection (1024 -> 3072), eager and replayed
     from a CUDA graph."""
