@@ -10,7 +10,8 @@
 #   bash benchmarks/run_vllm_gpu.sh warm    # one plain vLLM start with a long timeout: FlashInfer's JIT
 #                                           # builds (its sampler: minutes on a fresh machine) -> $OUT tarball
 #   bash benchmarks/run_vllm_gpu.sh context # bench context under an 80 GiB cap, engine native then vllm
-#                                           # (CONTEXT_MODEL, CONTEXT_LEN, CONTEXT_ARGS, CONTEXT_S per engine)
+#                                           # (CONTEXT_MODEL, CONTEXT_LEN, CONTEXT_ARGS, CONTEXT_S per engine,
+#                                           # CONTEXT_ENGINES="native" without vLLM)
 #   bash benchmarks/run_vllm_gpu.sh learn   # benchmarks/learn_vs_trl.py on SmolLM2-135M-Instruct (ours, TRL+vLLM);
 #                                           # its GGUF arrives in two calls: cp .smol/pN/* /root/smolparts/
 #   bash benchmarks/run_vllm_gpu.sh start   # benchmarks/bench_warm_start.py (issue 15: engine start cold, warm
@@ -70,7 +71,8 @@ trl)
   ;;
 context)
   model=${CONTEXT_MODEL:-qwen3-8b}; len=${CONTEXT_LEN:-131072}
-  for eng in native vllm; do
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  for eng in ${CONTEXT_ENGINES:-native vllm}; do
     timeout "${CONTEXT_S:-280}" python3 -m compilepass.cli bench context --engine $eng --model "$model" \
       --device-memory-gib 80 --standby on --generate-tokens 16 --compile eager --min-len "$len" --max-len "$len" \
       ${CONTEXT_ARGS:---micro-batch-size 1} --out "$out/context_${model}_${eng}_cap80_$tag.json" \

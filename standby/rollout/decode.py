@@ -325,7 +325,7 @@ class Decoder:
         the device, this package's rollout and kernel source, the options, and the model's shape."""
         import dataclasses
 
-        import peft
+        from importlib.metadata import version  # peft's version without importing peft (and bitsandbytes with it)
         import transformers
 
         import compilepass.kernels as kernels_pkg
@@ -335,7 +335,7 @@ class Decoder:
         rollout_src = (sorted(Path(__file__).parent.glob("*.py")) + sorted(Path(kernels_pkg.__file__).parent.glob("*.py"))
                        + [Path(quantize.__file__)])  # quantize: traced through base_is_4bit
         key = {**environment_key(self.cache.k[0].device), "transformers": transformers.__version__,
-               "peft": peft.__version__, "source": source_digest(tuple(rollout_src)), "fn": "decode_layer",
+               "peft": version("peft"), "source": source_digest(tuple(rollout_src)), "fn": "decode_layer",
                "options": options or {}, "dynamic_batch": bool(dynamic_batch), "max_batch": getattr(self, "_layer_max_batch", None),
                "max_len": self.cache.max_len, "cache_batch": self.cache.batch, "shape": dataclasses.asdict(self.shape), "dtype": str(self.cache.dtype),
                "attention": self.attention, "fused": self.fused is not None, "quant4": bool(self.quant4),
