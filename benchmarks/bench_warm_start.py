@@ -59,6 +59,7 @@ print(json.dumps({
     "cold_start_s": cold, "compile_s": engine.compile_s, "capture_s": engine.capture_s,
     "process_to_engine_s": time.perf_counter() - t_proc,
     "compile_phases_s": {k: round(float(sum(v)), 4) for k, v in compilation_time_metrics.items() if sum(v) > 0.05},
+    "start_phases_s": {k: round(v, 4) for k, v in engine.start_phases_s.items()},
     "cache": {"fxgraph_hit": counters["inductor"]["fxgraph_cache_hit"],
               "fxgraph_miss": counters["inductor"]["fxgraph_cache_miss"],
               "aot_autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
             json.dump({"benchmark": "warm_start", "complete": False, "command": " ".join([sys.executable] + sys.argv),
                        "spec": spec, "starts": starts}, f, indent=2)
         print(f"{row['kind']:>7}: engine {row['cold_start_s']:.2f} s (compile {row['compile_s']:.2f}, capture "
-              f"{row['capture_s']:.2f}); process {wall:.1f} s; fx cache hit/miss {row['cache']['fxgraph_hit']}/"
+              f"{row['capture_s']:.2f}; phases {row['start_phases_s']}); process {wall:.1f} s; fx cache hit/miss {row['cache']['fxgraph_hit']}/"
               f"{row['cache']['fxgraph_miss']}; precompiled loaded {row['precompiled']['loaded']}"
               f" (samplers: {row['precompiled']['samplers']})", flush=True)
     same = len({s["tokens_checksum"] for s in starts}) == 1

@@ -83,6 +83,14 @@ def test_greedy_matches_transformers_generate(name, lora, variant):
         assert out.completion_ids[b].tolist() == hf_greedy(model, p, NEW), f"sequence {b}"
 
 
+def test_start_phases_account_for_the_cold_start():
+    """``start_phases_s``: each phase of construction once, together no more than ``cold_start_s``."""
+    _, engine = shared()
+    phases = engine.start_phases_s
+    assert list(phases) == ["kv_cache", "decoder", "options", "step", "warmup"]
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= engine.cold_start_s
+
+
 def test_more_prompts_than_max_batch_are_split():
     model, engine = shared()
     ps = prompts(7)

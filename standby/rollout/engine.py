@@ -209,7 +209,11 @@ class RolloutEngine:
         causal_lm = causal_lm_of(model)
         self.shape = ModelShape.from_hf_config(causal_lm.config)
         s = self.shape
+        # where construction's time goes (seconds, wall): kv_cache, decoder, options, step, warmup
+        self.start_phases_s: dict[str, float] = {}
+        t_phase = time.perf_counter()
         self.region, self.cache = build_kv_cache(s, self.max_batch, self.max_len, self.dtype, self.device, kv_region)
+        t_phase = self._phase("kv_cache", t_phase)
         self._awake = True
         if attention == "auto":
             attention = default_attention(self.device, s.head_dim)
@@ -218,8 +222,10 @@ class RolloutEngine:
             fused_projections = False
         self.decoder = Decoder(model, self.cache, fused_projections=fused_projections, attention=attention)
         self.fused_projections, self.attention = bool(fused_projections), attention
+        t_phase = self._phase("decoder", t_phase)
 
         self.compile_options = resolve_options(model, compile_options, self.max_batch, self.dtype, flag_resolver)
+        t_phase = self._phase("options", t_phase)
         self.use_cuda_graphs = bool(use_cuda_graphs) and self.device.type == "cuda"
         options = self.compile_options
         if options is not None and self.use_cuda_graphs:
@@ -234,6 +240,7 @@ class RolloutEngine:
         persists = compile_scope == "layer" and options is not None and compile_backend == "inductor"
         self.persist_dir = resolve_persist_dir(persistent_compile) if persists else None  # eager: no dynamo import
         self._step = self._make_step()
+        t_phase = self._phase("step", t_phase)
         self._graphs: dict[int, "torch.cuda.CUDAGraph"] = {}  # bucket -> logits-only step graph
         self._graph_out: dict[int, torch.Tensor] = {}
         self._no_logits_graph: set[int] = set()
@@ -268,8 +275,17 @@ class RolloutEngine:
         self._s_pad = torch.full((), self.pad_token_id, dtype=torch.long, device=dev)
         self._gen = torch.Generator(device=dev)  # graph sampling's, registered with its graphs
         if warmup:
+            t_phase = time.perf_counter()
             self.warmup()
+            self._phase("warmup", t_phase)
         self.cold_start_s = time.perf_counter() - t0
+
+    def _phase(self, name: str, since: float) -> float:
+        """Record ``start_phases_s[name]`` (device work included) and return now."""
+        _sync(self.device)
+        now = time.perf_counter()
+        self.start_phases_s[name] = now - since
+        return now
 
     # -- state ---------------------------------------------------------------------------------
 
