@@ -29,7 +29,7 @@ from compilepass.core.errors import ConfigError
 from compilepass.core.procs import HOST, owner_alive, owner_tag, pid_alive
 from compilepass.core.workload_spec import WorkloadSpec
 from compilepass.db import entry_from_tune_result, load_db
-from compilepass.tuning.isolation import RUN_PREFIX, stale_run_dirs
+from compilepass.tuning.isolation import CHILD_PID_FILE, RUN_PREFIX, stale_run_dirs
 from compilepass.tuning.search import (TuneConfig, Tuner, decide, encode_choice, measured_trials, param_choices,
                                        select_candidates, trial_rows)
 from compilepass.tuning.stats import paired_ratio_ci
@@ -284,8 +284,15 @@ def test_trial_dies_with_its_parent(run, lifeline):
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     assert run.wait_gone(5) == []
-    [left] = stale_run_dirs(str(run.tmp))
-    assert left.name.startswith(f"{RUN_PREFIX}{parent.pid}@")
+    # A process that is exiting shows an empty /proc/<pid>/environ, so wait_gone can pass while the trial
+    # is still tearing down (not yet a zombie): the run directory turns stale a moment later.
+    deadline = time.monotonic() + 10
+    while not (left := stale_run_dirs(str(run.tmp))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    dirs = {p.name: sorted(c.name for c in p.iterdir()) for p in run.tmp.iterdir() if p.is_dir()}
+    assert len(left) == 1, (dirs, [(p.name, (p / CHILD_PID_FILE).read_text() if (p / CHILD_PID_FILE).exists()
+                                     else None) for p in run.tmp.iterdir() if p.is_dir()])
+    assert left[0].name.startswith(f"{RUN_PREFIX}{parent.pid}@")
 
 
 # -- kill -9 during a database write ---------------------------------------------------------------
