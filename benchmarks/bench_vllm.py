@@ -260,6 +260,7 @@ def main(argv=None) -> int:
               "caches": "every row in a new process with a new Inductor cache folder (FX graph and AOT "
                         "autograd caches empty) and vLLM's compile cache off; Triton's kernel cache and "
                         "vLLM's JIT caches are the machine's own (warm after its first vLLM start)",
+              "vllm_env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_")},
               "rows": {}}
     for name in args.only:
         tmp = Path(tempfile.mkdtemp(prefix=f"bench-vllm-{name}-"))

@@ -21,6 +21,10 @@ set -uo pipefail
 stage=${1:?stage: kv, tests, bench, grpo, tune or trl}
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} VLLM_ENABLE_V1_MULTIPROCESSING=0 PYTHONUNBUFFERED=1
+# vLLM 0.26's FlashInfer top-k / top-p sampler JIT-builds on a machine's first start (nvcc, minutes: session 7's
+# plain-vLLM rows timed out in it). 0 selects vLLM's own PyTorch / Triton sampler (vllm/envs.py); the results
+# record it (bench_vllm.py's vllm_env). VLLM_USE_FLASHINFER_SAMPLER=1 with the `warm` stage measures FlashInfer's.
+export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
 tag=h200_$(date -u +%Y-%m-%d)
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 if [ -f .ficache/flashinfer.tar.gz ] && [ ! -d ~/.cache/flashinfer ]; then
