@@ -33,8 +33,16 @@ fi
 case "$stage" in
 tests)
   timeout 120 python3 benchmarks/probe_vllm_cumem.py --out "$out/vllm_cumem_probe_$tag.json" 2>&1 | tail -40
-  COMPILEPASS_VLLM_TESTS=1 timeout "${TESTS_S:-420}" python3 -m pytest -q -p no:cacheprovider --timeout 240 -rA \
-    tests/vllm_env tests/test_vllm_kv_release.py 2>&1 | tee "$out/pytest_vllm_$tag.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|Error" | tail -60
+  # one sleep-mode vLLM engine per process (vLLM's CuMem pool): the shared-engine tests in one pytest, then
+  # each test that builds a sleep-mode engine in a pytest of its own
+  sleepers="cuda_sleep one_grpo_step bench_context_trial"
+  COMPILEPASS_VLLM_TESTS=1 timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider --timeout 240 -rA \
+    tests/vllm_env tests/test_vllm_kv_release.py -k "not (${sleepers// / or })" 2>&1 | tee "$out/pytest_vllm_$tag.log" \
+    | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|Error" | tail -40
+  for t in $sleepers; do
+    COMPILEPASS_VLLM_TESTS=1 timeout "${SLEEP_TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider --timeout 190 -rA \
+      tests/vllm_env -k "$t" 2>&1 | tee -a "$out/pytest_vllm_$tag.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" | tail -5
+  done
   ;;
 kv)
   COMPILEPASS_VLLM_TESTS=1 timeout "${TESTS_S:-230}" python3 -m pytest -q -p no:cacheprovider --timeout "${TEST_TIMEOUT_S:-210}" -rA \

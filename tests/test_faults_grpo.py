@@ -412,3 +412,12 @@ def test_bench_context_unknown_engine_is_one_line():
 
     with pytest.raises(CompilepassError, match="--engine must be one of native, vllm"):
         max_context("tiny", allow_cpu=True, engine="sglang")
+
+
+def test_bench_context_vllm_on_cuda_searches_one_length_per_process():
+    """vLLM allows one sleep-mode engine per process and each trial builds one: on CUDA a search over
+    several lengths is refused in one line, before any model is built (checked here without a GPU)."""
+    from compilepass.standby.bench.context import max_context
+
+    with pytest.raises(CompilepassError, match="one length per process.*--min-len equal to --max-len"):
+        max_context("tiny", device="cuda", engine="vllm", min_len=4, max_len=8)

@@ -48,8 +48,9 @@ def test_engine_vllm_measures_rollouts_only():
 
 
 def test_a_study_stored_before_engines_existed_still_resumes(tmp_path):
-    """Studies written before WorkloadSpec had ``engine`` hold workloads without it: they are native
-    studies and resume; a study of the other engine under the same name is refused."""
+    """Studies written before WorkloadSpec had ``engine`` and ``load_in_4bit`` hold workloads without
+    them: they are native 16-bit studies and resume; a study of the other engine, or of a 4-bit model,
+    under the same name is refused."""
     from compilepass.core.env import current_environment
     from compilepass.flags import FlagSpace
     from compilepass.tuning.search import TuneConfig, create_or_load_study
@@ -61,8 +62,10 @@ def test_a_study_stored_before_engines_existed_still_resumes(tmp_path):
     meta = dict(study.user_attrs["compilepass"])
     old = dict(meta["workload"])
     old.pop("engine")
+    old.pop("load_in_4bit")
     study.set_user_attr("compilepass", {**meta, "workload": old})
     create_or_load_study(config, space, env)  # resumes
-    study.set_user_attr("compilepass", {**meta, "workload": {**old, "engine": "vllm"}})
-    with pytest.raises(ConfigError, match="another workload"):
-        create_or_load_study(config, space, env)
+    for other in ({"engine": "vllm"}, {"load_in_4bit": True}):
+        study.set_user_attr("compilepass", {**meta, "workload": {**old, **other}})
+        with pytest.raises(ConfigError, match="another workload"):
+            create_or_load_study(config, space, env)

@@ -349,7 +349,8 @@ def create_or_load_study(config: TuneConfig, space: FlagSpace, env: EnvironmentK
     meta = {"workload": config.workload.to_dict(), "environment": env.to_dict(), "space": space.names}
     stored = study.user_attrs.get("compilepass")
     if stored is not None:
-        was_workload = {"engine": "native", **(stored.get("workload") or {})}  # studies from before engines
+        # studies from before the engine and 4-bit fields: the native engine, a 16-bit model
+        was_workload = {"engine": "native", "load_in_4bit": False, **(stored.get("workload") or {})}
         if was_workload != meta["workload"] or stored.get("space") != meta["space"]:
             raise ConfigError(f"study {name!r} in {url} was created for another workload or flag space; "
                               f"pass --study-name to start a new one")

@@ -308,6 +308,9 @@ def max_context(model: str = "tiny", *, standby: bool = True, generations: int =
     if dtype is not None and dtype not in DTYPES:
         raise CompilepassError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if engine == "vllm" and dev.type == "cuda" and min_len != max_len:
+        raise CompilepassError("--engine vllm on CUDA measures one length per process (each trial builds a sleep-mode "
+                               "vLLM engine, and vLLM allows one per process): pass --min-len equal to --max-len")
     if dev.type != "cuda" and not allow_cpu:
         raise CompilepassError("bench context measures GPU memory and needs CUDA; this machine has none "
                                "(--allow-cpu runs it on the CPU anyway, for smoke tests with small lengths)")

@@ -25,6 +25,19 @@ DEVICE = "cuda" if ON_CUDA else "cpu"  # vLLM runs where it was built for: vllm-
 # float32 log-probs, vLLM vs transformers on the same weights: exact kernels on CPU; on CUDA vLLM's
 # float32 attention and GEMMs accumulate in another order (observed gaps are recorded in the GPU log)
 LP_ATOL = 2e-3 if ON_CUDA else 1e-4
+# vLLM allows one sleep-mode engine per process (its CuMem pool): the engines these tests share run
+# without sleep mode; each test that needs it on CUDA runs alone (run_vllm_gpu.sh tests does that)
+SHARED = {"sleep_mode": False} if ON_CUDA else {}
+SLEEP_TESTS = "cuda_sleep or bench_context_trial or one_grpo_step"
+
+
+def _needs_a_fresh_process():
+    """Skip (with the reason) a test that builds a sleep-mode engine on CUDA after one was built here."""
+    from compilepass.standby.rollout.vllm.process_state import cumem_bytes_in_use
+
+    if ON_CUDA and cumem_bytes_in_use():
+        pytest.skip(f"a sleep-mode vLLM engine was built earlier in this process; run it alone: "
+                    f"pytest tests/vllm_env -k '{SLEEP_TESTS}' one at a time")
 
 
 def _policy_logprobs(model, prompts, out, temperature=1.0):
@@ -53,7 +66,7 @@ def compiled(tiny_dir):
     options = {"aggressive_fusion": True, "shape_padding": False}
     expected = vllm_compilation_config(model, options=options)
     engine = VllmEngine(model, max_batch=4, max_len=32, compile_options=options, model_path=tiny_dir,
-                        llm_kwargs={"max_logprobs": VOCAB})  # full-vocabulary prompt log-probs below
+                        llm_kwargs={"max_logprobs": VOCAB}, **SHARED)  # full-vocabulary prompt log-probs below
     engine.generate(PROMPTS, max_new_tokens=2, temperature=0.0)  # compile now, if vLLM deferred it
     after = _inductor_counters()
     yield model, engine, expected, {k: after.get(k, 0) - before.get(k, 0) for k in after}
@@ -65,7 +78,7 @@ def with_lora(tiny_dir):
     """An engine over a peft model whose LoRA B starts random (the adapter changes the output)."""
     base = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
     model = add_lora(base, rank=8, alpha=16, init_random=True, init_std=0.1, seed=3)
-    engine = VllmEngine(model, max_batch=4, max_len=32, compile_options=False)
+    engine = VllmEngine(model, max_batch=4, max_len=32, compile_options=False, **SHARED)
     yield model, engine
     engine.close()
 
@@ -85,6 +98,14 @@ def test_installed_vllm_passes_every_gate_and_gates_cite_sources():
 
 
 # --------------------------------------------------------------------- shared weights: one copy
+
+
+def test_building_the_engine_leaves_the_gc_heap_unfrozen(compiled):
+    """vLLM freezes the gc heap when its engine core starts (gc.freeze); in the trainer's process that
+    would exempt every object alive then from cycle collection for good (process_state.py)."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
 
 
 def test_trainer_weights_are_views_of_vllm_tensors(compiled):
@@ -245,6 +266,7 @@ def test_cuda_sleep_releases_only_the_kv_cache(tiny_dir, monkeypatch):  # pragma
     """Several sleep/wake cycles: the freed bytes are the KV cache's, the weights stay mapped and
     equal, greedy tokens equal those before the first sleep, and no CUDA graph is captured again
     (vLLM replays the graphs it captured at start: every address is where it was)."""
+    _needs_a_fresh_process()
     base = build_model(str(tiny_dir), dtype=torch.bfloat16, device="cuda")
     model = add_lora(base, rank=8, alpha=16, init_random=True, seed=3)
     engine = VllmEngine(model, max_batch=64, max_len=256, compile_options=None)
@@ -292,6 +314,7 @@ def test_bench_context_trial_with_the_vllm_engine(tiny_dir):
     is sized for the trial, the training step runs after (standby: a sleep) and the trial fits."""
     from compilepass.standby.bench.context import run_trial
 
+    _needs_a_fresh_process()
     base = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
     model = add_lora(base, rank=8, alpha=16, seed=0)
     model.train()
@@ -309,6 +332,7 @@ def test_one_grpo_step_with_the_vllm_engine(tiny_dir, tmp_path):
     from compilepass.standby.grpo.config import default_config, load_config
     from compilepass.standby.grpo.trainer import GRPOTrainer
 
+    _needs_a_fresh_process()
     config = load_config(None, [f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_dir}",
                                 "generation.engine=vllm", "run.max_steps=1", "data.prompts_per_step=2",
                                 "generation.num_generations=4", "generation.max_completion_len=6",
@@ -431,7 +455,7 @@ def test_other_families_untied_share_and_match(family, tmp_path):
         for p in base.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.15 if p.dim() == 2 else 0.05) + (p.dim() == 1))
     model = add_lora(base.to(DEVICE), rank=4, alpha=8, init_random=True, init_std=0.1, seed=2)
-    engine = VllmEngine(model, max_batch=4, max_len=24, compile_options=False)
+    engine = VllmEngine(model, max_batch=4, max_len=24, compile_options=False, **SHARED)
     try:
         assert weights_shared(model, engine.vllm_model) == []
         causal = model.get_base_model()

@@ -75,6 +75,7 @@ from compilepass.standby.rollout.backend import RolloutOutput, check_generate_ar
 from compilepass.standby.rollout.vllm.gates import check_vllm, cpu_head_size_error, kv_release_strategy
 from compilepass.standby.rollout.vllm.internals import plain_cpu_linears, scoped_env, vllm_model_runner
 from compilepass.standby.rollout.vllm.kv_release import CuMemKvRelease
+from compilepass.standby.rollout.vllm.process_state import cumem_bytes_in_use, vllm_build_scope
 from compilepass.standby.rollout.vllm.lora import (LORA_ID, LORA_NAME, VLLM_LORA_RANKS, LoraSlice, peft_adapter_info,
                                                    peft_lora_layers)
 from compilepass.standby.rollout.vllm.weights import packed_groups, share_weights, write_base_checkpoint
@@ -160,14 +161,20 @@ class VllmEngine:
                               f"matching vLLM build")
         if on_cpu and cpu_head_size_error(self.shape.head_dim):
             raise ConfigError(cpu_head_size_error(self.shape.head_dim))
-        if self.device.type == "cuda" and self.device.index not in (None, torch.cuda.current_device()):
-            raise ConfigError(f"the model is on {self.device} but vLLM runs on the current CUDA device "
-                              f"cuda:{torch.cuda.current_device()}; call torch.cuda.set_device first")
+        if self.device.type == "cuda" and (self.device.index or 0) != 0:
+            # vLLM 0.26's in-process worker takes its device from local rank 0 (uniproc executor): cuda:0
+            raise ConfigError(f"the model is on {self.device} but vLLM's in-process worker always runs on cuda:0; "
+                              f"make the GPU you want cuda:0 with CUDA_VISIBLE_DEVICES")
         self.sleep_supported = not on_cpu
         sleep_mode = self.sleep_supported if sleep_mode is None else bool(sleep_mode)
         if sleep_mode and on_cpu:
             raise ConfigError("vLLM's CPU backend has no sleep mode; build the engine with sleep_mode=False")
         self.sleep_mode = sleep_mode
+        held = cumem_bytes_in_use() if sleep_mode else 0
+        if held:
+            raise ConfigError(f"another sleep-mode vLLM engine's memory ({held / 2**30:.2f} GiB in vLLM's CuMem pool) is "
+                              f"still held in this process, and vLLM allows one per process: build this engine "
+                              f"in a new process, or with sleep_mode=False")
 
         self.kv_release: Optional[str] = None
         self._cumem_kv: Optional[CuMemKvRelease] = None
@@ -241,7 +248,7 @@ class VllmEngine:
         set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op; give it back after
         patches = plain_cpu_linears() if on_cpu else contextlib.nullcontext()
         try:
-            with scoped_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", **env), patches:
+            with scoped_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", **env), patches, vllm_build_scope():
                 return vllm.LLM(**kwargs)
         except CompilepassError:
             raise
@@ -378,6 +385,9 @@ class VllmEngine:
             with contextlib.suppress(Exception):
                 core.shutdown()
             self.llm = None
+        for name in ("runner", "vllm_model", "_cumem_kv", "_lora_slices"):  # the trainer's shared views stay
+            if hasattr(self, name):
+                setattr(self, name, None)
         self._awake = False
         shutil.rmtree(self._tmp, ignore_errors=True)
         gc.collect()

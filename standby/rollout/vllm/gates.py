@@ -66,20 +66,29 @@ def _kv_pool_covers_metadata(vllm, version: str) -> bool:
     """Before the fix, the whole KV-cache initialization ran inside the cumem ``kv_cache`` pool, so
     persistent runtime tensors (block-table layouts, attention metadata, graph constants) were
     discarded with the KV cache and came back as garbage at the same addresses. The fix passes a
-    ``kv_cache_allocation_context`` into the model runner's ``initialize_kv_cache``."""
+    ``kv_cache_allocation_context`` into the model runner's ``initialize_kv_cache``. Builds with a
+    second ("V2") model runner (``vllm.v1.worker.gpu.model_runner``, the one vLLM 0.26 runs for dense
+    models) count as covered unless every runner they have takes that context."""
+    import importlib
     import inspect
 
-    try:
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    except Exception:  # noqa: BLE001 - a layout we do not know: refuse rather than guess
-        return True
-    init = getattr(GPUModelRunner, "initialize_kv_cache", None)
-    if init is None:
-        return True
-    try:
-        return "kv_cache_allocation_context" not in inspect.signature(init).parameters
-    except (TypeError, ValueError):
-        return True
+    runners = []
+    for module, name in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+                         ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner")):
+        try:
+            runners.append(getattr(importlib.import_module(module), name))
+        except Exception:  # noqa: BLE001 - this build has no such runner
+            continue
+    if not runners:
+        return True  # a layout we do not know: refuse rather than guess
+    for runner in runners:
+        init = getattr(runner, "initialize_kv_cache", None)
+        try:
+            if init is None or "kv_cache_allocation_context" not in inspect.signature(init).parameters:
+                return True
+        except (TypeError, ValueError):
+            return True
+    return False
 
 
 def _old_v1_prefix_cache(vllm, version: str) -> bool:

@@ -1,0 +1,97 @@
+"""What building vLLM's engine core in this process changes for the trainer, and putting it back.
+
+With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core is built in the trainer's own process. Read
+in vLLM 0.26's source, that build:
+
+- caches every ``VLLM_*`` variable for the rest of the process (``vllm.envs.enable_envs_cache`` in
+  ``EngineCore.__init__``), so a second engine would read the first one's values, not the ones
+  :class:`~compilepass.standby.rollout.vllm.engine.VllmEngine` sets around its build;
+- reseeds Python's ``random``, NumPy and torch (CPU and CUDA) with the engine's seed
+  (``set_random_seed`` in the GPU worker), which would change the trainer's random streams;
+- freezes the garbage collector's heap (``gc.freeze()``), after which nothing alive at that moment,
+  the trainer's objects included, is ever scanned for cycles again;
+- installs a Triton JIT monitor (``triton.knobs.runtime.jit_post_compile_hook``,
+  ``triton.knobs.autotuning.print``) that reports the trainer's later Triton compiles as warnings.
+
+:func:`vllm_build_scope` wraps the build: it turns the variable cache off before it, and after it
+restores the random states, unfreezes the heap (unless it was frozen before) and restores those
+Triton settings. :func:`cumem_bytes_in_use` is what vLLM's CuMem pool (used by sleep-mode engines)
+holds in this process: vLLM allows one such engine per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+from typing import Iterator
+
+import torch
+
+__all__ = ["cumem_bytes_in_use", "vllm_build_scope"]
+
+_TRITON_KNOBS = (("runtime", "jit_post_compile_hook"), ("autotuning", "print"))
+
+
+def cumem_bytes_in_use() -> int:
+    """Bytes held by vLLM's CuMem allocator in this process (0 when it is absent or unused)."""
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator
+
+        return int(CuMemAllocator.get_instance().get_current_usage())
+    except Exception:  # noqa: BLE001 - no CUDA build, no cumem extension: nothing is held
+        return 0
+
+
+def _triton_knobs() -> dict:
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - no Triton: nothing to keep
+        return {}
+    knobs = getattr(triton, "knobs", None)
+    saved = {}
+    for group, name in _TRITON_KNOBS:
+        holder = getattr(knobs, group, None)
+        if holder is not None and hasattr(holder, name):
+            saved[(group, name)] = (holder, getattr(holder, name))
+    return saved
+
+
+def _disable_envs_cache() -> None:
+    with contextlib.suppress(Exception):
+        import vllm.envs as envs
+
+        if hasattr(envs, "disable_envs_cache"):
+            envs.disable_envs_cache()
+
+
+@contextlib.contextmanager
+def vllm_build_scope() -> Iterator[None]:
+    """Around ``vllm.LLM(...)``: see the module docstring."""
+    _disable_envs_cache()
+    py_state = random.getstate()
+    np_state = None
+    with contextlib.suppress(Exception):
+        import numpy as np
+
+        np_state = np.random.get_state()
+    cpu_state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    frozen_before = gc.get_freeze_count()
+    knobs = _triton_knobs()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        if np_state is not None:
+            import numpy as np
+
+            np.random.set_state(np_state)
+        torch.random.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if frozen_before == 0 and gc.get_freeze_count() > 0:
+            gc.unfreeze()
+        for (group, name), (holder, value) in knobs.items():
+            with contextlib.suppress(Exception):
+                setattr(holder, name, value)

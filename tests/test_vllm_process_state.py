@@ -1,0 +1,72 @@
+"""vllm_build_scope: what an in-process vLLM build changes (vLLM 0.26 reseeds random / NumPy / torch,
+freezes the gc heap, sets Triton's JIT monitor knobs) is put back after it. The build is stood in for
+by a function doing those same things; the scope, the thing under test, is real."""
+
+from __future__ import annotations
+
+import gc
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from compilepass.standby.rollout.vllm.process_state import cumem_bytes_in_use, vllm_build_scope
+
+
+def _what_vllm_does():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    gc.freeze()
+
+
+def _draws():
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_random_streams_and_the_gc_heap_are_put_back():
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    want = _draws()
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    assert gc.get_freeze_count() == 0
+    with vllm_build_scope():
+        _what_vllm_does()
+    assert gc.get_freeze_count() == 0, "the heap vLLM froze was not unfrozen"
+    assert _draws() == want  # the trainer's streams continue as if no engine had been built
+
+
+def test_a_heap_frozen_before_stays_frozen_and_errors_still_restore():
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with vllm_build_scope():
+            gc.collect()
+        assert gc.get_freeze_count() >= before > 0  # someone else's freeze is left alone
+    finally:
+        gc.unfreeze()
+    state = torch.random.get_rng_state()
+    with pytest.raises(RuntimeError, match="build failed"):
+        with vllm_build_scope():
+            torch.manual_seed(7)
+            raise RuntimeError("build failed")
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_triton_jit_monitor_knobs_are_restored():
+    triton = pytest.importorskip("triton")
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or not hasattr(knobs.autotuning, "print"):
+        pytest.skip("this Triton has no knobs.autotuning.print")
+    before = knobs.autotuning.print
+    with vllm_build_scope():
+        knobs.autotuning.print = not before
+    assert knobs.autotuning.print == before
+
+
+def test_cumem_in_use_is_zero_without_a_cuda_vllm():
+    assert cumem_bytes_in_use() == 0
