@@ -12,6 +12,8 @@ Stacks (``--stacks``), each in its own child process on a fresh device (the cap 
   our kernel computes the training log-probs);
 - ``trl-ours-trl-head``: the same with ``kernel_logprobs=False`` (TRL's own fused head computes them):
   the two beside each other time our log-prob kernel against TRL's inside one trainer;
+- ``trl-ours-compiled``: ``trl-ours`` with ``compile_train=True`` (the training forward's body
+  compiled with the train entry's flags): what that compile costs and what it gives back per step;
 - ``ours``: ``compilepass grpo``'s trainer (:class:`compilepass.standby.grpo.trainer.GRPOTrainer`).
 
 Same for all: the model (``--model``: a preset, given random weights and saved as a Hugging Face
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from bench_common import dist_version, result_header, run_json_child
 
-STACKS = ("trl-hf", "trl-vllm", "trl-ours", "trl-ours-trl-head", "ours")
+STACKS = ("trl-hf", "trl-vllm", "trl-ours", "trl-ours-trl-head", "trl-ours-compiled", "ours")
 
 
 def distinct_bytes_reward(prompts=None, completions=None, *args, **kwargs):
@@ -49,7 +51,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="qwen3-0.6b")
-    p.add_argument("--stacks", nargs="*", default=list(STACKS), choices=STACKS)
+    p.add_argument("--stacks", nargs="*", default=[s for s in STACKS if s != "trl-ours-compiled"], choices=STACKS,
+                   help="default: all but trl-ours-compiled (its training compile takes minutes on a GPU)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -192,7 +195,8 @@ def run_trl(args, model_dir: str, stack: str) -> dict:
     if stack.startswith("trl-ours"):
         from compilepass.integrations.trl import GRPOTrainer
 
-        trainer = GRPOTrainer(**kwargs, kernel_logprobs=stack == "trl-ours")
+        trainer = GRPOTrainer(**kwargs, kernel_logprobs=stack != "trl-ours-trl-head",
+                              compile_train=stack == "trl-ours-compiled")
     else:
         trainer = trl.GRPOTrainer(**kwargs)
     trainer.train()
