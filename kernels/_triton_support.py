@@ -158,18 +158,27 @@ def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    key = a.device.type
-    if _MM_OUT_DTYPE_OK.get(key, True):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE_OK[key] = False
-    return torch.mm(a, b)
+    out = _with_out_dtype(a.device.type, lambda: torch.mm(a, b, out_dtype=torch.float32))
+    return torch.mm(a, b) if out is None else out
 
 
+#: Per op and device kind, whether this torch build's ``out_dtype`` overload worked (absent: not tried yet).
 _MM_OUT_DTYPE_OK: Dict[str, bool] = {}
+
+
+def _with_out_dtype(key: str, call: Callable[[], torch.Tensor]):
+    """``call()`` (a GEMM through an ``out_dtype=torch.float32`` overload), or None when that overload
+    is missing for ``key`` (op and device kind): remembered after its first failure. Out of memory is
+    raised, not taken for a missing overload."""
+    if not _MM_OUT_DTYPE_OK.get(key, True):
+        return None
+    try:
+        return call()
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, RuntimeError, NotImplementedError):  # this build has no such kernel for the device
+        _MM_OUT_DTYPE_OK[key] = False
+        return None
 
 
 def addmm_fp32_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -180,12 +189,6 @@ def addmm_fp32_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torc
     otherwise :func:`mm_fp32_out` then an add (a temporary of ``acc``'s size, read twice more)."""
     if a.dtype == torch.float32:
         return acc.addmm_(a, b)
-    key = "addmm:" + acc.device.type
-    if _MM_OUT_DTYPE_OK.get(key, True):
-        try:
-            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE_OK[key] = False
-    return acc.add_(mm_fp32_out(a, b))
+    out = _with_out_dtype("addmm:" + acc.device.type,
+                          lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc))
+    return acc.add_(mm_fp32_out(a, b)) if out is None else out

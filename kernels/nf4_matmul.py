@@ -103,6 +103,14 @@ def _aligned_block_kh(k: int, blocksize: int) -> int:
     return half if ok else 0
 
 
+def _scale_pointers(absmax, absmax2, code2, code, offset) -> tuple:
+    """(absmax, absmax2, code2, code, offset) as both kernels take them: the non-nested layout's unused
+    pointers (absmax2, code2, offset) filled with ``code``."""
+    if absmax2 is not None:
+        return absmax, absmax2, code2, code, offset
+    return absmax, code, code, code, code
+
+
 def _dequantize(packed, absmax, absmax2, code2, code, offset, out_features: int, k: int, blocksize: int,
                 blocksize2: int, dtype: torch.dtype) -> torch.Tensor:
     """W [out_features, k] in ``dtype`` from its packed codes (``nf4_dequant_kernel``)."""
@@ -111,11 +119,9 @@ def _dequantize(packed, absmax, absmax2, code2, code, offset, out_features: int,
     out = torch.empty(out_features * k, dtype=dtype, device=packed.device)
     nbytes = packed.numel()
     block = 256 if interp else 1024
-    nested = absmax2 is not None
-    dummy = code
-    kernel[(cdiv(nbytes, block),)](packed, absmax, absmax2 if nested else dummy, code2 if nested else dummy, code,
-                                   offset if nested else dummy, out, nbytes, BLOCK=block, BLOCKSIZE=blocksize,
-                                   BLOCKSIZE2=max(1, blocksize2), NESTED=nested,
+    kernel[(cdiv(nbytes, block),)](packed, *_scale_pointers(absmax, absmax2, code2, code, offset), out, nbytes,
+                                   BLOCK=block, BLOCKSIZE=blocksize, BLOCKSIZE2=max(1, blocksize2),
+                                   NESTED=absmax2 is not None,
                                    **({} if interp else {"num_warps": 4}))
     return out.view(out_features, k)
 
@@ -153,10 +159,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absm
     splits = cdiv(kh, kh_split)
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
     nested = absmax2 is not None
-    dummy = code  # unused pointer arguments of the non-nested layout
     kernel[(cdiv(M, block_m), cdiv(N, block_n), splits)](
-        x2, packed, absmax, absmax2 if nested else dummy, code2 if nested else dummy, code,
-        offset if nested else dummy, part,
+        x2, packed, *_scale_pointers(absmax, absmax2, code2, code, offset), part,
         M, N, K, kh_split, x2.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KH=block_kh, BLOCKSIZE=blocksize,
         BLOCKSIZE2=max(1, blocksize2), NESTED=nested, UPCAST=(interp or x.dtype == torch.float32),
