@@ -103,6 +103,7 @@ def main(argv=None) -> int:
                PYTHONUNBUFFERED="1")
     env.pop("COMPILEPASS_PRECOMPILE", None)
     starts = []
+    head = {"benchmark": "warm_start", "command": " ".join([sys.executable] + sys.argv), "spec": spec}
     # the FX-cache path first (its cold start fills Inductor's caches; an AOT precompile does not), then
     # the precompiled path's own first start (it compiles and saves), then its warm starts
     plan = ([("cold", "0")] + [("warm_fx", "0")] * args.warm + [("cold_precompile", "1")]
@@ -119,8 +120,7 @@ def main(argv=None) -> int:
         row.update(kind=kind, process_wall_s=wall, stderr_tail=proc.stderr[-1500:])
         starts.append(row)
         with open(args.out, "w") as f:  # kept if a later process is cut short (a call's time limit)
-            json.dump({"benchmark": "warm_start", "complete": False, "command": " ".join([sys.executable] + sys.argv),
-                       "spec": spec, "starts": starts}, f, indent=2)
+            json.dump({**head, "complete": False, "starts": starts}, f, indent=2)
         print(f"{row['kind']:>7}: engine {row['cold_start_s']:.2f} s (compile {row['compile_s']:.2f}, capture "
               f"{row['capture_s']:.2f}; phases {row['start_phases_s']}); process {wall:.1f} s; fx cache hit/miss {row['cache']['fxgraph_hit']}/"
               f"{row['cache']['fxgraph_miss']}; precompiled loaded {row['precompiled']['loaded']}"
@@ -129,10 +129,10 @@ def main(argv=None) -> int:
     warm = [s["cold_start_s"] for s in starts if s["kind"] == "warm"]
     warm_fx = [s["cold_start_s"] for s in starts if s["kind"] == "warm_fx"]
     result = {
-        "benchmark": "warm_start", "complete": True, "command": " ".join([sys.executable] + sys.argv),
+        **head, "complete": True,
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
         "versions": {"torch": torch.__version__, "triton": dist_version("triton"), "python": platform.python_version()},
-        "spec": spec, "starts": starts, "cold_start_s": starts[0]["cold_start_s"],
+        "starts": starts, "cold_start_s": starts[0]["cold_start_s"],
         "cold_precompile_start_s": next(s["cold_start_s"] for s in starts if s["kind"] == "cold_precompile"),
         "warm_start_s": warm, "warm_start_s_median": statistics.median(warm),
         "warm_fx_start_s": warm_fx, "warm_fx_start_s_median": statistics.median(warm_fx),
