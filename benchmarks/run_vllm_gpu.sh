@@ -32,13 +32,17 @@ if [ -f .ficache/flashinfer.tar.gz ] && [ ! -d ~/.cache/flashinfer ]; then
 fi
 case "$stage" in
 tests)
-  timeout 120 python3 benchmarks/probe_vllm_cumem.py --out "$out/vllm_cumem_probe_$tag.json" 2>&1 | tail -40
+  # TESTS_PART=main (the shared-engine tests) or sleep (the sleep-mode ones) splits the stage over two calls
+  part=${TESTS_PART:-all}
+  [ "${PROBE_S:-120}" -gt 0 ] && timeout "${PROBE_S:-120}" python3 benchmarks/probe_vllm_cumem.py \
+    --out "$out/vllm_cumem_probe_$tag.json" 2>&1 | tail -40
   # one sleep-mode vLLM engine per process (vLLM's CuMem pool): the shared-engine tests in one pytest, then
   # each test that builds a sleep-mode engine in a pytest of its own
   sleepers="cuda_sleep one_grpo_step bench_context_trial"
-  COMPILEPASS_VLLM_TESTS=1 timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider --timeout 240 -rA \
-    tests/vllm_env tests/test_vllm_kv_release.py -k "not (${sleepers// / or })" 2>&1 | tee "$out/pytest_vllm_$tag.log" \
-    | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|Error" | tail -40
+  [ "$part" != sleep ] && COMPILEPASS_VLLM_TESTS=1 timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider \
+    --timeout 240 -rA tests/vllm_env tests/test_vllm_kv_release.py -k "not (${sleepers// / or })" 2>&1 \
+    | tee "$out/pytest_vllm_$tag.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|Error" | tail -40
+  [ "$part" = main ] && sleepers=""
   for t in $sleepers; do
     COMPILEPASS_VLLM_TESTS=1 timeout "${SLEEP_TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider --timeout 190 -rA \
       tests/vllm_env -k "$t" 2>&1 | tee -a "$out/pytest_vllm_$tag.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" | tail -5
