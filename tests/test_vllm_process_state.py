@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from compilepass.standby.rollout.vllm.process_state import cumem_bytes_in_use, vllm_build_scope
+from compilepass.standby.rollout.vllm.process_state import cumem_bytes_in_use, gc_freezes_undone, vllm_build_scope
 
 
 def _what_vllm_does():
@@ -70,3 +70,49 @@ def test_triton_jit_monitor_knobs_are_restored():
 
 def test_cumem_in_use_is_zero_without_a_cuda_vllm():
     assert cumem_bytes_in_use() == 0
+
+
+def test_every_freeze_is_recorded_by_its_caller_and_undone():
+    """What the H200 showed (vLLM 0.26): the heap frozen after the engine's calls. Each call into vLLM
+    runs in gc_freezes_undone: where gc.freeze() was called from is counted, and the freeze undone."""
+    sites = {}
+    assert gc.get_freeze_count() == 0
+    with gc_freezes_undone(sites):
+        _what_vllm_does()
+        gc.freeze()
+    assert gc.get_freeze_count() == 0
+    assert gc.freeze.__module__ == "gc"  # the recorder is gone
+    assert sum(sites.values()) == 2 and all(s.startswith(__file__) for s in sites), sites
+    with vllm_build_scope(sites):  # the build scope records into the same dict
+        gc.freeze()
+    assert gc.get_freeze_count() == 0 and sum(sites.values()) == 3
+
+
+def test_nested_freeze_recorders_restore_in_order_and_an_earlier_freeze_stays():
+    outer, inner = {}, {}
+    real = gc.freeze
+    with gc_freezes_undone(outer):
+        with gc_freezes_undone(inner):
+            gc.freeze()
+        assert gc.get_freeze_count() == 0  # the inner scope saw an unfrozen heap on entry
+        gc.freeze()
+    assert gc.freeze is real and sum(inner.values()) == 1 and sum(outer.values()) == 2  # outer sees both
+    assert all(site.startswith(__file__) for site in (*inner, *outer)), (inner, outer)
+    gc.freeze()
+    try:
+        with gc_freezes_undone():
+            pass
+        assert gc.get_freeze_count() > 0  # someone else's freeze is left alone
+    finally:
+        gc.unfreeze()
+
+
+def test_the_float32_matmul_precision_vllm_sets_is_restored():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        with vllm_build_scope():
+            torch.set_float32_matmul_precision("highest")  # vLLM's GPU worker, VLLM_FLOAT32_MATMUL_PRECISION
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -75,7 +75,7 @@ from compilepass.standby.rollout.backend import RolloutOutput, check_generate_ar
 from compilepass.standby.rollout.vllm.gates import check_vllm, cpu_head_size_error, kv_release_strategy
 from compilepass.standby.rollout.vllm.internals import plain_cpu_linears, scoped_env, vllm_model_runner
 from compilepass.standby.rollout.vllm.kv_release import CuMemKvRelease
-from compilepass.standby.rollout.vllm.process_state import cumem_bytes_in_use, vllm_build_scope
+from compilepass.standby.rollout.vllm.process_state import cumem_bytes_in_use, gc_freezes_undone, vllm_build_scope
 from compilepass.standby.rollout.vllm.lora import (LORA_ID, LORA_NAME, VLLM_LORA_RANKS, LoraSlice, peft_adapter_info,
                                                    peft_lora_layers)
 from compilepass.standby.rollout.vllm.weights import packed_groups, share_weights, write_base_checkpoint
@@ -178,8 +178,16 @@ class VllmEngine:
 
         self.kv_release: Optional[str] = None
         self._cumem_kv: Optional[CuMemKvRelease] = None
+        self._lora_slices: list[LoraSlice] = []
+        self._awake = False
+        # where vLLM froze the gc heap during our calls (each freeze is undone: process_state.py)
+        self.gc_freeze_sites: dict[str, int] = {}
         lora = peft_adapter_info(model)
         self.lora_info = lora
+        if lora is not None and not on_cpu and self.dtype not in (torch.float16, torch.bfloat16):
+            # vLLM's CUDA LoRA kernels (lora/ops/triton_ops: lora_shrink, lora_expand) assert this
+            raise ConfigError(f"vLLM's CUDA LoRA kernels take float16 or bfloat16 weights, and this model is "
+                              f"{str(self.dtype).replace('torch.', '')}: load it in bfloat16 (model.dtype=bfloat16)")
         self._tmp = Path(tempfile.mkdtemp(prefix="compilepass-vllm-"))
         weakref.finalize(self, shutil.rmtree, str(self._tmp), True)
         try:
@@ -226,9 +234,9 @@ class VllmEngine:
             self.shared = share_weights(model, self.vllm_model)
             gc.collect()
             self._lora_request = None
-            self._lora_slices: list[LoraSlice] = []
             if lora is not None:
-                self._setup_lora(lora)
+                with gc_freezes_undone(self.gc_freeze_sites):
+                    self._setup_lora(lora)
             self.kv_release = kv_release_strategy(vllm) if sleep_mode else None
             # vLLM's own KV release, or ours: only the cumem allocations that hold nothing but KV tensors
             self._cumem_kv = CuMemKvRelease(self.runner) if self.kv_release == "cumem-segments" else None
@@ -248,7 +256,7 @@ class VllmEngine:
         set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op; give it back after
         patches = plain_cpu_linears() if on_cpu else contextlib.nullcontext()
         try:
-            with scoped_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", **env), patches, vllm_build_scope():
+            with scoped_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", **env), patches, vllm_build_scope(self.gc_freeze_sites):
                 return vllm.LLM(**kwargs)
         except CompilepassError:
             raise
@@ -353,11 +361,12 @@ class VllmEngine:
         if not self._awake:
             return
         if self.sleep_mode:
-            self.llm.sleep(level=0)  # pause the scheduler; no memory changes
-            if self._cumem_kv is not None:
-                self._cumem_kv.release()
-            else:
-                self.llm.release_kv_cache_memory()
+            with gc_freezes_undone(self.gc_freeze_sites):
+                self.llm.sleep(level=0)  # pause the scheduler; no memory changes
+                if self._cumem_kv is not None:
+                    self._cumem_kv.release()
+                else:
+                    self.llm.release_kv_cache_memory()
         self._awake = False
 
     def wake(self) -> None:
@@ -366,11 +375,12 @@ class VllmEngine:
         if self._awake:
             return
         if self.sleep_mode:
-            if self._cumem_kv is not None:
-                self._cumem_kv.restore()
-                self.llm.wake_up(tags=["scheduling"])
-            else:
-                self.llm.wake_up(tags=["kv_cache", "scheduling"])
+            with gc_freezes_undone(self.gc_freeze_sites):
+                if self._cumem_kv is not None:
+                    self._cumem_kv.restore()
+                    self.llm.wake_up(tags=["scheduling"])
+                else:
+                    self.llm.wake_up(tags=["kv_cache", "scheduling"])
         self._awake = True
 
     def close(self) -> None:
@@ -420,8 +430,9 @@ class VllmEngine:
                                  skip_special_tokens=False)
                   for i in range(len(prompts))]
         t0 = time.perf_counter()
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
-                                 lora_request=self._lora_request)
+        with gc_freezes_undone(self.gc_freeze_sites):
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                     lora_request=self._lora_request)
         total = time.perf_counter() - t0
         B = len(prompts)
         comps = [o.outputs[0] for o in outs]

@@ -11,11 +11,15 @@ in vLLM 0.26's source, that build:
 - freezes the garbage collector's heap (``gc.freeze()``), after which nothing alive at that moment,
   the trainer's objects included, is ever scanned for cycles again;
 - installs a Triton JIT monitor (``triton.knobs.runtime.jit_post_compile_hook``,
-  ``triton.knobs.autotuning.print``) that reports the trainer's later Triton compiles as warnings.
+  ``triton.knobs.autotuning.print``) that reports the trainer's later Triton compiles as warnings;
+- sets torch's float32 matmul precision from ``VLLM_FLOAT32_MATMUL_PRECISION`` (``"highest"`` by
+  default, in the GPU worker's constructor), replacing the trainer's own setting.
 
 :func:`vllm_build_scope` wraps the build: it turns the variable cache off before it, and after it
-restores the random states, unfreezes the heap (unless it was frozen before) and restores those
-Triton settings. :func:`cumem_bytes_in_use` is what vLLM's CuMem pool (used by sleep-mode engines)
+restores the random states, the float32 matmul precision, the heap's freeze state and those Triton
+settings. :func:`gc_freezes_undone` is the freeze part alone, for every later call into vLLM: on the
+H200 (vLLM 0.26, session 11) the heap was found frozen after the engine was built and had generated
+once, so each call records where ``gc.freeze()`` was called from and undoes it. :func:`cumem_bytes_in_use` is what vLLM's CuMem pool (used by sleep-mode engines)
 holds in this process: vLLM allows one such engine per process.
 """
 
@@ -24,11 +28,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import random
-from typing import Iterator
+import sys
+from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["cumem_bytes_in_use", "vllm_build_scope"]
+__all__ = ["cumem_bytes_in_use", "gc_freezes_undone", "vllm_build_scope"]
 
 _TRITON_KNOBS = (("runtime", "jit_post_compile_hook"), ("autotuning", "print"))
 
@@ -66,8 +71,36 @@ def _disable_envs_cache() -> None:
 
 
 @contextlib.contextmanager
-def vllm_build_scope() -> Iterator[None]:
-    """Around ``vllm.LLM(...)``: see the module docstring."""
+def gc_freezes_undone(sites: Optional[dict] = None) -> Iterator[None]:
+    """Within: every ``gc.freeze()`` call is counted in ``sites`` under its caller's ``file:line``.
+    After: a heap that was not frozen on entry is unfrozen (someone else's earlier freeze is left
+    alone). Nested uses restore each other's ``gc.freeze`` in order."""
+    sites = {} if sites is None else sites
+    frozen_before = gc.get_freeze_count()
+    real_freeze = gc.freeze
+
+    def recording_freeze():
+        caller = sys._getframe(1)
+        while caller.f_back is not None and caller.f_code.co_filename == __file__:  # a nested recorder's frame
+            caller = caller.f_back
+        site = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+        sites[site] = sites.get(site, 0) + 1
+        real_freeze()
+
+    gc.freeze = recording_freeze
+    try:
+        yield
+    finally:
+        if gc.freeze is recording_freeze:
+            gc.freeze = real_freeze
+        if frozen_before == 0 and gc.get_freeze_count() > 0:
+            gc.unfreeze()
+
+
+@contextlib.contextmanager
+def vllm_build_scope(freeze_sites: Optional[dict] = None) -> Iterator[None]:
+    """Around ``vllm.LLM(...)``: see the module docstring. ``freeze_sites`` collects where vLLM
+    froze the heap (see :func:`gc_freezes_undone`)."""
     _disable_envs_cache()
     py_state = random.getstate()
     np_state = None
@@ -77,10 +110,11 @@ def vllm_build_scope() -> Iterator[None]:
         np_state = np.random.get_state()
     cpu_state = torch.random.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    frozen_before = gc.get_freeze_count()
+    matmul_precision = torch.get_float32_matmul_precision()
     knobs = _triton_knobs()
     try:
-        yield
+        with gc_freezes_undone(freeze_sites):
+            yield
     finally:
         random.setstate(py_state)
         if np_state is not None:
@@ -90,8 +124,7 @@ def vllm_build_scope() -> Iterator[None]:
         torch.random.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
-        if frozen_before == 0 and gc.get_freeze_count() > 0:
-            gc.unfreeze()
+        torch.set_float32_matmul_precision(matmul_precision)
         for (group, name), (holder, value) in knobs.items():
             with contextlib.suppress(Exception):
                 setattr(holder, name, value)
