@@ -17,6 +17,9 @@ run it after one vLLM start on the machine), on the same random-weight model
   (``torch.cuda.mem_get_info``), the KV path used, greedy tokens after the wake equal those before;
 - ``plain-vllm``: ``vllm.LLM`` on the same weights saved to a folder, vLLM's defaults
   (``gpu_memory_utilization=0.9``), as a vLLM user would start it;
+- ``plain-vllm-logprobs``: plain vLLM asked for what ``VllmEngine`` asks for, the sampled tokens'
+  log-probs (``logprobs=0``, ``logprobs_mode="processed_logprobs"``): what those cost on their own
+  (session 11 found ``VllmEngine`` at 9.5k tok/s beside plain vLLM's 11.8k);
 - ``gc-off`` / ``gc-on``: plain vLLM again with ``--gc-objects`` live Python objects in the process
   (a trainer's heap), without and with :func:`compilepass.gc_patch.patch_vllm_capture`; the time
   inside vLLM's ``capture_model`` is measured by a wrapper around it (start only, no generate).
@@ -42,7 +45,7 @@ from pathlib import Path
 
 from bench_common import add_rollout_shape_args, dist_version
 
-ROWS = ("native", "vllm-engine", "plain-vllm", "gc-off", "gc-on")
+ROWS = ("native", "vllm-engine", "plain-vllm", "plain-vllm-logprobs", "gc-off", "gc-on")
 
 
 def parse_args(argv=None):
@@ -177,7 +180,7 @@ def child_vllm_engine(args) -> dict:
     return row
 
 
-def child_plain_vllm(args, gc_mode=None) -> dict:
+def child_plain_vllm(args, gc_mode=None, logprobs=False) -> dict:
     import torch
 
     model, prompts = _model_and_prompts(args)
@@ -204,9 +207,11 @@ def child_plain_vllm(args, gc_mode=None) -> dict:
     t0 = time.perf_counter()
     llm = vllm.LLM(model=str(folder), skip_tokenizer_init=True, dtype="bfloat16",
                    max_model_len=args.prompt_len + args.new_tokens + 1, max_num_seqs=args.batch, seed=0,
-                   enable_prefix_caching=False, load_format="safetensors")
-    row.update(start_s=time.perf_counter() - t0, capture_s=box.get("capture_s"))
-    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+                   enable_prefix_caching=False, load_format="safetensors",
+                   **({"logprobs_mode": "processed_logprobs"} if logprobs else {}))
+    row.update(start_s=time.perf_counter() - t0, capture_s=box.get("capture_s"), logprobs=logprobs)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
+                            logprobs=0 if logprobs else None)
     reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
     def gen():
@@ -232,6 +237,8 @@ def run_child(args) -> dict:
         row = child_vllm_engine(args)
     elif name == "plain-vllm":
         row = child_plain_vllm(args)
+    elif name == "plain-vllm-logprobs":
+        row = child_plain_vllm(args, logprobs=True)
     else:
         row = child_plain_vllm(args, gc_mode=name.split("-")[1])
     ids = row.pop("last_ids")
