@@ -6,6 +6,10 @@ prefill's kernels are included, amortized over the steps) and the top kernels. `
 profiles the compiled step without CUDA graphs (what the graphs replay, launch by launch).
 
     python benchmarks/profile_decode.py --variant all --out /tmp/profile_all.json
+    python benchmarks/profile_decode.py --lora-rank 32 --batch 64 --out /tmp/profile_lora.json   # GRPO's shape
+
+``--lora-rank R`` puts a peft LoRA adapter (rank R, alpha 2R, every linear layer, B random as after
+training) on the model first, as the GRPO loop's generation runs it.
 """
 
 import argparse
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from compilepass.core.models import build_model
+from compilepass.core.models import add_lora, build_model
 from compilepass.standby.rollout.engine import RolloutEngine
 
 
@@ -36,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--flags", default="{}", help="Inductor options as JSON")
     p.add_argument("--no-graphs", action="store_true", help="run the compiled step without CUDA graphs")
+    p.add_argument("--lora-rank", type=int, default=0, help="a LoRA adapter of this rank on every linear layer")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -44,6 +49,8 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(args.model, dtype=dtype, device=device, seed=0)
     vocab = model.config.vocab_size
+    if args.lora_rank:
+        model = add_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank, init_random=True, seed=0)
     prompts = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     engine = RolloutEngine(model, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens,
                            compile_options=False if eager else json.loads(args.flags),
@@ -61,6 +68,7 @@ def main(argv=None) -> int:
     total_us = sum(e.device_time_total for e in rows)
     launches = sum(e.count for e in rows)
     result = {"model": args.model, "variant": args.variant, "engine_kwargs": kwargs, "graphs": not args.no_graphs,
+              "lora_rank": args.lora_rank,
               "batch": args.batch, "decode_steps": out.decode_steps,
               "ms_per_step_wall": out.decode_s / steps * 1e3, "cold_start_s": engine.cold_start_s,
               "kernels_per_step": launches / steps, "gpu_us_per_step": total_us / steps,
