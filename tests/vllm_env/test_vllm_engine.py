@@ -66,7 +66,10 @@ def compiled(tiny_dir):
     """An engine without LoRA, compiled (vLLM's CPU torch.compile path) with our compilation config."""
     from compilepass.selection import vllm_compilation_config
 
+    import gc
+
     model = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
+    engine_frozen_before = gc.get_freeze_count()  # the gc test's message says it (0 unless frozen before)
     before = _inductor_counters()
     options = {"aggressive_fusion": True, "shape_padding": False}
     expected = vllm_compilation_config(model, options=options)
@@ -74,6 +77,7 @@ def compiled(tiny_dir):
                         llm_kwargs={"max_logprobs": VOCAB}, **SHARED)  # full-vocabulary prompt log-probs below
     engine.generate(PROMPTS, max_new_tokens=2, temperature=0.0)  # compile now, if vLLM deferred it
     after = _inductor_counters()
+    engine.frozen_before_build = engine_frozen_before
     yield model, engine, expected, {k: after.get(k, 0) - before.get(k, 0) for k in after}
     engine.close()
 
@@ -111,7 +115,8 @@ def test_building_the_engine_leaves_the_gc_heap_unfrozen(compiled):
     import gc
 
     _, engine, _, _ = compiled
-    assert gc.get_freeze_count() == 0, f"frozen after the build and a generate; gc.freeze() called from " \
+    assert gc.get_freeze_count() == 0, f"frozen after the build and a generate ({engine.frozen_before_build} " \
+                                       f"objects frozen before the build); gc.freeze() called from " \
                                        f"{engine.gc_freeze_sites}"
     print(f"gc.freeze() calls undone: {engine.gc_freeze_sites}")
 
