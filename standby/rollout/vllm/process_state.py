@@ -19,8 +19,9 @@ in vLLM 0.26's source, that build:
 restores the random states, the float32 matmul precision, the heap's freeze state and those Triton
 settings. :func:`gc_freezes_undone` is the freeze part alone, for every later call into vLLM: on the
 H200 (vLLM 0.26, session 11) the heap was found frozen after the engine was built and had generated
-once, so each call records where ``gc.freeze()`` was called from and undoes it. :func:`cumem_bytes_in_use` is what vLLM's CuMem pool (used by sleep-mode engines)
-holds in this process: vLLM allows one such engine per process.
+once, so each call records where ``gc.freeze()`` was called from and undoes it.
+:func:`cumem_bytes_in_use` is what vLLM's CuMem pool (used by sleep-mode engines) holds in this
+process: vLLM allows one such engine per process.
 """
 
 from __future__ import annotations
