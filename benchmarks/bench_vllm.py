@@ -171,6 +171,7 @@ def child_vllm_engine(args) -> dict:
                        "same_tokens_after_wake": bool(torch.equal(ids, row["last_ids"]))})
     row["sleep_wake"] = cycles
     row["kv_cache_memory_bytes"] = engine.llm_kwargs.get("kv_cache_memory_bytes")
+    row["gc_freeze_sites"] = dict(engine.gc_freeze_sites)  # where vLLM froze the gc heap (each freeze undone)
     if engine._cumem_kv is not None:
         plan = engine._cumem_kv.plan
         row["cumem_plan"] = {"released": len(plan.release), "release_bytes": plan.release_bytes,
