@@ -40,14 +40,20 @@ def test_random_streams_and_the_gc_heap_are_put_back():
     assert _draws() == want  # the trainer's streams continue as if no engine had been built
 
 
-def test_a_heap_frozen_before_stays_frozen_and_errors_still_restore():
+def test_a_heap_frozen_before_stays_frozen_and_errors_still_restore(monkeypatch):
+    unfreezes = []
+    real_unfreeze = gc.unfreeze
     gc.freeze()
     try:
-        before = gc.get_freeze_count()
+        # the scope's calls are counted, not the frozen objects: another thread (xdist's) can free a frozen
+        # object by refcount meanwhile (seen once: 956,994 -> 956,992 in a fresh clone's suite, session 11)
+        monkeypatch.setattr(gc, "unfreeze", lambda: unfreezes.append(1) or real_unfreeze())
         with vllm_build_scope():
             gc.collect()
-        assert gc.get_freeze_count() >= before > 0  # someone else's freeze is left alone
+        monkeypatch.undo()
+        assert unfreezes == [] and gc.get_freeze_count() > 0  # someone else's freeze is left alone
     finally:
+        monkeypatch.undo()
         gc.unfreeze()
     state = torch.random.get_rng_state()
     with pytest.raises(RuntimeError, match="build failed"):
