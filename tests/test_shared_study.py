@@ -160,3 +160,40 @@ def test_two_tuners_on_one_journal_study_measure_disjoint_trials_and_record_once
         assert verifier["verification"]["status"] == "ok" and entry["measurements"]["verify_rounds"] == 3
     else:
         assert verifier["verification"] is None and entry["verdict"] == "keep-defaults"
+
+
+OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from compilepass.tuning.search import open_storage
+work, me, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for k in range(rounds):
+    (work / f"ready-{k}-{me}").touch()
+    while not (work / f"go-{k}").exists():
+        time.sleep(0.001)
+    try:
+        open_storage(f"sqlite:///{work / f'db-{k}.sqlite'}", heartbeat_s=30)
+    except Exception as exc:
+        print(f"round {k}: {exc}", flush=True)
+        sys.exit(1)
+"""
+
+
+@pytest.mark.slow
+def test_workers_opening_one_new_sqlite_file_at_once_all_open_it(tmp_path):
+    # Optuna checks for each table and then creates it, so workers starting together on a new SQLite
+    # file raced ("table studies already exists", a duplicate alembic version row); it failed CI once
+    workers, rounds = 6, 4
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(tmp_path), str(i), str(rounds)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(workers)]
+    deadline = time.monotonic() + 240
+    for k in range(rounds):
+        while len(list(tmp_path.glob(f"ready-{k}-*"))) < workers:
+            assert all(p.poll() is None for p in procs), [p.communicate()[0][-500:] for p in procs if p.poll()]
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.01)
+        (tmp_path / f"go-{k}").touch()
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * workers, [o[-500:] for o in outputs if o]
+    for k in range(rounds):  # one schema each, which Optuna opens
+        assert open_storage(f"sqlite:///{tmp_path / f'db-{k}.sqlite'}", heartbeat_s=30).get_all_studies() == []

@@ -146,7 +146,8 @@ def open_storage(url: str, heartbeat_s: int):
 
     if url.startswith(JOURNAL_PREFIX):
         return _open_journal(url)
-    try:
+
+    def build():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
@@ -156,9 +157,30 @@ def open_storage(url: str, heartbeat_s: int):
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                 engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
             )
-    except Exception as exc:  # sqlalchemy / driver errors: one clear line
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StorageError(f"cannot open Optuna storage {url!r}: {msg}") from None
+
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            return build()
+        except Exception as exc:  # sqlalchemy / driver errors: one clear line
+            if attempt < SCHEMA_RACE_RETRIES and lost_schema_race(exc):
+                time.sleep(0.05 * (attempt + 1))  # the winner's tables are there now: open them
+                continue
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StorageError(f"cannot open Optuna storage {url!r}: {msg}") from None
+
+
+SCHEMA_RACE_RETRIES = 8
+_SCHEMA_RACE_MARKS = ("already exists", "unique constraint failed: alembic_version",
+                      "unique constraint failed: version_info", "duplicate key value violates unique constraint")
+
+
+def lost_schema_race(exc: BaseException) -> bool:
+    """True when opening a new database failed because another process created its tables at the same
+    moment: Optuna checks for each table, then creates it, so two workers starting on one new SQLite
+    file both try (`table studies already exists`, or a duplicate alembic version row). Opening again
+    finds the finished schema."""
+    text = str(exc).lower()
+    return any(mark in text for mark in _SCHEMA_RACE_MARKS)
 
 
 def _open_journal(url: str):
