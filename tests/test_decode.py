@@ -279,3 +279,108 @@ def test_fused_projections_follow_disabled_adapters():
     assert not torch.equal(with_lora, without)
     with pytest.raises(ConfigError, match="attention"):
         make_decoder(model, attention="flash")
+
+
+def _lora_step(model, lr=0.5):
+    model.train()
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    opt = torch.optim.SGD(lora_params, lr=lr)
+    batch = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    model.eval()
+
+
+def test_packed_lora_keeps_its_addresses_and_follows_every_step():
+    """The packed copies (A stacked, B block-diagonal) stay at one address, so a CUDA graph reading
+    them sees each refresh, and every prefill copies the adapters' current values into them."""
+    model = make_model("tiny-qwen2", lora=True)
+    ids, lengths = prompts(model.config.vocab_size)
+    decoder = make_decoder(model, fused_projections=True)
+    groups = [*decoder.fused.qkv, *decoder.fused.gate_up]
+    assert all(g.packed is not None for g in groups)
+    ptrs = [(g.packed.a.data_ptr(), g.packed.b.data_ptr()) for g in groups]
+    state = decoder.adapter_state
+    before = greedy_generate(decoder, ids, lengths, NEW_TOKENS)
+    _lora_step(model)
+    after = greedy_generate(decoder, ids, lengths, NEW_TOKENS)
+    assert [(g.packed.a.data_ptr(), g.packed.b.data_ptr()) for g in groups] == ptrs
+    assert not torch.equal(before, after)
+    for b, n in enumerate(LENGTHS):
+        assert after[b].tolist() == hf_greedy(model, ids[b, :n], NEW_TOKENS).tolist()
+    qkv = decoder.fused.qkv[0]
+    attn = decoder.layers[0].self_attn
+    mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+    assert torch.equal(qkv.packed.a, torch.cat([m.lora_A["default"].weight for m in mods]))
+    expect = torch.block_diag(*[m.lora_B["default"].weight for m in mods])
+    assert torch.equal(qkv.packed.b, expect)  # the B blocks on the diagonal, zeros elsewhere
+    assert qkv.packed.scale.tolist() == [mods[0].scaling["default"]] * qkv.weight.shape[0]
+    assert decoder.sync_adapters() == state  # same adapters, new values: refreshed in place
+    assert all(g.layout == 1 for g in groups)
+
+
+def test_packed_lora_says_when_the_adapters_layout_changed():
+    """Disabling, re-adding dropout or replacing an adapter changes what a captured graph would have
+    to read: the layout ``sync_adapters`` returns changes (the engine then refuses to replay), and
+    generation itself follows the model's adapters whichever path it takes."""
+    model = make_model("tiny", lora=True)
+    ids, lengths = prompts(256)
+    decoder = make_decoder(model, fused_projections=True)
+    plain = make_decoder(model, fused_projections=True, pack_lora=False)
+    assert plain.fused is decoder.fused  # one fusion per model; packing is each decoder's choice
+    packed0, plain0 = decoder.adapter_state, plain.adapter_state
+    assert decoder.sync_adapters() == packed0 and plain.sync_adapters() == plain0
+    packed_ptr = decoder.fused.qkv[0].packed.a.data_ptr()
+    with model.disable_adapter():
+        assert decoder.sync_adapters() != packed0 and plain.sync_adapters() != plain0
+        without = greedy_generate(decoder, ids, lengths, NEW_TOKENS)
+        assert torch.equal(without, greedy_generate(make_decoder(model), ids, lengths, NEW_TOKENS))
+        assert torch.equal(without, greedy_generate(plain, ids, lengths, NEW_TOKENS))
+    assert decoder.sync_adapters() == packed0 and plain.sync_adapters() == plain0  # back as before
+    assert decoder.fused.qkv[0].packed.a.data_ptr() == packed_ptr  # the same packed tensors again
+    packed = greedy_generate(decoder, ids, lengths, NEW_TOKENS)
+    assert not torch.equal(packed, without)
+    assert torch.equal(packed, greedy_generate(plain, ids, lengths, NEW_TOKENS))
+    torch.testing.assert_close(decoder.prefill(ids, lengths), make_decoder(model).prefill(ids, lengths),
+                               rtol=1e-5, atol=1e-5)
+
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    q_proj.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    assert plain.sync_adapters() != plain0  # a graph would hold the dropout module's absence
+    model.train()  # dropout active: drawn per member, as peft does, so not packed
+    assert decoder.sync_adapters() != packed0
+    model.eval()
+    assert decoder.sync_adapters() == packed0
+    old_a = q_proj.lora_A["default"]
+    q_proj.lora_A["default"] = torch.nn.Linear(old_a.in_features, old_a.out_features, bias=False)
+    plain1 = plain.sync_adapters()
+    assert decoder.sync_adapters() != packed0  # a new adapter tensor: packed anew, at new addresses
+    assert decoder.fused.qkv[0].layout == 2 and decoder.fused.qkv[0].packed.a.data_ptr() != packed_ptr
+    assert torch.equal(decoder.fused.qkv[0].packed.a[:old_a.out_features], q_proj.lora_A["default"].weight)
+    q_proj.lora_A["default"] = old_a
+    assert plain.sync_adapters() != plain1  # a graph of the per-member path reads the tensors too
+    assert torch.equal(greedy_generate(decoder, ids, lengths, NEW_TOKENS), greedy_generate(plain, ids, lengths, NEW_TOKENS))
+
+
+def test_packed_lora_in_bf16_matches_the_per_member_path():
+    """bfloat16 adapters (peft with autocast_adapter_dtype=False): the packed delta rounds as peft's
+    ``B(A(x)) * scaling`` does."""
+    model = make_model("tiny-llama", lora=True).to(torch.bfloat16)
+    shape = ModelShape.from_hf_config(model.config)
+    ids, lengths = prompts(model.config.vocab_size)
+    packed = Decoder(model, StaticKVCache(shape, 3, 32, torch.bfloat16), fused_projections=True)
+    assert packed.fused.qkv[0].packed.a.dtype == torch.bfloat16
+    logits = packed.prefill(ids, lengths)
+    per_member = Decoder(model, StaticKVCache(shape, 3, 32, torch.bfloat16), fused_projections=True, pack_lora=False)
+    ref = per_member.prefill(ids, lengths)
+    assert (logits.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
+    x = torch.randn(4, model.config.hidden_size, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    gu = packed.fused.gate_up[0]
+    packed.sync_adapters()
+    mlp = packed.layers[0].mlp
+    assert gu.packed is not None
+    got = gu.packed.delta(gu.modules[0], x)
+    want = torch.cat([m.lora_B["default"](m.lora_A["default"](x)) * m.scaling["default"]
+                      for m in (mlp.gate_proj, mlp.up_proj)], dim=-1)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0.02, atol=1e-2)

@@ -449,6 +449,23 @@ def test_cuda_graphs_survive_sleep_wake_and_optimizer_steps():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the CUDA KV region need a GPU")
+@pytest.mark.parametrize("pack_lora", [True, False], ids=["packed", "per-member"])
+def test_cuda_graphs_refuse_adapters_changed_since_capture(pack_lora):
+    """The captured graphs read the adapters (packed or not) they were captured with: generating
+    with them disabled is refused in one line, and works again once they are back."""
+    model = make_model("tiny-llama", lora=True).cuda()
+    engine = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, pack_lora=pack_lora)
+    assert engine._sample_graphs
+    ps = prompts(3)
+    ref = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    with model.disable_adapter():
+        with pytest.raises(RuntimeError, match="captured its CUDA graphs"):
+            engine.generate(ps, max_new_tokens=NEW, temperature=0)
+    assert torch.equal(engine.generate(ps, max_new_tokens=NEW, temperature=0).completion_ids, ref.completion_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the CUDA KV region need a GPU")
 @pytest.mark.parametrize("variant", ["all", "fused-triton-gs"])
 @pytest.mark.parametrize("scope", ["step", "layer"])
 def test_cuda_graph_sampling_variant(scope, variant):

@@ -172,9 +172,12 @@ class Decoder:
     #: decode attention implementations (``attention=``); prefill always uses SDPA.
     ATTENTION = ("matmul", "sdpa", "sdpa_gqa", "triton")
 
-    def __init__(self, model, cache: StaticKVCache, *, fused_projections: bool = False, attention: str = "matmul"):
+    def __init__(self, model, cache: StaticKVCache, *, fused_projections: bool = False, attention: str = "matmul",
+                 pack_lora: bool = True):
         """``fused_projections``: run q/k/v and gate/up as one GEMM each over fused weights that the
         model's own parameters are re-pointed into (:func:`fuse_projections`; no copy is kept).
+        ``pack_lora`` (with fused projections): each group's LoRA adapters as two GEMMs over packed
+        copies that every prefill refreshes (:class:`~compilepass.standby.rollout.fused.PackedLoRA`).
         ``attention`` (decode only): "matmul" (two batched matmuls + masked fp32 softmax), "sdpa"
         (``scaled_dot_product_attention``, the n_rep query heads of a KV head as rows), "sdpa_gqa"
         (SDPA with ``enable_gqa=True``), "triton" (:mod:`compilepass.kernels.decode_attention`: reads
@@ -216,6 +219,8 @@ class Decoder:
             raise ConfigError("fused projections need 16-bit base weights; this model's linear layers are 4-bit "
                               "(model.load_in_4bit): use fused_projections=False")
         self.fused: FusedProjections | None = fuse_projections(model) if fused_projections else None
+        self.pack_lora = bool(pack_lora)
+        self.sync_adapters()  # before any compile or capture, so that both read the packed tensors
         self._layer_fn = None  # compile_layers() sets it
         self._layer_dynamic = False
 
@@ -247,7 +252,7 @@ class Decoder:
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         if qkv is not None:
-            q, k, v = qkv(h)
+            q, k, v = qkv(h, self.pack_lora)
         else:
             q, k, v = self._proj(attn.q_proj, h), self._proj(attn.k_proj, h), self._proj(attn.v_proj, h)
         q = q.view(B, T, s.num_heads, s.head_dim)
@@ -266,7 +271,7 @@ class Decoder:
         h = layer.post_attention_layernorm(x)
         mlp = layer.mlp
         if gate_up is not None:
-            gate, up = gate_up(h)
+            gate, up = gate_up(h, self.pack_lora)
             return self._proj(mlp.down_proj, mlp.act_fn(gate) * up)
         if self.quant4:  # the MLP's three projections one by one, each through _proj
             return self._proj(mlp.down_proj, mlp.act_fn(self._proj(mlp.gate_proj, h)) * self._proj(mlp.up_proj, h))
@@ -338,7 +343,8 @@ class Decoder:
                "peft": version("peft"), "source": source_digest(tuple(rollout_src)), "fn": "decode_layer",
                "options": options or {}, "dynamic_batch": bool(dynamic_batch), "max_batch": getattr(self, "_layer_max_batch", None),
                "max_len": self.cache.max_len, "cache_batch": self.cache.batch, "shape": dataclasses.asdict(self.shape), "dtype": str(self.cache.dtype),
-               "attention": self.attention, "fused": self.fused is not None, "quant4": bool(self.quant4),
+               "attention": self.attention, "fused": self.fused is not None,
+               "pack_lora": self.pack_lora, "quant4": bool(self.quant4),
                "model": type(self.model).__name__, "adapters": _adapter_fingerprint(self.layers)}
         if self.quant4:  # read while tracing, never guarded: the 4-bit matmul's backend and its library
             import bitsandbytes
@@ -383,6 +389,22 @@ class Decoder:
         if self.fused is not None:
             self.fused.check()
 
+    def sync_adapters(self) -> tuple:
+        """Copy the LoRA adapters' current values into the packed tensors (fused projections with
+        ``pack_lora``; see :meth:`FusedProjections.sync_adapters`). ``prefill`` calls it, so a
+        generation sees the last optimizer step; a caller that runs ``decode_step`` without a prefill
+        after changing the adapters calls it first. -> the adapters' layout (also kept as
+        ``adapter_state``): what a CUDA graph captured now reads. It changes when adapters are added,
+        removed, replaced or disabled, or when another decoder of the model rebuilt the packed
+        tensors; a graph captured under another layout reads the old one."""
+        if self.fused is not None and self.pack_lora:
+            state = ("packed", self.fused.sync_adapters())
+        else:  # the set-up and the adapter tensors themselves, which a captured graph reads
+            state = ("modules", _adapter_fingerprint(self.layers),
+                     tuple(id(p) for n, p in self.layers.named_parameters() if "lora_" in n))
+        self.adapter_state = state
+        return state
+
     # -- public steps ----------------------------------------------------------------------------
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -399,6 +421,7 @@ class Decoder:
         """
         B, T = input_ids.shape
         self.check_weights()
+        self.sync_adapters()
         with torch.no_grad():
             pos = torch.arange(T, device=input_ids.device)
             position_ids = pos.expand(B, T)

@@ -143,6 +143,10 @@ class RolloutEngine:
       whose projections run :func:`~compilepass.standby.rollout.linear4bit.linear_4bit`). Default on: on an H100 it took the
       qwen3-0.6b decode step (batch 32) from 2.556 to 2.114 ms (benchmarks/results/
       rollout_variants_qwen3-0.6b_qwen3-8b_h100_2026-11-26.json).
+    - ``pack_lora`` (with fused projections): each group's LoRA adapters (one per member, as GRPO
+      has) run as two GEMMs over packed copies (A stacked, B block-diagonal) that each ``generate``
+      and ``decode`` refreshes in place, instead of a cat, an A GEMM and one B GEMM per member
+      (:class:`~compilepass.standby.rollout.fused.PackedLoRA`). Default on. Not yet timed on a GPU.
     - ``attention``: decode attention, "auto" (default: "triton" on CUDA for power-of-two head
       sizes, else "matmul"), "matmul", "sdpa", "sdpa_gqa" or "triton" (the split-sequence kernel
       of :mod:`compilepass.kernels.decode_attention`, which reads each sequence's cache only up to
@@ -184,7 +188,8 @@ class RolloutEngine:
                  dynamic_batch: bool = True, fused_projections: bool = True, attention: str = "auto",
                  graph_sampling: Optional[bool] = None, sampling_modes: Sequence[str] = ("greedy", "sample"),
                  compile_scope: str = "layer", compile_backend: str = "inductor",
-                 flag_resolver: FlagResolver = select, persistent_compile: Union[None, bool, str] = None):
+                 flag_resolver: FlagResolver = select, persistent_compile: Union[None, bool, str] = None,
+                 pack_lora: bool = True):
         t0 = time.perf_counter()
         param = next(model.parameters())
         self.model = model
@@ -220,7 +225,8 @@ class RolloutEngine:
         if fused_projections and model_has_4bit(model):  # the 4-bit reference path runs per projection
             log.info("fused projections are off: this model's base linear layers are 4-bit")
             fused_projections = False
-        self.decoder = Decoder(model, self.cache, fused_projections=fused_projections, attention=attention)
+        self.decoder = Decoder(model, self.cache, fused_projections=fused_projections, attention=attention,
+                               pack_lora=pack_lora)
         self.fused_projections, self.attention = bool(fused_projections), attention
         t_phase = self._phase("decoder", t_phase)
 
@@ -242,6 +248,7 @@ class RolloutEngine:
         self._step = self._make_step()
         t_phase = self._phase("step", t_phase)
         self._graphs: dict[int, "torch.cuda.CUDAGraph"] = {}  # bucket -> logits-only step graph
+        self._graph_adapter_state = None
         self._graph_out: dict[int, torch.Tensor] = {}
         self._no_logits_graph: set[int] = set()
         self._warm: set[int] = set()
@@ -378,6 +385,7 @@ class RolloutEngine:
         if items and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         got = capture_graphs(items, body, device=self.device, pool=self._pool, **kw)
+        self._graph_adapter_state = self.decoder.adapter_state  # what the graphs read (see _sync_weights)
         self.compile_s += got.warmup_s
         self.capture_s += got.capture_s
         if got.error is not None:
@@ -523,6 +531,7 @@ class RolloutEngine:
         call (it is the graph's static output): clone it to keep it. Call it with the model in
         eval mode (graphs are captured in eval mode; ``generate`` switches by itself)."""
         self._check_awake()
+        self._sync_weights()
         B = tokens.shape[0]
         bucket = self.bucket_for(B)
         if bucket not in self._warm:
@@ -555,7 +564,7 @@ class RolloutEngine:
             raise ValueError("temperature must be >= 0")
         prompts, stops = check_generate_args(prompts, max_new_tokens, top_k, top_p, self.max_len,
                                              self.shape.vocab_size, eos_token_id, stop_token_ids)
-        self.decoder.check_weights()
+        self._sync_weights()
         sampler = self._sampler_for(prompts, temperature, top_k, top_p, stops, seed)
 
         parts = []
@@ -583,6 +592,16 @@ class RolloutEngine:
             decode_steps=steps, tokens_per_s=n_tokens / total if total > 0 else float("nan"),
             sampling_logprobs=slps,
         )
+
+    def _sync_weights(self) -> None:
+        """Before a generation: the fused weights still back the model, and the packed LoRA copies
+        hold the adapters' current values. Adapters added, removed, replaced or disabled since the
+        CUDA graphs were captured are refused: the graphs read the old ones."""
+        self.decoder.check_weights()
+        state = self.decoder.sync_adapters()
+        if (self._graphs or self._sample_graphs) and state != self._graph_adapter_state:
+            raise RuntimeError("the model's LoRA adapters were added, removed, replaced or disabled since this "
+                               "engine captured its CUDA graphs, which read the old ones: build a new engine")
 
     def _sampler_for(self, prompts, temperature: float, top_k: int, top_p: float, stops: list[int],
                      seed: Optional[int]) -> _Sampler:
