@@ -22,7 +22,9 @@ up to its length), ``graph_sampling`` (sampler and
 bookkeeping inside the step's CUDA graph), ``layer`` (regional compilation), ``per_bucket`` (one
 static compile per bucket), ``eager`` (no compile), ``nf4`` (a copy of the model with NF4 base weights,
 bitsandbytes' 4-bit matmul, fused projections off: issue 17's 4-bit decode beside the 16-bit rows),
-``nf4_triton`` (the same through our NF4 kernel, ``COMPILEPASS_NF4_MATMUL=triton``);
+``nf4_triton`` (the same through our NF4 kernel, ``COMPILEPASS_NF4_MATMUL=triton``),
+``per_member_lora`` (with ``--lora-rank``: each member's LoRA as its own GEMMs, ``pack_lora=False``,
+the baseline of the packed adapters);
 ``all`` = ``fused+sdpa+graph_sampling``.
 Variants without ``fused`` run first (fusing re-points the model's parameters for the rest of
 the process). ``--with-8b`` then runs qwen3-8b shapes at ``--batch-8b`` with the transformers
@@ -36,6 +38,11 @@ cold starts with ``~``. ``--keep-caches`` uses the user's caches instead.
 
     python benchmarks/bench_rollout.py --with-8b --out benchmarks/results/rollout_variants_h100_<date>.json
     python benchmarks/bench_rollout.py --smoke --out /tmp/rollout_smoke.json   # CPU, tiny, seconds
+    python benchmarks/bench_rollout.py --lora-rank 32 --batch 64 --skip-hf \
+        --variants fused+triton+graph_sampling+layer,fused+triton+graph_sampling+layer+per_member_lora --out ...
+
+``--lora-rank R`` puts a peft LoRA adapter on every linear layer (alpha 2R, B drawn at random so
+that it changes the tokens; peft's float32 adapters, as GRPO trains them): GRPO's generation.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ VARIANT_TOKENS = {
     "eager": {},
     "nf4": {"nf4": True},
     "nf4_triton": {"nf4": True, "nf4_matmul": "triton"},
+    "per_member_lora": {"pack_lora": False},
 }
 _NF4_MODELS: dict = {}
 
@@ -114,6 +122,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help=f"comma-separated engine variants (default: {DEFAULT_VARIANTS})")
     p.add_argument("--repeats", type=int, default=5, help="timed engine generates per variant")
+    p.add_argument("--lora-rank", type=int, default=0, help="a LoRA adapter of this rank on every linear layer")
     p.add_argument("--hf-repeats", type=int, default=3, help="timed warm transformers generates")
     p.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
     p.add_argument("--warm-start", action="store_true",
@@ -358,11 +367,15 @@ def bench_model(args, name: str, batch: int, device, dtype, result: dict, save, 
     print(f"== {name}: batch {batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, "
           f"{device_name(device)}", flush=True)
     model = build_model(name, dtype=dtype, device=device, seed=0)
+    if args.lora_rank:
+        from compilepass.core.models import add_lora
+
+        model = add_lora(model, rank=args.lora_rank, alpha=2 * args.lora_rank, init_random=True, seed=0)
     shape = ModelShape.from_hf_config(model.config)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, shape.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
     max_len = args.prompt_len + args.new_tokens
-    entry = {"model": name, "random_weights": True, "batch": batch, "prompt_len": args.prompt_len,
+    entry = {"model": name, "random_weights": True, "lora_rank": args.lora_rank, "batch": batch, "prompt_len": args.prompt_len,
              "new_tokens": args.new_tokens, "dtype": str(dtype).replace("torch.", ""),
              "bound": bandwidth_bound(model, shape, batch, max_len, torch.empty((), dtype=dtype).element_size(),
                                       args.bandwidth),

@@ -409,6 +409,26 @@ def test_bench_rollout_smoke(tmp_path):
         bench.parse_args(["--out", str(out), "--variants", "fused+flash"])
 
 
+def test_bench_rollout_lora_rows_packed_beside_per_member(tmp_path):
+    """bench_rollout --lora-rank: the packed adapters' row and its per-member baseline decode the same."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py"
+    spec = importlib.util.spec_from_file_location("bench_rollout_lora", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rollout.json"
+    assert bench.main(["--smoke", "--skip-hf", "--repeats", "1", "--keep-caches", "--lora-rank", "4",
+                       "--variants", "fused,fused+per_member_lora", "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["lora_rank"] == 4
+    rows = run["engines"]
+    assert [r["engine_kwargs"].get("pack_lora", True) for r in rows] == [True, False]
+    assert rows[1]["agreement_with_first_variant"]["token_equal_frac"] == 1.0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the CUDA KV region need a GPU")
 def test_cuda_graphs_survive_sleep_wake_and_optimizer_steps():
