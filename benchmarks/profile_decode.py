@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--flags", default="{}", help="Inductor options as JSON")
     p.add_argument("--no-graphs", action="store_true", help="run the compiled step without CUDA graphs")
     p.add_argument("--lora-rank", type=int, default=0, help="a LoRA adapter of this rank on every linear layer")
+    p.add_argument("--per-member-lora", action="store_true",
+                   help="each member's LoRA as its own GEMMs (pack_lora=False), the packed adapters' baseline")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     prompts = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     engine = RolloutEngine(model, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens,
                            compile_options=False if eager else json.loads(args.flags),
-                           use_cuda_graphs=not args.no_graphs, **kwargs)
+                           use_cuda_graphs=not args.no_graphs, pack_lora=not args.per_member_lora, **kwargs)
     engine.generate(prompts, max_new_tokens=args.new_tokens, temperature=0)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     total_us = sum(e.device_time_total for e in rows)
     launches = sum(e.count for e in rows)
     result = {"model": args.model, "variant": args.variant, "engine_kwargs": kwargs, "graphs": not args.no_graphs,
-              "lora_rank": args.lora_rank,
+              "lora_rank": args.lora_rank, "pack_lora": not args.per_member_lora,
               "batch": args.batch, "decode_steps": out.decode_steps,
               "ms_per_step_wall": out.decode_s / steps * 1e3, "cold_start_s": engine.cold_start_s,
               "kernels_per_step": launches / steps, "gpu_us_per_step": total_us / steps,
