@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from ._triton_support import addmm_fp32_acc_, cdiv, is_interpreted, kernel_for, mm_fp32_out, triton_available
+from .dispatch import backend_for
 from .grpo_loss import Number, _row_weights, _validate, _weight_2d, token_terms
 
 __all__ = ["fused_head_grpo_loss"]
@@ -161,7 +162,8 @@ def fused_head_grpo_loss(
     ``chunk_bytes`` bounds the float32 logits buffer (``chunk x vocab x 4``); default 1 GiB, 4 GiB
     for a trained head (fewer read-modify-writes of the float32 ``dW``). ``impl``: the passes over
     that buffer through our Triton kernels (``"triton"``; on the CPU, Triton's interpreter) or
-    PyTorch's ops (``"torch"``); ``"auto"``: Triton on CUDA when it is installed."""
+    PyTorch's ops (``"torch"``); ``"auto"``: as ``COMPILEPASS_KERNELS`` says (``triton`` forces the
+    kernels, ``reference`` / ``chunked`` PyTorch's ops; unset: Triton on CUDA when it is installed)."""
     if importance_sampling_level != "token":
         raise ValueError("fused_head_grpo_loss needs token-level importance weights: a sequence-level weight "
                          "(GSPO) mixes a row's tokens; use selective_log_softmax + grpo_loss")
@@ -176,7 +178,7 @@ def fused_head_grpo_loss(
         raise ValueError(f"impl must be one of {IMPLS} (got {impl!r})")
     if impl == "triton" and not triton_available():
         raise ValueError("impl='triton' needs Triton installed")
-    use_triton = impl == "triton" or (impl == "auto" and hidden.is_cuda and triton_available())
+    use_triton = impl == "triton" or (impl == "auto" and backend_for(hidden) == "triton")
     B, T = token_ids.shape
     placeholder = torch.zeros(B, T, dtype=torch.float32, device=hidden.device)
     _validate(placeholder, old_logp, ref_logp, advantages, completion_mask, epsilon_low, epsilon_high, beta, loss_type,

@@ -94,6 +94,23 @@ def test_triton_passes_handle_temperature_ragged_tiles_and_extreme_logits():
             assert torch.isfinite(a).all()
 
 
+@pytest.mark.parametrize("forced, triton_runs", [("triton", True), ("chunked", False), ("reference", False)])
+def test_auto_follows_compilepass_kernels(monkeypatch, forced, triton_runs):
+    """impl="auto" picks the passes COMPILEPASS_KERNELS names (as every other kernel entry point does)."""
+    import compilepass.kernels.fused_head_loss as fhl
+
+    calls = []
+    original = fhl._triton_row_stats
+    monkeypatch.setattr(fhl, "_triton_row_stats", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setenv("COMPILEPASS_KERNELS", forced)
+    hidden, weight, ids, old, _, adv, mask, _ = _case()
+    got = _grads(fused_head_grpo_loss, hidden, weight, ids, 1.0, old, None, adv, mask)
+    assert bool(calls) is triton_runs
+    want = _grads(_reference, hidden, weight, ids, 1.0, old, None, adv, mask)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_impl_is_refused():
     hidden, weight, ids, old, _, adv, mask, _ = _case()
     with pytest.raises(ValueError, match="impl must be one of"):
