@@ -24,7 +24,8 @@ static compile per bucket), ``eager`` (no compile), ``nf4`` (a copy of the model
 bitsandbytes' 4-bit matmul, fused projections off: issue 17's 4-bit decode beside the 16-bit rows),
 ``nf4_triton`` (the same through our NF4 kernel, ``COMPILEPASS_NF4_MATMUL=triton``),
 ``per_member_lora`` (with ``--lora-rank``: each member's LoRA as its own GEMMs, ``pack_lora=False``,
-the baseline of the packed adapters);
+the baseline of the packed adapters), ``compiled_prefill`` (the prefill compiled regionally too, on the
+first generate: ``first_generate_s`` holds that compile, ``prefill_s_median`` the gain);
 ``all`` = ``fused+sdpa+graph_sampling``.
 Variants without ``fused`` run first (fusing re-points the model's parameters for the rest of
 the process). ``--with-8b`` then runs qwen3-8b shapes at ``--batch-8b`` with the transformers
@@ -77,6 +78,7 @@ VARIANT_TOKENS = {
     "nf4": {"nf4": True},
     "nf4_triton": {"nf4": True, "nf4_matmul": "triton"},
     "per_member_lora": {"pack_lora": False},
+    "compiled_prefill": {"compile_prefill": True},
 }
 _NF4_MODELS: dict = {}
 
@@ -319,6 +321,7 @@ def _run_engine(model, prompts, new_tokens: int, flags, engine_kwargs: dict, rep
     row["repeats"] = reps
     row["tok_per_s_median"] = statistics.median(r["tok_per_s"] for r in reps)
     row["ms_per_step_median"] = statistics.median(r["ms_per_step"] for r in reps)
+    row["prefill_s_median"] = statistics.median(r["prefill_s"] for r in reps)
     row["tokens"] = out.completion_ids.cpu()
     # sleep / wake once and check that the graphs still give the same tokens
     engine.sleep()

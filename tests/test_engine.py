@@ -409,6 +409,21 @@ def test_bench_rollout_smoke(tmp_path):
         bench.parse_args(["--out", str(out), "--variants", "fused+flash"])
 
 
+def test_compiled_prefill_decodes_as_transformers_does():
+    """compile_prefill: the first generate compiles the prefill (dynamo, batch and prompt length
+    symbolic); ragged prompts, a batch of one and more prompts than max_batch decode as before."""
+    model = shared_model("tiny-llama", True)
+    engine = RolloutEngine(model, max_batch=4, max_len=48, compile_options={}, compile_backend="eager",
+                           compile_prefill=True)
+    assert engine.compile_prefill and engine.decoder._prefill_fn is not None
+    for ps in (prompts(), prompts(1, seed=5), prompts(6, seed=9)):
+        out = engine.generate(ps, max_new_tokens=NEW, temperature=0)
+        for b, p in enumerate(ps):
+            assert out.completion_ids[b].tolist() == hf_greedy(model, p, NEW), f"sequence {b}"
+    eager = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False, compile_prefill=True)
+    assert not eager.compile_prefill and eager.decoder._prefill_fn is None  # nothing compiles without options
+
+
 def test_bench_rollout_lora_rows_packed_beside_per_member(tmp_path):
     """bench_rollout --lora-rank: the packed adapters' row and its per-member baseline decode the same."""
     import importlib.util

@@ -222,6 +222,7 @@ class Decoder:
         self.pack_lora = bool(pack_lora)
         self.sync_adapters()  # before any compile or capture, so that both read the packed tensors
         self._layer_fn = None  # compile_layers() sets it
+        self._prefill_fn = None  # compile_prefill() sets it
         self._layer_dynamic = False
 
     # -- the transformer body -------------------------------------------------------------------
@@ -298,6 +299,35 @@ class Decoder:
         x = x + delta
         x = self._attention_block(0, layer, qkv, x, cos, sin, mask, write_kv, self._attend_decode)
         return x, self._mlp_out(layer, gate_up, x)
+
+    def _prefill_layer(self, layer, qkv, gate_up, x, cos, sin, mask, kc, vc):
+        """One layer of the prefill over its own K / V cache tensors (rows ``[:B]``, positions
+        ``[:T]`` written): the unit ``compile_prefill`` compiles once, batch and prompt length
+        symbolic, and runs for every layer. Same operations as the eager prefill's layer."""
+        B, T = x.shape[0], x.shape[1]
+
+        def write_kv(_, k, v):
+            kc[:B, :, :T].copy_(k)
+            vc[:B, :, :T].copy_(v)
+            return k, v
+
+        return self._layer(0, layer, qkv, gate_up, x, cos, sin, mask, write_kv, self._attend)
+
+    def compile_prefill(self, options: dict | None = None, backend: str = "inductor") -> None:
+        """Compile the prefill regionally, as ``compile_layers`` does the decode step: one compiled
+        layer with a symbolic batch and prompt length (sizes 1 get their own specialization, as
+        dynamo always does), run for every layer; embedding, rotary tables, final norm and lm_head
+        stay eager. The first prefill compiles it (not the engine's start)."""
+        kwargs = {"options": options or None} if backend == "inductor" else {"backend": backend}
+        self._prefill_fn = torch.compile(self._prefill_layer, fullgraph=True, dynamic=None, **kwargs)
+
+    @staticmethod
+    def _mark_prefill_dynamic(*tensors) -> None:
+        """Batch and prompt length symbolic (every dim but the last; sizes 1 stay static)."""
+        for t in tensors:
+            for d in range(t.dim() - 1 if t.dtype != torch.bool else t.dim()):
+                if t.shape[d] >= 2:
+                    torch._dynamo.mark_dynamic(t, d)
 
     def compile_layers(self, options: dict | None = None, dynamic_batch: bool = False, backend: str = "inductor",
                        max_batch: int | None = None, persist_dir=None) -> None:
@@ -433,7 +463,16 @@ class Decoder:
                 self.cache.v[i][:B, :, :T].copy_(v)
                 return k, v
 
-            x = self._forward(self._embed(input_ids), position_ids, mask, write_kv)
+            if self._prefill_fn is not None:  # regional compilation, as in decode_step
+                x = self._embed(input_ids)
+                cos, sin = self.rotary_emb(x, position_ids)
+                self._mark_prefill_dynamic(cos, sin, mask)
+                for i, layer in enumerate(self.layers):
+                    self._mark_prefill_dynamic(x)
+                    x = self._prefill_fn(layer, *self._fused_of(i), x, cos, sin, mask, self.cache.k[i], self.cache.v[i])
+                x = self.norm(x)
+            else:
+                x = self._forward(self._embed(input_ids), position_ids, mask, write_kv)
             last = x[torch.arange(B, device=x.device), lengths - 1]
             return self.lm_head(last)
 

@@ -143,6 +143,9 @@ class RolloutEngine:
       whose projections run :func:`~compilepass.standby.rollout.linear4bit.linear_4bit`). Default on: on an H100 it took the
       qwen3-0.6b decode step (batch 32) from 2.556 to 2.114 ms (benchmarks/results/
       rollout_variants_qwen3-0.6b_qwen3-8b_h100_2026-11-26.json).
+    - ``compile_prefill``: compile the prefill too (regionally, batch and prompt length symbolic;
+      :meth:`~compilepass.standby.rollout.decode.Decoder.compile_prefill`), with the decode step's
+      options, on the first ``generate`` (not at start). Default off: not yet timed on a GPU.
     - ``pack_lora`` (with fused projections): each group's LoRA adapters (one per member, as GRPO
       has) run as two GEMMs over packed copies (A stacked, B block-diagonal) that each ``generate``
       and ``decode`` refreshes in place, instead of a cat, an A GEMM and one B GEMM per member
@@ -189,7 +192,7 @@ class RolloutEngine:
                  graph_sampling: Optional[bool] = None, sampling_modes: Sequence[str] = ("greedy", "sample"),
                  compile_scope: str = "layer", compile_backend: str = "inductor",
                  flag_resolver: FlagResolver = select, persistent_compile: Union[None, bool, str] = None,
-                 pack_lora: bool = True):
+                 pack_lora: bool = True, compile_prefill: bool = False):
         t0 = time.perf_counter()
         param = next(model.parameters())
         self.model = model
@@ -246,6 +249,9 @@ class RolloutEngine:
         persists = compile_scope == "layer" and options is not None and compile_backend == "inductor"
         self.persist_dir = resolve_persist_dir(persistent_compile) if persists else None  # eager: no dynamo import
         self._step = self._make_step()
+        self.compile_prefill = bool(compile_prefill) and options is not None
+        if self.compile_prefill:
+            self.decoder.compile_prefill(options, backend=compile_backend)
         t_phase = self._phase("step", t_phase)
         self._graphs: dict[int, "torch.cuda.CUDAGraph"] = {}  # bucket -> logits-only step graph
         self._graph_adapter_state = None
@@ -654,7 +660,11 @@ class RolloutEngine:
 
         _sync(dev)
         t0 = time.perf_counter()
-        logits = self.decoder.prefill(ids, lengths)
+        if self.compile_prefill:
+            with compile_limits():  # one code object for every engine of the process
+                logits = self.decoder.prefill(ids, lengths)
+        else:
+            logits = self.decoder.prefill(ids, lengths)
         _sync(dev)
         t1 = time.perf_counter()
 
