@@ -23,7 +23,7 @@ bookkeeping inside the step's CUDA graph), ``layer`` (regional compilation), ``p
 static compile per bucket), ``eager`` (no compile), ``nf4`` (a copy of the model with NF4 base weights,
 bitsandbytes' 4-bit matmul, fused projections off: issue 17's 4-bit decode beside the 16-bit rows),
 ``nf4_triton`` (the same through our NF4 kernel, ``COMPILEPASS_NF4_MATMUL=triton``),
-``per_member_lora`` (with ``--lora-rank``: each member's LoRA as its own GEMMs, ``pack_lora=False``,
+``per_member_lora`` (with ``--lora-rank``: the unpacked LoRA path of session 11, ``pack_lora=False``,
 the baseline of the packed adapters), ``compiled_prefill`` (the prefill compiled regionally too, on the
 first generate: ``first_generate_s`` holds that compile, ``prefill_s_median`` the gain);
 ``all`` = ``fused+sdpa+graph_sampling``.

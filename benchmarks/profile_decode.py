@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-graphs", action="store_true", help="run the compiled step without CUDA graphs")
     p.add_argument("--lora-rank", type=int, default=0, help="a LoRA adapter of this rank on every linear layer")
     p.add_argument("--per-member-lora", action="store_true",
-                   help="each member's LoRA as its own GEMMs (pack_lora=False), the packed adapters' baseline")
+                   help="the unpacked LoRA path of session 11 (pack_lora=False), the packed adapters' baseline")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
