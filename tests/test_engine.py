@@ -380,16 +380,23 @@ def test_graph_sampling_matches_host_sampling(name):
     assert torch.equal(x.completion_ids, y.completion_ids)
 
 
-def test_bench_rollout_smoke(tmp_path):
-    """benchmarks/bench_rollout.py --smoke: the benchmark's logic end to end on CPU."""
+def _bench_rollout():
+    """benchmarks/bench_rollout.py as a module (benchmarks/ is not a package)."""
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py"
     spec = importlib.util.spec_from_file_location("bench_rollout", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_rollout_smoke(tmp_path):
+    """benchmarks/bench_rollout.py --smoke: the benchmark's logic end to end on CPU."""
+    import json
+
+    bench = _bench_rollout()
     out = tmp_path / "rollout.json"
     assert bench.main(["--smoke", "--skip-hf", "--repeats", "1", "--keep-caches", "--variants", "all,baseline",
                        "--with-8b", "--out", str(out)]) == 0
@@ -426,14 +433,9 @@ def test_compiled_prefill_decodes_as_transformers_does():
 
 def test_bench_rollout_lora_rows_packed_beside_per_member(tmp_path):
     """bench_rollout --lora-rank: the packed adapters' row and its per-member baseline decode the same."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rollout.py"
-    spec = importlib.util.spec_from_file_location("bench_rollout_lora", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_rollout()
     out = tmp_path / "rollout.json"
     assert bench.main(["--smoke", "--skip-hf", "--repeats", "1", "--keep-caches", "--lora-rank", "4",
                        "--variants", "fused,fused+per_member_lora", "--out", str(out)]) == 0
