@@ -11,6 +11,12 @@ stack), so only the summary is written unless ``--snapshot`` names a file for it
 Memory mapped outside the torch allocator (the native engine's KV region, mapped with the CUDA driver;
 a device-memory cap's hold) is not in the trace: the summary says so and the command's own JSON
 records both.
+
+Known limit: on torch 2.11 recording the history breaks the backward of activation-checkpointed models
+(``SystemError: <built-in method apply of FunctionMeta object> returned NULL``, pytorch/pytorch#179536,
+a regression since 2.10); session 13's ``bench context`` under this tool hit it on the H200
+(``benchmarks/results/context_qwen3-8b_native_mb1_cap80_memory-history-crash_h200_2026-12-03.log``).
+Use it there for generation or for runs without checkpointing until torch fixes it.
 """
 
 from __future__ import annotations
