@@ -113,6 +113,21 @@ def test_nested_freeze_recorders_restore_in_order_and_an_earlier_freeze_stays():
         gc.unfreeze()
 
 
+def test_a_freeze_inside_is_undone_even_over_an_earlier_freeze():
+    """Session 13 on the H200: 375 objects were frozen before the build, then vLLM froze the whole heap
+    (EngineCore.__init__, the GPU worker's warm-up). Leaving that because of the earlier freeze kept
+    the trainer's whole heap out of cycle collection."""
+    gc.freeze()
+    try:
+        sites = {}
+        with gc_freezes_undone(sites):
+            gc.freeze()
+        assert sum(sites.values()) == 1
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
 def test_the_float32_matmul_precision_vllm_sets_is_restored():
     before = torch.get_float32_matmul_precision()
     try:

@@ -19,7 +19,10 @@ in vLLM 0.26's source, that build:
 restores the random states, the float32 matmul precision, the heap's freeze state and those Triton
 settings. :func:`gc_freezes_undone` is the freeze part alone, for every later call into vLLM: on the
 H200 (vLLM 0.26, session 11) the heap was found frozen after the engine was built and had generated
-once, so each call records where ``gc.freeze()`` was called from and undoes it.
+once, so each call records where ``gc.freeze()`` was called from and undoes it. In session 13 the
+heap already held 375 frozen objects before the build (who froze them is not known yet) and vLLM's
+two ``freeze_gc_heap`` calls (``EngineCore.__init__``, the GPU worker's warm-up) then froze all of it,
+which the first version, leaving any earlier freeze alone, did not undo.
 :func:`cumem_bytes_in_use` is what vLLM's CuMem pool (used by sleep-mode engines) holds in this
 process: vLLM allows one such engine per process.
 """
@@ -74,11 +77,15 @@ def _disable_envs_cache() -> None:
 @contextlib.contextmanager
 def gc_freezes_undone(sites: Optional[dict] = None) -> Iterator[None]:
     """Within: every ``gc.freeze()`` call is counted in ``sites`` under its caller's ``file:line``.
-    After: a heap that was not frozen on entry is unfrozen (someone else's earlier freeze is left
-    alone). Nested uses restore each other's ``gc.freeze`` in order."""
+    After: if ``gc.freeze()`` was called inside (or more objects are frozen than on entry: a freeze
+    this recorder did not see), the heap is unfrozen, an earlier
+    freeze's objects with it (``gc.unfreeze`` cannot tell them apart; a freeze only spares the collector
+    work). A heap frozen on entry and not frozen further is left as it is. Nested uses restore each
+    other's ``gc.freeze`` in order."""
     sites = {} if sites is None else sites
     frozen_before = gc.get_freeze_count()
     real_freeze = gc.freeze
+    calls = [0]
 
     def recording_freeze():
         caller = sys._getframe(1)
@@ -86,6 +93,7 @@ def gc_freezes_undone(sites: Optional[dict] = None) -> Iterator[None]:
             caller = caller.f_back
         site = f"{caller.f_code.co_filename}:{caller.f_lineno}"
         sites[site] = sites.get(site, 0) + 1
+        calls[0] += 1
         real_freeze()
 
     gc.freeze = recording_freeze
@@ -94,7 +102,10 @@ def gc_freezes_undone(sites: Optional[dict] = None) -> Iterator[None]:
     finally:
         if gc.freeze is recording_freeze:
             gc.freeze = real_freeze
-        if frozen_before == 0 and gc.get_freeze_count() > 0:
+        if calls[0] or gc.get_freeze_count() > frozen_before:
+            # someone froze inside (vLLM's freeze_gc_heap moves the whole heap to the permanent
+            # generation). gc.unfreeze() cannot tell those objects from an earlier freeze's, so it
+            # releases both: freezing only spares the collector work, unfreezing never changes results
             gc.unfreeze()
 
 
