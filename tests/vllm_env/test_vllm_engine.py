@@ -70,6 +70,9 @@ def compiled(tiny_dir):
 
     model = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
     engine_frozen_before = gc.get_freeze_count()  # the gc test's message says it (0 unless frozen before)
+    from vllm_helpers import FREEZE_SITES
+
+    freezes_before = dict(FREEZE_SITES)  # where, if it is not 0
     before = _inductor_counters()
     options = {"aggressive_fusion": True, "shape_padding": False}
     expected = vllm_compilation_config(model, options=options)
@@ -78,6 +81,7 @@ def compiled(tiny_dir):
     engine.generate(PROMPTS, max_new_tokens=2, temperature=0.0)  # compile now, if vLLM deferred it
     after = _inductor_counters()
     engine.frozen_before_build = engine_frozen_before
+    engine.freezes_before_build = freezes_before
     yield model, engine, expected, {k: after.get(k, 0) - before.get(k, 0) for k in after}
     engine.close()
 
@@ -116,9 +120,10 @@ def test_building_the_engine_leaves_the_gc_heap_unfrozen(compiled):
 
     _, engine, _, _ = compiled
     assert gc.get_freeze_count() == 0, f"frozen after the build and a generate ({engine.frozen_before_build} " \
-                                       f"objects frozen before the build); gc.freeze() called from " \
-                                       f"{engine.gc_freeze_sites}"
-    print(f"gc.freeze() calls undone: {engine.gc_freeze_sites}")
+                                       f"objects frozen before the build, by {engine.freezes_before_build}); " \
+                                       f"gc.freeze() called from {engine.gc_freeze_sites}"
+    print(f"gc.freeze() calls undone: {engine.gc_freeze_sites}; before the build: {engine.freezes_before_build} "
+          f"({engine.frozen_before_build} objects frozen)")
 
 
 def test_trainer_weights_are_views_of_vllm_tensors(compiled):
