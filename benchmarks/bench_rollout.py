@@ -25,7 +25,9 @@ bitsandbytes' 4-bit matmul, fused projections off: issue 17's 4-bit decode besid
 ``nf4_triton`` (the same through our NF4 kernel, ``COMPILEPASS_NF4_MATMUL=triton``),
 ``per_member_lora`` (with ``--lora-rank``: the unpacked LoRA path of session 11, ``pack_lora=False``,
 the baseline of the packed adapters), ``compiled_prefill`` (the prefill compiled regionally too, on the
-first generate: ``first_generate_s`` holds that compile, ``prefill_s_median`` the gain);
+first generate: ``first_generate_s`` holds that compile, ``prefill_s_median`` the gain), ``merged_lora``
+(with ``--lora-rank``: the adapters merged into the base weights for each generate and the base restored
+from a host copy after, ``merge_lora=True``; ``total_s`` includes that restore);
 ``all`` = ``fused+sdpa+graph_sampling``.
 Variants without ``fused`` run first (fusing re-points the model's parameters for the rest of
 the process). ``--with-8b`` then runs qwen3-8b shapes at ``--batch-8b`` with the transformers
@@ -79,6 +81,7 @@ VARIANT_TOKENS = {
     "nf4_triton": {"nf4": True, "nf4_matmul": "triton"},
     "per_member_lora": {"pack_lora": False},
     "compiled_prefill": {"compile_prefill": True},
+    "merged_lora": {"merge_lora": True},
 }
 _NF4_MODELS: dict = {}
 

@@ -136,6 +136,10 @@ class GenerationConfig:
     ``group_seeds`` (default false): sample each prompt group in its own engine call, seeded from
     (run.seed, step, the group's index in the step's batch), so the completions are the same on any
     number of ranks (torchrun); costs batching (G sequences per call instead of the whole batch).
+    ``merge_lora`` (default false; native engine): generate with the LoRA adapters merged into the
+    base weights, the base restored bitwise from a host copy after each generation
+    (:mod:`compilepass.standby.rollout.lora_merge`): no LoRA GEMMs per decode step, one host-to-device
+    copy of the LoRA layers' base weights per step. Not for a 4-bit base.
     """
 
     engine: Literal[ENGINES] = "native"
@@ -150,6 +154,7 @@ class GenerationConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     standby: bool = True
     group_seeds: bool = False
+    merge_lora: bool = False
 
     def _validate(self) -> None:
         _require(self.num_generations >= 2, "generation.num_generations",
@@ -165,6 +170,8 @@ class GenerationConfig:
         _require(all(s != "" for s in self.stop), "generation.stop", "stop strings must not be empty")
         _require(all(t >= 0 for t in self.stop_token_ids), "generation.stop_token_ids",
                  f"must be token ids >= 0 (got {self.stop_token_ids})")
+        _require(not (self.merge_lora and self.engine == "vllm"), "generation.merge_lora",
+                 "applies to the native engine; the vLLM engine reads the adapters from its own LoRA buffers")
 
 
 @dataclass

@@ -336,7 +336,8 @@ class GRPOTrainer:
                               pad_token_id=pad if pad is not None and pad < self.engine_vocab() else 0,
                               seed=c.run.seed, gpu_memory_utilization=c.generation.gpu_memory_utilization)
         return RolloutEngine(self.model, max_batch=max_batch, max_len=max_len, compile_options=compile_options,
-                             pad_token_id=pad if pad is not None and pad < self.engine_vocab() else 0)
+                             pad_token_id=pad if pad is not None and pad < self.engine_vocab() else 0,
+                             merge_lora=c.generation.merge_lora)
 
     def engine_vocab(self) -> int:
         return int(self.causal_lm.config.vocab_size)

@@ -37,7 +37,8 @@ class RolloutOutput:
 
     Timing (seconds, wall clock, the device synchronized): ``prefill_s``, ``decode_s`` (every
     decode step and the sampling between them), ``total_s``; ``decode_steps`` (graph replays);
-    ``tokens_per_s`` = sum(completion_lengths) / total_s.
+    ``tokens_per_s`` = sum(completion_lengths) / total_s. With ``merge_lora`` (native engine) ``total_s``
+    also holds the merge of the adapters and the restore of the base weights.
     """
 
     completion_ids: torch.Tensor

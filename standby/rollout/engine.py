@@ -1,7 +1,8 @@
 """The native rollout engine: batched sampling with the trainer's own model objects.
 
 ``RolloutEngine`` generates with the very modules the optimizer updates (a transformers Llama /
-Qwen2 / Qwen3 causal LM, optionally peft-wrapped): no weight copy, no sync, no LoRA merge. Its KV
+Qwen2 / Qwen3 causal LM, optionally peft-wrapped): no weight copy, no sync, no LoRA merge (unless
+``merge_lora``: merged for each generation, the base restored bitwise after). Its KV
 cache lives in a :class:`~compilepass.standby.memory.KVRegion`
 (:mod:`~compilepass.standby.rollout.kv_cache`), so ``sleep()`` gives the cache's physical memory
 to the trainer and ``wake()`` maps it back at the same addresses.
@@ -34,6 +35,7 @@ the cold-start target, see :class:`RolloutEngine`): ``fused_projections``, ``att
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ from compilepass.standby.rollout.compile import (FlagResolver, compile_limits, m
 from compilepass.standby.rollout.decode import Decoder
 from compilepass.standby.rollout.kv_cache import build_kv_cache, kv_cache_specs
 from compilepass.standby.rollout.linear4bit import model_has_4bit
+from compilepass.standby.rollout.lora_merge import LoraMerge
 from compilepass.standby.rollout.modes import eval_mode
 from compilepass.standby.rollout.persistent_compile import PersistentCompile
 from compilepass.standby.rollout.sampling import MAX_GRAPH_STOPS, post_function, sample_tokens, sampler_key
@@ -149,7 +152,14 @@ class RolloutEngine:
     - ``pack_lora`` (with fused projections): each group's LoRA adapters (one per member, as GRPO
       has) run as two GEMMs over packed copies (A stacked, B block-diagonal) that each ``generate``
       and ``decode`` refreshes in place, instead of a cat, an A GEMM and one B GEMM per member
-      (:class:`~compilepass.standby.rollout.fused.PackedLoRA`). Default on. Not yet timed on a GPU.
+      (:class:`~compilepass.standby.rollout.fused.PackedLoRA`). Default on: on the H200 (batch 64, r=32)
+      3.583 ms per decode step against 3.811 ms per member (rollout_lora_packed_h200_2026-12-03.json).
+    - ``merge_lora``: each ``generate`` runs with the LoRA adapters merged into the base weights and
+      restores the base bitwise from a host copy afterwards
+      (:class:`~compilepass.standby.rollout.lora_merge.LoraMerge`): a decode step then runs no LoRA
+      GEMM at all, for one host-to-device copy of the LoRA layers' base weights per ``generate``. The
+      graphs are captured merged; :meth:`decode` runs inside ``with engine.lora_merged():``. Not for a
+      4-bit base. Default off: not yet timed on a GPU.
     - ``attention``: decode attention, "auto" (default: "triton" on CUDA for power-of-two head
       sizes, else "matmul"), "matmul", "sdpa", "sdpa_gqa" or "triton" (the split-sequence kernel
       of :mod:`compilepass.kernels.decode_attention`, which reads each sequence's cache only up to
@@ -192,7 +202,7 @@ class RolloutEngine:
                  graph_sampling: Optional[bool] = None, sampling_modes: Sequence[str] = ("greedy", "sample"),
                  compile_scope: str = "layer", compile_backend: str = "inductor",
                  flag_resolver: FlagResolver = select, persistent_compile: Union[None, bool, str] = None,
-                 pack_lora: bool = True, compile_prefill: bool = False):
+                 pack_lora: bool = True, compile_prefill: bool = False, merge_lora: bool = False):
         t0 = time.perf_counter()
         param = next(model.parameters())
         self.model = model
@@ -228,8 +238,13 @@ class RolloutEngine:
         if fused_projections and model_has_4bit(model):  # the 4-bit reference path runs per projection
             log.info("fused projections are off: this model's base linear layers are 4-bit")
             fused_projections = False
+        self._lora_merge = LoraMerge(model) if merge_lora else None
+        if self._lora_merge is not None and not self._lora_merge.modules:
+            log.info("merge_lora: the model has no LoRA layers; nothing to merge")
+            self._lora_merge = None
+        self.merge_lora = self._lora_merge is not None
         self.decoder = Decoder(model, self.cache, fused_projections=fused_projections, attention=attention,
-                               pack_lora=pack_lora)
+                               pack_lora=pack_lora and not self.merge_lora)
         self.fused_projections, self.attention = bool(fused_projections), attention
         t_phase = self._phase("decoder", t_phase)
 
@@ -381,10 +396,12 @@ class RolloutEngine:
         self._check_awake()
         wanted = sorted(buckets or self.buckets, reverse=True)
         todo = [b for b in wanted if b not in self._warm]
-        if todo:
-            self._compile_and_capture(todo)
-        if self.graph_sampling:
-            self._prepare_samplers([(b, (m,)) for b in wanted for m in self.sampling_modes])
+        with self.lora_merged():  # merge_lora: the graphs read the merged weights
+            self.decoder.sync_adapters()
+            if todo:
+                self._compile_and_capture(todo)
+            if self.graph_sampling:
+                self._prepare_samplers([(b, (m,)) for b in wanted for m in self.sampling_modes])
 
     def _capture(self, items: Sequence, body: Callable, **kw) -> Captured:
         """:func:`capture_graphs` in the engine's memory pool, its times and error kept."""
@@ -537,6 +554,9 @@ class RolloutEngine:
         call (it is the graph's static output): clone it to keep it. Call it with the model in
         eval mode (graphs are captured in eval mode; ``generate`` switches by itself)."""
         self._check_awake()
+        if self.merge_lora and not self._lora_merge.active:
+            raise RuntimeError("this engine runs with merge_lora=True: call decode() inside `with engine.lora_merged():` "
+                               "(its graphs were captured with the adapters merged)")
         self._sync_weights()
         B = tokens.shape[0]
         bucket = self.bucket_for(B)
@@ -570,18 +590,18 @@ class RolloutEngine:
             raise ValueError("temperature must be >= 0")
         prompts, stops = check_generate_args(prompts, max_new_tokens, top_k, top_p, self.max_len,
                                              self.shape.vocab_size, eos_token_id, stop_token_ids)
-        self._sync_weights()
-        sampler = self._sampler_for(prompts, temperature, top_k, top_p, stops, seed)
-
         parts = []
         prefill_s = decode_s = 0.0
         steps = 0
-        with eval_mode(self.model), torch.no_grad():
-            for start in range(0, len(prompts), self.max_batch):
-                chunk = prompts[start:start + self.max_batch]
-                part, p_s, d_s, n = self._generate_batch(chunk, max_new_tokens, sampler, bool(stops))
-                parts.append(part)
-                prefill_s, decode_s, steps = prefill_s + p_s, decode_s + d_s, steps + n
+        with self.lora_merged():
+            self._sync_weights()
+            sampler = self._sampler_for(prompts, temperature, top_k, top_p, stops, seed)
+            with eval_mode(self.model), torch.no_grad():
+                for start in range(0, len(prompts), self.max_batch):
+                    chunk = prompts[start:start + self.max_batch]
+                    part, p_s, d_s, n = self._generate_batch(chunk, max_new_tokens, sampler, bool(stops))
+                    parts.append(part)
+                    prefill_s, decode_s, steps = prefill_s + p_s, decode_s + d_s, steps + n
 
         N = max(int(p[3].max()) for p in parts)
         ids = torch.cat([p[0][:, :N] for p in parts])
@@ -589,7 +609,7 @@ class RolloutEngine:
         lps = torch.cat([p[2][:, :N] for p in parts])
         slps = lps if sampler.key[0] != "filtered" else torch.cat([p[4][:, :N] for p in parts])
         lengths = torch.cat([p[3] for p in parts])
-        total = prefill_s + decode_s
+        total = prefill_s + decode_s + (self._lora_merge.last_cycle_s if self._lora_merge is not None else 0.0)
         n_tokens = int(lengths.sum())
         return RolloutOutput(
             completion_ids=ids, completion_mask=mask, logprobs=lps,
@@ -598,6 +618,12 @@ class RolloutEngine:
             decode_steps=steps, tokens_per_s=n_tokens / total if total > 0 else float("nan"),
             sampling_logprobs=slps,
         )
+
+    def lora_merged(self):
+        """With ``merge_lora``: a context in which the adapters are merged into the base weights (what
+        the engine's graphs read; ``generate`` enters it by itself), the exact base restored on exit.
+        Without: a context that does nothing."""
+        return self._lora_merge.merged() if self._lora_merge is not None else contextlib.nullcontext()
 
     def _sync_weights(self) -> None:
         """Before a generation: the fused weights still back the model, and the packed LoRA copies
