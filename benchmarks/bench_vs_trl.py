@@ -14,7 +14,9 @@ Stacks (``--stacks``), each in its own child process on a fresh device (the cap 
   the two beside each other time our log-prob kernel against TRL's inside one trainer;
 - ``trl-ours-compiled``: ``trl-ours`` with ``compile_train=True`` (the training forward's body
   compiled with the train entry's flags): what that compile costs and what it gives back per step;
-- ``ours``: ``compilepass grpo``'s trainer (:class:`compilepass.standby.grpo.trainer.GRPOTrainer`).
+- ``ours``: ``compilepass grpo``'s trainer (:class:`compilepass.standby.grpo.trainer.GRPOTrainer`);
+- ``ours-merged``: the same with ``generation.merge_lora=true`` (the adapters merged into the base
+  weights for each generation, the base restored from a host copy after).
 
 Same for all: the model (``--model``: a preset, given random weights and saved as a Hugging Face
 directory with a byte-level tokenizer, or a local directory), ``--prompts`` prompts of
@@ -39,7 +41,8 @@ from pathlib import Path
 
 from bench_common import dist_version, result_header, run_json_child
 
-STACKS = ("trl-hf", "trl-vllm", "trl-ours", "trl-ours-trl-head", "trl-ours-compiled", "ours")
+STACKS = ("trl-hf", "trl-vllm", "trl-ours", "trl-ours-trl-head", "trl-ours-compiled", "ours", "ours-merged")
+OPTIONAL_STACKS = ("trl-ours-compiled", "ours-merged")  # run only when named
 
 
 def distinct_bytes_reward(prompts=None, completions=None, *args, **kwargs):
@@ -51,8 +54,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="qwen3-0.6b")
-    p.add_argument("--stacks", nargs="*", default=[s for s in STACKS if s != "trl-ours-compiled"], choices=STACKS,
-                   help="default: all but trl-ours-compiled (its training compile takes minutes on a GPU)")
+    p.add_argument("--stacks", nargs="*", default=[s for s in STACKS if s not in OPTIONAL_STACKS], choices=STACKS,
+                   help="default: all but trl-ours-compiled (its training compile takes minutes on a GPU) and ours-merged")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -205,7 +208,7 @@ def run_trl(args, model_dir: str, stack: str) -> dict:
             "logprobs_path": getattr(trainer, "logprobs_path", "trl")}
 
 
-def run_ours(args, model_dir: str) -> dict:
+def run_ours(args, model_dir: str, merge_lora: bool = False) -> dict:
     import torch
 
     from compilepass.standby.grpo.config import default_config, load_config
@@ -220,8 +223,8 @@ def run_ours(args, model_dir: str) -> dict:
                  f"data.prompts_per_step={args.prompts}", f"generation.num_generations={args.generations}",
                  f"generation.max_prompt_len={args.prompt_len + 8}", f"generation.max_completion_len={args.completion_len}",
                  "optim.lr=1.0e-5", f"reward.functions=[{{name: '{Path(__file__).resolve()}:distinct_bytes_reward'}}]",
-                 f"run.max_steps={args.steps}", "run.save_every=0", f"run.output_dir={Path(model_dir) / 'ours'}",
-                 f"run.device={'cuda' if cuda else 'cpu'}"]
+                 f"run.max_steps={args.steps}", "run.save_every=0", f"run.output_dir={Path(model_dir) / ('ours-merged' if merge_lora else 'ours')}",
+                 f"run.device={'cuda' if cuda else 'cpu'}", f"generation.merge_lora={str(merge_lora).lower()}"]
     config = load_config(None, overrides, base=default_config("tiny"))
     trainer = GRPOTrainer(config, progress=False)
     try:
@@ -244,7 +247,10 @@ def run_child(args) -> dict:
     row: dict = {"cap": cap.describe() if cap is not None else None}
     t0 = time.perf_counter()
     with PeakSampler(visible) as peak:
-        row.update(run_ours(args, args.model_dir) if args.child == "ours" else run_trl(args, args.model_dir, args.child))
+        if args.child in ("ours", "ours-merged"):
+            row.update(run_ours(args, args.model_dir, merge_lora=args.child == "ours-merged"))
+        else:
+            row.update(run_trl(args, args.model_dir, args.child))
     row["wall_s"] = time.perf_counter() - t0
     row["peak_device_bytes" if torch.cuda.is_available() else "peak_rss_bytes"] = peak.peak
     steady = [s for s in row["step_s"][1:] if s is not None]
