@@ -42,6 +42,10 @@ from compilepass.standby.rollout.engine import RolloutEngine
 args = json.loads(sys.argv[1])
 device = torch.device(args["device"])
 dtype = getattr(torch, args["dtype"])
+early = False
+if args.get("early_workers"):  # as compilepass grpo does: the compile workers boot while the model loads
+    from compilepass.standby.rollout.compile import start_compile_workers
+    early = start_compile_workers(device, args["compile"])
 model = build_model(args["model"], dtype=dtype, device=device, seed=0)
 g = torch.Generator().manual_seed(1)
 prompts = torch.randint(0, model.config.vocab_size, (args["batch"], args["prompt_len"]), generator=g).tolist()
@@ -57,6 +61,7 @@ cold = time.perf_counter() - t0
 out = engine.generate(prompts, max_new_tokens=args["new_tokens"], temperature=0)
 print(json.dumps({
     "cold_start_s": cold, "compile_s": engine.compile_s, "capture_s": engine.capture_s,
+    "early_workers": early, "engine_started_workers": engine.compile_workers,
     "process_to_engine_s": time.perf_counter() - t_proc,
     "compile_phases_s": {k: round(float(sum(v)), 4) for k, v in compilation_time_metrics.items() if sum(v) > 0.05},
     "start_phases_s": {k: round(v, 4) for k, v in engine.start_phases_s.items()},
@@ -81,6 +86,8 @@ def parse_args(argv=None):
     add_rollout_shape_args(p)
     p.add_argument("--warm", type=int, default=3, help="warm starts after the cold one")
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, fp32, small sizes")
+    p.add_argument("--early-workers", action="store_true",
+                   help="start Inductor's compile workers before the model is built, as compilepass grpo does")
     args = p.parse_args(argv)
     for name in ("batch", "prompt_len", "new_tokens", "warm"):
         if getattr(args, name) < 1:
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
     spec = {"model": "tiny" if args.smoke else args.model, "device": "cuda" if cuda else "cpu",
             "dtype": "bfloat16" if cuda else "float32", "batch": 4 if args.smoke else args.batch,
             "prompt_len": 8 if args.smoke else args.prompt_len, "new_tokens": 8 if args.smoke else args.new_tokens,
-            "compile": True}
+            "compile": True, "early_workers": bool(args.early_workers)}
     root = tempfile.mkdtemp(prefix="bench_warm_start_")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(root, "inductor"),
                TRITON_CACHE_DIR=os.path.join(root, "triton"), COMPILEPASS_CACHE_DIR=os.path.join(root, "compilepass"),

@@ -108,6 +108,13 @@ class GRPOTrainer(_trl.GRPOTrainer):
         self.rollout_engine = None
         self.rollout_engine_options = dict(rollout_engine_options or {})
         self.rollout_calls = 0
+        import torch
+
+        if torch.cuda.is_available():  # Inductor's compile workers boot while TRL loads the model
+            from compilepass.standby.rollout.compile import start_compile_workers
+
+            start_compile_workers("cuda", self.rollout_engine_options.get("compile_options", "auto"),
+                                  self.rollout_engine_options.get("compile_backend", "inductor"))
         super().__init__(*args, **kwargs)
         args_ = self.args
         if getattr(args_, "use_vllm", False):

@@ -102,6 +102,7 @@ from compilepass.standby.grpo.trl_convert import trainer_config
 from compilepass.standby.memory.cap import DeviceMemoryCap
 from compilepass.standby.memory.errors import StandbyMemoryError
 from compilepass.standby.memory.region import free_device_memory
+from compilepass.standby.rollout.compile import start_compile_workers
 from compilepass.standby.rollout.engine import RolloutEngine
 from compilepass.standby.rollout.hf_backend import TransformersBackend, native_family_problem
 from compilepass.standby.rollout.kv_plan import plan_kv_batch
@@ -227,6 +228,8 @@ class GRPOTrainer:
             if self.device.type != "cuda":
                 raise ConfigError(f"run.device_memory_gib caps a CUDA device; this run is on {self.device}")
             self.memory_cap = DeviceMemoryCap(c.run.device_memory_gib, self.device)
+        if c.generation.engine == "native":  # Inductor's compile workers boot while the model loads
+            start_compile_workers(self.device, "auto" if compile_options == "default" else compile_options)
         # Before any thread pool exists where possible: worker threads inherit the calling thread's FP mode.
         self._flush_denormal = self.device.type == "cpu" and torch.set_flush_denormal(True)
         self.tokenizer = load_policy_tokenizer(c, processing_class, model)

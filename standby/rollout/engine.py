@@ -50,7 +50,7 @@ from compilepass.selection import select
 from compilepass.standby.rollout.backend import RolloutOutput, check_generate_args
 from compilepass.standby.rollout.capture import Captured, capture_graphs
 from compilepass.standby.rollout.compile import (FlagResolver, compile_limits, make_decode_step, resolve_options,
-                                                 resolve_persist_dir)
+                                                 resolve_persist_dir, start_compile_workers)
 from compilepass.standby.rollout.decode import Decoder
 from compilepass.standby.rollout.kv_cache import build_kv_cache, kv_cache_specs
 from compilepass.standby.rollout.linear4bit import model_has_4bit
@@ -207,6 +207,9 @@ class RolloutEngine:
         param = next(model.parameters())
         self.model = model
         self.device = torch.device(device) if device is not None else param.device
+        # Inductor's compile workers boot while the KV region and the decoder are built (a caller that
+        # loads a model first does better: start_compile_workers before loading it, as compilepass grpo does)
+        self.compile_workers = start_compile_workers(self.device, compile_options, compile_backend)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype or param.dtype
