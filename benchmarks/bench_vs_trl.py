@@ -14,6 +14,7 @@ Stacks (``--stacks``), each in its own child process on a fresh device (the cap 
   the two beside each other time our log-prob kernel against TRL's inside one trainer;
 - ``trl-ours-compiled``: ``trl-ours`` with ``compile_train=True`` (the training forward's body
   compiled with the train entry's flags): what that compile costs and what it gives back per step;
+- ``trl-ours-merged``: ``trl-ours`` with ``rollout_engine_options={"merge_lora": True}``;
 - ``ours``: ``compilepass grpo``'s trainer (:class:`compilepass.standby.grpo.trainer.GRPOTrainer`);
 - ``ours-merged``: the same with ``generation.merge_lora=true`` (the adapters merged into the base
   weights for each generation, the base restored from a host copy after).
@@ -41,8 +42,9 @@ from pathlib import Path
 
 from bench_common import dist_version, result_header, run_json_child
 
-STACKS = ("trl-hf", "trl-vllm", "trl-ours", "trl-ours-trl-head", "trl-ours-compiled", "ours", "ours-merged")
-OPTIONAL_STACKS = ("trl-ours-compiled", "ours-merged")  # run only when named
+STACKS = ("trl-hf", "trl-vllm", "trl-ours", "trl-ours-trl-head", "trl-ours-compiled", "trl-ours-merged", "ours",
+          "ours-merged")
+OPTIONAL_STACKS = ("trl-ours-compiled", "trl-ours-merged", "ours-merged")  # run only when named
 
 
 def distinct_bytes_reward(prompts=None, completions=None, *args, **kwargs):
@@ -55,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="qwen3-0.6b")
     p.add_argument("--stacks", nargs="*", default=[s for s in STACKS if s not in OPTIONAL_STACKS], choices=STACKS,
-                   help="default: all but trl-ours-compiled (its training compile takes minutes on a GPU) and ours-merged")
+                   help="default: all but trl-ours-compiled (its training compile takes minutes on a GPU), "
+                        "trl-ours-merged and ours-merged")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -199,7 +202,8 @@ def run_trl(args, model_dir: str, stack: str) -> dict:
         from compilepass.integrations.trl import GRPOTrainer
 
         trainer = GRPOTrainer(**kwargs, kernel_logprobs=stack != "trl-ours-trl-head",
-                              compile_train=stack == "trl-ours-compiled")
+                              compile_train=stack == "trl-ours-compiled",
+                              rollout_engine_options={"merge_lora": True} if stack == "trl-ours-merged" else None)
     else:
         trainer = trl.GRPOTrainer(**kwargs)
     trainer.train()
