@@ -209,7 +209,8 @@ def run_trl(args, model_dir: str, stack: str) -> dict:
     trainer.train()
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"step_s": times, "completion_mean_length": lengths,
-            "logprobs_path": getattr(trainer, "logprobs_path", "trl")}
+            "logprobs_path": getattr(trainer, "logprobs_path", "trl"),
+            "merge_lora": getattr(getattr(trainer, "rollout_engine", None), "merge_lora", None)}
 
 
 def run_ours(args, model_dir: str, merge_lora: bool = False) -> dict:
@@ -233,10 +234,12 @@ def run_ours(args, model_dir: str, merge_lora: bool = False) -> dict:
     trainer = GRPOTrainer(config, progress=False)
     try:
         summary = trainer.train()
+        merged = getattr(trainer.engine, "merge_lora", None)
     finally:
         trainer.close()
     return {"step_s": [m.get("step_s") for m in summary.metrics],
-            "completion_mean_length": [m.get("completions/mean_length") for m in summary.metrics]}
+            "completion_mean_length": [m.get("completions/mean_length") for m in summary.metrics],
+            "merge_lora": merged}
 
 
 def run_child(args) -> dict:
