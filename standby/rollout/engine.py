@@ -596,6 +596,8 @@ class RolloutEngine:
         parts = []
         prefill_s = decode_s = 0.0
         steps = 0
+        # merge_lora: this call's merge + restore counts in total_s (none when a caller's lora_merged() holds it)
+        own_merge = self._lora_merge is not None and not self._lora_merge.active
         with self.lora_merged():
             self._sync_weights()
             sampler = self._sampler_for(prompts, temperature, top_k, top_p, stops, seed)
@@ -612,7 +614,7 @@ class RolloutEngine:
         lps = torch.cat([p[2][:, :N] for p in parts])
         slps = lps if sampler.key[0] != "filtered" else torch.cat([p[4][:, :N] for p in parts])
         lengths = torch.cat([p[3] for p in parts])
-        total = prefill_s + decode_s + (self._lora_merge.last_cycle_s if self._lora_merge is not None else 0.0)
+        total = prefill_s + decode_s + (self._lora_merge.last_cycle_s if own_merge else 0.0)
         n_tokens = int(lengths.sum())
         return RolloutOutput(
             completion_ids=ids, completion_mask=mask, logprobs=lps,
