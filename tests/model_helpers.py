@@ -21,3 +21,14 @@ def make_model(name: str, lora: bool = False, seed: int = 0):
     if lora:
         model = add_lora(model, rank=4, alpha=8, seed=seed, init_random=True, init_std=0.1)
     return model
+
+
+def lora_step(model, optimizer=torch.optim.Adam, lr: float = 0.05, seed: int = 7, device="cpu") -> None:
+    """One optimizer step on ``model``'s LoRA parameters (a language-model loss on a random batch of
+    two 16-token rows); leaves the model in train mode."""
+    model.train()
+    opt = optimizer([p for n, p in model.named_parameters() if "lora_" in n], lr=lr)
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed)).to(device)
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    opt.zero_grad()

@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from model_helpers import make_model
+from model_helpers import lora_step, make_model
 
 from compilepass.standby.rollout.backend import RolloutBackend, SamplingParams, check_generate_args
 from compilepass.standby.rollout.engine import RolloutEngine, default_buckets, sample_tokens
@@ -264,13 +264,7 @@ def test_optimizer_step_is_seen_without_sync(variant):
     ps = prompts()
     before = engine.generate(ps, max_new_tokens=NEW, temperature=0)
 
-    model.train()
-    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
-    opt = torch.optim.Adam(lora_params, lr=0.05)
-    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
-    model(input_ids=batch, labels=batch).loss.backward()
-    opt.step()
-    opt.zero_grad()
+    lora_step(model)
 
     after = engine.generate(ps, max_new_tokens=NEW, temperature=0)
     assert model.training, "generate restores the trainer's train mode"

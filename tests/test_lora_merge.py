@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import make_model
+from model_helpers import lora_step, make_model
 
 from compilepass.core.errors import ConfigError
 from compilepass.standby.rollout.engine import RolloutEngine
@@ -23,17 +23,6 @@ def _assert_bitwise(model, before: dict) -> None:
     for n, p in model.named_parameters():
         if n in before:
             assert torch.equal(p.detach(), before[n]), n
-
-
-def _lora_step(model, lr=0.05, seed=7):
-    model.train()
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    opt = torch.optim.Adam(params, lr=lr)
-    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
-    model(input_ids=batch, labels=batch).loss.backward()
-    opt.step()
-    opt.zero_grad()
-    model.eval()
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
@@ -65,7 +54,8 @@ def test_each_generate_merges_the_adapters_after_the_last_optimizer_step():
     engine = RolloutEngine(model, max_batch=4, max_len=48, compile_options=False, merge_lora=True)
     first = engine.generate(PROMPTS, max_new_tokens=NEW, temperature=0)
     before = _base_weights(model)
-    _lora_step(model)
+    lora_step(model)
+    model.eval()
     _assert_bitwise(model, before)  # the step changed only the adapters
     after = engine.generate(PROMPTS, max_new_tokens=NEW, temperature=0)
     assert not torch.equal(first.completion_ids, after.completion_ids)
@@ -161,10 +151,5 @@ def test_cuda_graphs_captured_merged_follow_each_step_and_restore_the_base():
         assert torch.equal(out.completion_ids, ref.completion_ids), step
         assert out.total_s >= engine._lora_merge.last_cycle_s > 0
         _assert_bitwise(model, before)
-        model.train()
-        params = [p for n, p in model.named_parameters() if "lora_" in n]
-        opt = torch.optim.SGD(params, lr=0.5)
-        batch = torch.randint(0, 256, (2, 16), device="cuda")
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
+        lora_step(model, torch.optim.SGD, lr=0.5, seed=step, device="cuda")
         model.eval()

@@ -245,7 +245,6 @@ class RolloutEngine:
         if self._lora_merge is not None and not self._lora_merge.modules:
             log.info("merge_lora: the model has no LoRA layers; nothing to merge")
             self._lora_merge = None
-        self.merge_lora = self._lora_merge is not None
         self.decoder = Decoder(model, self.cache, fused_projections=fused_projections, attention=attention,
                                pack_lora=pack_lora and not self.merge_lora)
         self.fused_projections, self.attention = bool(fused_projections), attention
@@ -623,6 +622,11 @@ class RolloutEngine:
             decode_steps=steps, tokens_per_s=n_tokens / total if total > 0 else float("nan"),
             sampling_logprobs=slps,
         )
+
+    @property
+    def merge_lora(self) -> bool:
+        """Whether generations run with the adapters merged (``merge_lora`` and a model with LoRA layers)."""
+        return self._lora_merge is not None
 
     def lora_merged(self):
         """With ``merge_lora``: a context in which the adapters are merged into the base weights (what
