@@ -12,27 +12,46 @@ Implementations: ``logprobs`` (reference, chunked PyTorch, Triton) and ``grpo_lo
 Triton). Triton is imported only when a Triton path runs.
 """
 
-from .dispatch import BACKENDS, ENV_VAR, backend_for, grpo_loss, selective_log_softmax
-from .fused_head_loss import fused_head_grpo_loss
-from .grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, grpo_loss_reference, grpo_loss_triton
-from .logprobs import (
-    selective_log_softmax_chunked,
-    selective_log_softmax_reference,
-    selective_log_softmax_triton,
-)
+if __name__ != "compilepass.kernels":
+    # This folder was imported as the top-level ``kernels``: the repository root is on sys.path
+    # (``python -m ...`` or ``python -m pytest`` from a checkout). That name belongs to the Hugging Face
+    # distribution ``kernels``, which transformers imports when it is installed; hand the import over
+    # to it (the rest of sys.path), or fail as a missing module would.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-__all__ = [
-    "selective_log_softmax",
-    "grpo_loss",
-    "fused_head_grpo_loss",
-    "backend_for",
-    "ENV_VAR",
-    "BACKENDS",
-    "LOSS_TYPES",
-    "IMPORTANCE_SAMPLING_LEVELS",
-    "selective_log_softmax_reference",
-    "selective_log_softmax_chunked",
-    "selective_log_softmax_triton",
-    "grpo_loss_reference",
-    "grpo_loss_triton",
-]
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _rest = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root]
+    _spec = _machinery.PathFinder.find_spec(__name__, _rest)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    _module = _util.module_from_spec(_spec)
+    _sys.modules[__name__] = _module  # the import statement returns what sys.modules holds
+    _spec.loader.exec_module(_module)
+else:
+    from .dispatch import BACKENDS, ENV_VAR, backend_for, grpo_loss, selective_log_softmax
+    from .fused_head_loss import fused_head_grpo_loss
+    from .grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, grpo_loss_reference, grpo_loss_triton
+    from .logprobs import (
+        selective_log_softmax_chunked,
+        selective_log_softmax_reference,
+        selective_log_softmax_triton,
+    )
+
+    __all__ = [
+        "selective_log_softmax",
+        "grpo_loss",
+        "fused_head_grpo_loss",
+        "backend_for",
+        "ENV_VAR",
+        "BACKENDS",
+        "LOSS_TYPES",
+        "IMPORTANCE_SAMPLING_LEVELS",
+        "selective_log_softmax_reference",
+        "selective_log_softmax_chunked",
+        "selective_log_softmax_triton",
+        "grpo_loss_reference",
+        "grpo_loss_triton",
+    ]

@@ -1,0 +1,48 @@
+"""The repository's ``kernels/`` folder (installed as ``compilepass.kernels``) never stands in for the
+Hugging Face distribution ``kernels`` when the repository root is on sys.path: ``python -m pytest`` or
+``python -m compilepass.cli`` from a checkout, where transformers >= 5.25 imports ``kernels``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROBE = "import kernels, compilepass.kernels as ours; print(kernels.__file__); print(ours.grpo_loss.__module__)"
+
+
+def _run_from_repo_root(extra_path: list[Path]) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    # The root first (what `python -m` puts there), then the stand-in "site-packages".
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *map(str, extra_path), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_an_installed_kernels_distribution_wins_over_the_repo_folder(tmp_path):
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = object\n")
+    proc = _run_from_repo_root([site])
+    assert proc.returncode == 0, proc.stderr
+    imported, ours = proc.stdout.split()
+    assert Path(imported) == site / "kernels" / "__init__.py"
+    assert ours == "compilepass.kernels.dispatch"
+
+
+def test_without_a_kernels_distribution_the_top_level_name_is_missing(tmp_path):
+    """Nothing else named ``kernels`` on the path: ``import kernels`` fails as for any missing module
+    (transformers' availability check then reads no distribution metadata and skips it)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    code = ("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+            "sys.path.append(sys.argv[1])\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)\n"
+            "else:\n    print('found', kernels.__file__)\n")
+    # site-packages dropped, then only an empty folder appended: the repo folder is the only `kernels`.
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["missing", "kernels"]
