@@ -22,8 +22,8 @@ if __name__ != "compilepass.kernels":
     import os as _os
     import sys as _sys
 
-    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    _rest = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root]
+    _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+    _rest = [p for p in _sys.path if _os.path.realpath(p or _os.getcwd()) != _root]
     _spec = _machinery.PathFinder.find_spec(__name__, _rest)
     if _spec is None or _spec.loader is None:
         raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
