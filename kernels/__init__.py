@@ -15,8 +15,10 @@ Triton). Triton is imported only when a Triton path runs.
 if __name__ != "compilepass.kernels":
     # This folder was imported as the top-level ``kernels``: the repository root is on sys.path
     # (``python -m ...`` or ``python -m pytest`` from a checkout). That name belongs to the Hugging Face
-    # distribution ``kernels``, which transformers imports when it is installed; hand the import over
-    # to it (the rest of sys.path), or fail as a missing module would.
+    # distribution ``kernels``, which transformers imports when it is installed: hand the import over
+    # to it (the rest of sys.path). Without it, stay an empty module: transformers (5.19) imports a
+    # ``kernels`` that has no distribution metadata to read its ``__version__``, finds none and moves
+    # on, where an ImportError here would end ``import transformers``.
     import importlib.machinery as _machinery
     import importlib.util as _util
     import os as _os
@@ -25,11 +27,10 @@ if __name__ != "compilepass.kernels":
     _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
     _rest = [p for p in _sys.path if _os.path.realpath(p or _os.getcwd()) != _root]
     _spec = _machinery.PathFinder.find_spec(__name__, _rest)
-    if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
-    _module = _util.module_from_spec(_spec)
-    _sys.modules[__name__] = _module  # the import statement returns what sys.modules holds
-    _spec.loader.exec_module(_module)
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _module  # the import statement returns what sys.modules holds
+        _spec.loader.exec_module(_module)
 else:
     from .dispatch import BACKENDS, ENV_VAR, backend_for, grpo_loss, selective_log_softmax
     from .fused_head_loss import fused_head_grpo_loss

@@ -33,16 +33,24 @@ def test_an_installed_kernels_distribution_wins_over_the_repo_folder(tmp_path):
     assert ours == "compilepass.kernels.dispatch"
 
 
-def test_without_a_kernels_distribution_the_top_level_name_is_missing(tmp_path):
-    """Nothing else named ``kernels`` on the path: ``import kernels`` fails as for any missing module
-    (transformers' availability check then reads no distribution metadata and skips it)."""
+def test_without_a_kernels_distribution_the_top_level_name_is_an_empty_module(tmp_path):
+    """Nothing else named ``kernels`` on the path: ``import kernels`` gives an empty module (none of ours,
+    no ``__version__``), so transformers' availability check, which imports a ``kernels`` without
+    distribution metadata, finds no version and skips it; transformers still imports."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    code = ("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
-            "sys.path.append(sys.argv[1])\n"
-            "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)\n"
-            "else:\n    print('found', kernels.__file__)\n")
+    code = ("import sys\n"
+            "sys.path[:] = [p for p in sys.path if 'site-packages' not in p] + [sys.argv[1]]\n"
+            "import kernels\n"
+            "print(kernels.__file__, hasattr(kernels, 'grpo_loss'), hasattr(kernels, '__version__'))\n")
     # site-packages dropped, then only an empty folder appended: the repo folder is the only `kernels`.
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["missing", "kernels"]
+    assert proc.stdout.split() == [str(REPO / "kernels" / "__init__.py"), "False", "False"]
+
+
+def test_transformers_imports_from_the_repo_root():
+    """The check that broke CI twice: a model class imported by ``python -c`` run in the repository root."""
+    proc = subprocess.run([sys.executable, "-c", "import transformers; transformers.LlamaConfig; print('ok')"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
