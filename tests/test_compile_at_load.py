@@ -246,8 +246,8 @@ def test_vllm_compilation_config_leaves_the_environment_alone_unless_asked(monke
     for name in (selmod.VLLM_ENV_MAX_AUTOTUNE, selmod.VLLM_ENV_COORDINATE_DESCENT):
         monkeypatch.setenv(name, "unset")  # restored after the test
     env = dict(H100, vllm="0.12.0")
-    e = [entry_from_tune_result(make_result(winner={"max_autotune": True, "triton.cudagraphs": True}, env=env),
-                                engine="vllm")]
+    e = [entry_from_tune_result(make_result(winner={"max_autotune": True, "triton.cudagraphs": True}, env=env,
+                                            engine="vllm"))]
     cfg = compilepass.vllm_compilation_config(model="qwen3-0.6b", batch=32, env=h100_env(vllm="0.12.0"), entries=e)
     assert cfg == {"inductor_compile_config": {"max_autotune": True}}  # cudagraph trees gated under vLLM
     assert os.environ[selmod.VLLM_ENV_MAX_AUTOTUNE] == os.environ[selmod.VLLM_ENV_COORDINATE_DESCENT] == "unset"

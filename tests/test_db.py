@@ -32,10 +32,11 @@ H100 = {"torch": "2.11.0+cu130", "triton": "3.6.0", "vllm": None, "transformers"
 def make_result(*, env: Optional[dict] = None, model: str = "qwen3-0.6b", kind: str = "rollout", batch: int = 32,
                 prompt_len: int = 128, new_tokens: int = 256, winner: Optional[dict] = None,
                 ratio=(1.5, 1.4, 1.6), policy: Optional[str] = None, no_verify: bool = False,
-                candidates: bool = True, study: str = "study") -> dict:
+                candidates: bool = True, study: str = "study", engine: str = "native") -> dict:
     """A tune result shaped like ``TuneResult.to_dict()``: a verified winner or keep defaults (winner=None)."""
     env = dict(H100 if env is None else env)
-    wl = WorkloadSpec(kind=kind, model=model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens).to_dict()
+    wl = WorkloadSpec(kind=kind, model=model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                      engine=engine).to_dict()
     command = f"compilepass tune --model {model} --workload {kind} --batch {batch}"
     if policy:
         command += f" --policy {policy}"
@@ -124,6 +125,16 @@ def test_not_recordable_results():
         entry_from_tune_result({"foo": 1})
 
 
+def test_the_entry_is_keyed_on_the_engine_the_result_was_measured_on():
+    r = make_result(winner=WIN, engine="vllm")
+    assert entry_from_tune_result(r)["key"]["engine"] == "vllm"  # no engine given: the result's own
+    assert entry_from_tune_result(r, engine="vllm")["key"]["engine"] == "vllm"
+    with pytest.raises(NotRecordable, match="measured on the vllm engine"):
+        entry_from_tune_result(r, engine="native")  # vLLM's flags offered to the native engine: refused
+    del r["workload"]["engine"]  # a result older than the field: the native engine's
+    assert entry_from_tune_result(r)["key"]["engine"] == "native"
+
+
 def test_shipped_db_is_generated_from_the_committed_results():
     shipped = db.load_shipped()
     assert shipped["schema_version"] == db.SCHEMA_VERSION and shipped["db_version"]
@@ -132,7 +143,8 @@ def test_shipped_db_is_generated_from_the_committed_results():
                          ("tune_qwen3-0.6b_train_h100_2026-11-26.json", "balanced"),
                          ("tune_llama-3.2-1b_rollout_h100_2026-11-26.json", "balanced"),
                          ("tune_llama-3.2-1b_train_h100_2026-11-26.json", "balanced"),
-                         ("tune_tiny_rollout-engine_cpu_2026-11-26.json", "balanced")]:
+                         ("tune_tiny_rollout-engine_cpu_2026-11-26.json", "balanced"),
+                         ("tune_vllm_qwen3-0.6b_h200_2026-12-04.json", "balanced")]:
         result = json.loads((RESULTS / name).read_text())
         expected = entry_from_tune_result(result)
         got = by_id[expected["id"]]
@@ -145,6 +157,9 @@ def test_shipped_db_is_generated_from_the_committed_results():
     assert sorted((e["key"]["model"]["family"], e["key"]["workload"]) for e in h100) == [
         ("llama", "rollout"), ("llama", "train"), ("qwen3", "rollout"), ("qwen3", "train")]
     assert all(e["policy"] == "balanced" for e in h100)
+    h200_vllm = [e for e in shipped["entries"] if e["key"]["device_name"] == "NVIDIA H200" and e["key"]["engine"] == "vllm"]
+    assert [(e["key"]["vllm"], e["key"]["workload"], e["verdict"]) for e in h200_vllm] == [
+        ("0.26.0", "rollout", "keep-defaults")]
 
 
 # -- lookup: every level ----------------------------------------------------------------------------

@@ -71,17 +71,17 @@ def test_unsafe_flags_filtered_per_version():
     vllm_old = dict(H100, vllm="0.11.0")
     vllm_new = dict(H100, vllm="0.12.0")
     # vLLM 0.12 with torch 2.11: cudagraph trees and combo kernels are both gated
-    e = [entry_from_tune_result(make_result(winner=flags, env=vllm_new), engine="vllm")]
+    e = [entry_from_tune_result(make_result(winner=flags, env=vllm_new, engine="vllm"))]
     sel = compilepass.select("qwen3-0.6b", batch=32, engine="vllm", env=h100_env(vllm="0.12.0"), entries=e)
     assert sel.flags == {"max_autotune": True}
     assert set(sel.dropped) == {"combo_kernels", "triton.cudagraphs"} and "source:" in sel.dropped["combo_kernels"]
     # vLLM 0.11.0 is not inside either gate's bounds: everything is kept
-    e = [entry_from_tune_result(make_result(winner=flags, env=vllm_old), engine="vllm")]
+    e = [entry_from_tune_result(make_result(winner=flags, env=vllm_old, engine="vllm"))]
     sel = compilepass.select("qwen3-0.6b", batch=32, engine="vllm", env=h100_env(vllm="0.11.0"), entries=e)
     assert sel.flags == flags and sel.dropped == {}
     # vLLM 0.12 with torch 2.9.0: the combo-kernels gate (torch > 2.9.0) does not apply
     env29 = dict(H100, vllm="0.12.0", torch="2.9.0+cu128")
-    e = [entry_from_tune_result(make_result(winner=flags, env=env29), engine="vllm")]
+    e = [entry_from_tune_result(make_result(winner=flags, env=env29, engine="vllm"))]
     sel = compilepass.select("qwen3-0.6b", batch=32, engine="vllm", env=h100_env(vllm="0.12.0", torch="2.9.0+cu128"),
                              entries=e)
     assert sel.flags == {"combo_kernels": True, "max_autotune": True}

@@ -40,7 +40,8 @@ def add_db(sub) -> None:
     q.add_argument("--into", default=None, help="database file (default: the user database)")
     q.add_argument("--policy", default=None, choices=["balanced", "throughput"],
                    help="default: the --policy of the recorded command, else balanced")
-    q.add_argument("--engine", default="native", choices=["native", "vllm"])
+    q.add_argument("--engine", default=None, choices=["native", "vllm"],
+                   help="default: the engine the result was measured on (it must match)")
     q.set_defaults(func=cmd_db_import)
     q = dsub.add_parser("remove", help="delete one entry (an id or a unique id prefix) from a database file")
     q.add_argument("id")

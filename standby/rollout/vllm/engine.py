@@ -75,6 +75,7 @@ from compilepass.standby.rollout.backend import RolloutOutput, check_generate_ar
 from compilepass.standby.rollout.vllm.gates import check_vllm, cpu_head_size_error, kv_release_strategy
 from compilepass.standby.rollout.vllm.internals import plain_cpu_linears, scoped_env, vllm_model_runner
 from compilepass.standby.rollout.vllm.kv_release import CuMemKvRelease
+from compilepass.standby.rollout.vllm.positions import position_overrides, rope_types
 from compilepass.standby.rollout.vllm.process_state import cumem_bytes_in_use, gc_freezes_undone, vllm_build_scope
 from compilepass.standby.rollout.vllm.lora import (LORA_ID, LORA_NAME, VLLM_LORA_RANKS, LoraSlice, peft_adapter_info,
                                                    peft_lora_layers)
@@ -87,6 +88,22 @@ __all__ = ["VllmEngine", "VllmEngineError"]
 
 class VllmEngineError(CompilepassError):
     """vLLM failed to build or drive the engine (the message names the cause)."""
+
+
+def build_error_line(exc: BaseException) -> str:
+    """One line naming why vLLM failed: a pydantic ValidationError's own messages (its last line is
+    only a link to pydantic's docs), else the exception text's last non-empty line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            msgs = [str(e.get("msg", "")).strip() for e in errors()]
+        except Exception:  # an ``errors`` attribute of another kind: fall back to the text
+            msgs = []
+        if any(msgs):
+            return "; ".join(m for m in msgs if m)[:600]
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()
+             and not l.strip().startswith("For further information visit")]
+    return (lines[-1] if lines else type(exc).__name__)[:600]
 
 
 def _kv_bytes(shape: ModelShape, max_batch: int, max_len: int, dtype: torch.dtype, block: int) -> int:
@@ -225,7 +242,17 @@ class VllmEngine:
                     raise ConfigError(f"LoRA rank {lora['rank']} exceeds vLLM's largest max_lora_rank "
                                       f"{VLLM_LORA_RANKS[-1]}")
                 kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=rank, max_cpu_loras=1)
-            kwargs.update(llm_kwargs or {})
+            overrides = position_overrides(self.causal_lm.config, self.max_len + 1)
+            if overrides:  # the trainer and the native engine run these positions too; vLLM's table must
+                log.warning("vLLM engine: %d positions exceed the model config's max_position_embeddings (%d); "
+                             "vLLM gets hf_overrides=%s (rope type %s: only its rotary table grows)",
+                             self.max_len + 1, self.causal_lm.config.max_position_embeddings, overrides,
+                             "/".join(sorted(rope_types(self.causal_lm.config))))
+                kwargs["hf_overrides"] = overrides
+            user = dict(llm_kwargs or {})
+            if isinstance(user.get("hf_overrides"), dict) and overrides:
+                user["hf_overrides"] = {**overrides, **user["hf_overrides"]}  # the caller's keys win
+            kwargs.update(user)
             self.llm_kwargs = kwargs
             self.llm = self._build_llm(vllm, kwargs, env, on_cpu)
             self.cold_start_s = time.perf_counter() - t0
@@ -261,8 +288,8 @@ class VllmEngine:
         except CompilepassError:
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:400]
-            raise VllmEngineError(f"vLLM could not build the engine: {type(exc).__name__}: {first}") from exc
+            raise VllmEngineError(f"vLLM could not build the engine: {type(exc).__name__}: "
+                                  f"{build_error_line(exc)}") from exc
         finally:
             torch.set_num_threads = set_threads
 
