@@ -5,7 +5,7 @@
 #   bash benchmarks/run_vllm_gpu.sh kv      # the KV-only release test alone (CUDA sleep/wake cycles)
 #   bash benchmarks/run_vllm_gpu.sh bench   # native / VllmEngine / plain vLLM; gc patch -> $OUT
 #   bash benchmarks/run_vllm_gpu.sh grpo    # GRPO steps, engine vllm vs native
-#   TUNE_S=540 bash benchmarks/run_vllm_gpu.sh tune   # compilepass tune --engine vllm (short)
+#   TUNE_S=540 bash benchmarks/run_vllm_gpu.sh tune   # compilepass tune --engine vllm (short; TUNE_MODEL, TUNE_TRIALS)
 #   bash benchmarks/run_vllm_gpu.sh trl     # benchmarks/bench_vs_trl.py (TRL, TRL+vLLM, TRL+ours, ours)
 #   bash benchmarks/run_vllm_gpu.sh warm    # one plain vLLM start with a long timeout: FlashInfer's JIT
 #                                           # builds (its sampler: minutes on a fresh machine) -> $OUT tarball
@@ -34,6 +34,9 @@ case "$stage" in
 tests)
   # TESTS_PART=main (the shared-engine tests) or sleep (the sleep-mode ones) splits the stage over two calls
   part=${TESTS_PART:-all}
+  # where the 375 objects the gc-heap test finds frozen on the H200 come from (sessions 13 and 15): at
+  # interpreter start, after torch's CUDA init, after importing vLLM
+  python3 -c "import gc; a = gc.get_freeze_count(); import torch; torch.zeros(1, device='cuda'); b = gc.get_freeze_count(); import vllm; print('gc freeze count: start', a, 'after CUDA init', b, 'after import vllm', gc.get_freeze_count())" 2>&1 | tail -1
   [ "${PROBE_S:-120}" -gt 0 ] && timeout "${PROBE_S:-120}" python3 benchmarks/probe_vllm_cumem.py \
     --out "$out/vllm_cumem_probe_$tag.json" 2>&1 | tail -40
   # one sleep-mode vLLM engine per process (vLLM's CuMem pool): the shared-engine tests in one pytest, then
@@ -75,10 +78,11 @@ start)
   ;;
 tune)
   tune_s=${TUNE_S:-540}
-  timeout "$tune_s" python3 -m compilepass.cli tune --engine vllm --model qwen3-0.6b --trials "${TUNE_TRIALS:-4}" \
+  tune_model=${TUNE_MODEL:-qwen3-0.6b}
+  timeout "$tune_s" python3 -m compilepass.cli tune --engine vllm --model "$tune_model" --trials "${TUNE_TRIALS:-4}" \
     --repeats 3 --verify-rounds 4 --verify-candidates 1 --time-budget $((tune_s - 150)) --no-record \
-    --out "$out/tune_vllm_qwen3-0.6b_$tag.json" > "$out/tune_vllm_$tag.log" 2>&1
-  echo "tune exit $?"; tail -15 "$out/tune_vllm_$tag.log"
+    --out "$out/tune_vllm_${tune_model}_$tag.json" > "$out/tune_vllm_${tune_model}_$tag.log" 2>&1
+  echo "tune exit $?"; tail -15 "$out/tune_vllm_${tune_model}_$tag.log"
   ;;
 trl)
   timeout "${TRL_S:-560}" python3 benchmarks/bench_vs_trl.py --out "$out/vs_trl_$tag.json" --model qwen3-0.6b \
