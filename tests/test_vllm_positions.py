@@ -60,3 +60,16 @@ def test_a_pydantic_validation_error_gives_its_message_not_the_docs_link():
     line = build_error_line(info.value)
     assert "131089" in line and "greater than the derived" in line and "errors.pydantic.dev" not in line
     assert build_error_line(RuntimeError("first\nthe cause\n")) == "the cause"
+
+
+def test_the_kv_cache_vllm_is_given_holds_every_sequence_with_a_few_blocks_to_spare():
+    import torch
+
+    from compilepass.core.shapes import shape_for
+    from compilepass.standby.rollout.vllm.engine import _kv_bytes
+
+    shape = shape_for("llama-3.1-8b")
+    per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 2
+    need = 2 * 131_089 * per_token  # two generations of 131,072 + 16 prompt tokens + 1, bf16
+    got = _kv_bytes(shape, 2, 131_089, torch.bfloat16, 128)
+    assert need + 128 * per_token <= got <= need * 1.01  # a null block and per-layer flooring, not a sequence

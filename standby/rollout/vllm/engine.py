@@ -109,8 +109,10 @@ def build_error_line(exc: BaseException) -> str:
 def _kv_bytes(shape: ModelShape, max_batch: int, max_len: int, dtype: torch.dtype, block: int) -> int:
     blocks_per_seq = math.ceil(max_len / block)
     per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * torch.tensor([], dtype=dtype).element_size()
-    # + one sequence of blocks of slack: vLLM keeps a null block and rounds per layer.
-    return per_token * block * (blocks_per_seq * max_batch + blocks_per_seq + 2)
+    # + 4 blocks of slack: vLLM 0.26 keeps one null block and floors available // page size // layers
+    # (v1/core/kv_cache_utils.get_num_blocks); a whole sequence of slack (before session 15) cost
+    # 16 GiB at 131,072 tokens and batch 2 on an 8B model.
+    return per_token * block * (blocks_per_seq * max_batch + 4)
 
 
 def _resolve_compilation(model, compile_options, max_batch: int) -> tuple[Optional[dict], dict, bool]:
