@@ -115,7 +115,8 @@ def run_trl(args, stack: str) -> dict:
               logging_steps=1, save_strategy="no", seed=0, temperature=1.0, beta=0.0, loss_type="grpo",
               lr_scheduler_type="constant", warmup_steps=0, shuffle_dataset=False)
     if stack == "trl-vllm":
-        kw.update(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True)
+        # sleep mode needs vLLM's CUDA cumem allocator; on the CPU (a plumbing check) vLLM refuses it
+        kw.update(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=cuda)
     data = Dataset.from_dict(arithmetic_rows(args.prompts * args.steps))
     lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear")
     common = dict(model=args.model_dir, reward_funcs=arithmetic_reward, args=trl.GRPOConfig(**kw), train_dataset=data,
