@@ -245,7 +245,7 @@ class VllmEngine:
                                       f"{VLLM_LORA_RANKS[-1]}")
                 kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=rank, max_cpu_loras=1)
             overrides = position_overrides(self.causal_lm.config, self.max_len + 1)
-            if overrides:  # the trainer and the native engine run these positions too; vLLM's table must
+            if overrides:  # the trainer and the native engine run these positions too; vLLM's table must cover them
                 log.warning("vLLM engine: %d positions exceed the model config's max_position_embeddings (%d); "
                              "vLLM gets hf_overrides=%s (rope type %s: only its rotary table grows)",
                              self.max_len + 1, self.causal_lm.config.max_position_embeddings, overrides,
