@@ -18,7 +18,7 @@
 #                                           # through the FX cache, warm with the persisted layer; no vLLM needed)
 # Every stage first restores .ficache/flashinfer.tar.gz (that tarball, carried) into ~/.cache.
 set -uo pipefail
-stage=${1:?stage: kv, tests, bench, grpo, tune or trl}
+[ $# -gt 0 ] || { echo "usage: run_vllm_gpu.sh STAGE [STAGE ...] (kv tests bench grpo tune trl context learn start warm)"; exit 2; }
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} VLLM_ENABLE_V1_MULTIPROCESSING=0 PYTHONUNBUFFERED=1
 # vLLM 0.26's FlashInfer top-k / top-p sampler JIT-builds on a machine's first start (nvcc, minutes: session 7's
@@ -30,6 +30,10 @@ python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch._
 if [ -f .ficache/flashinfer.tar.gz ] && [ ! -d ~/.cache/flashinfer ]; then
   mkdir -p ~/.cache && tar -xzf .ficache/flashinfer.tar.gz -C ~/.cache && echo "FlashInfer JIT cache restored"
 fi
+# Several stages in one call run one after another (fewer calls: a reply that comes more than 30 s
+# after the previous call ends loses the machine, and vLLM with it)
+for stage in "$@"; do
+echo "== stage $stage"
 case "$stage" in
 tests)
   # TESTS_PART=main (the shared-engine tests) or sleep (the sleep-mode ones) splits the stage over two calls
@@ -114,4 +118,6 @@ warm)
     --repeats 1 --child-timeout-s $((${WARM_S:-420} - 20)) 2>&1 | tail -5
   tar -czf "$out/flashinfer.tar.gz" -C ~/.cache flashinfer && ls -la "$out/flashinfer.tar.gz"
   ;;
+*) echo "unknown stage $stage"; exit 2 ;;
 esac
+done
