@@ -72,8 +72,7 @@ def compiled(tiny_dir):
 
     note_freeze_count("fixture start")
     model = build_model(str(tiny_dir), dtype=torch.float32, device=DEVICE)
-    note_freeze_count("model built")
-    engine_frozen_before = gc.get_freeze_count()  # the gc test's message says it (0 unless frozen before)
+    note_freeze_count("model built")  # the gc test's message says it (0 unless frozen before)
     freezes_before = dict(FREEZE_SITES)  # where, if it is not 0
     before = _inductor_counters()
     options = {"aggressive_fusion": True, "shape_padding": False}
@@ -84,7 +83,6 @@ def compiled(tiny_dir):
     engine.generate(PROMPTS, max_new_tokens=2, temperature=0.0)  # compile now, if vLLM deferred it
     note_freeze_count("first generate done")
     after = _inductor_counters()
-    engine.frozen_before_build = engine_frozen_before
     engine.freezes_before_build = freezes_before
     yield model, engine, expected, {k: after.get(k, 0) - before.get(k, 0) for k in after}
     engine.close()
@@ -125,12 +123,12 @@ def test_building_the_engine_leaves_the_gc_heap_unfrozen(compiled):
     from vllm_helpers import FREEZE_COUNTS, FREEZE_SITES
 
     _, engine, _, _ = compiled
-    assert gc.get_freeze_count() == 0, f"frozen after the build and a generate ({engine.frozen_before_build} " \
-                                       f"objects frozen before the build, by {engine.freezes_before_build}); " \
+    assert gc.get_freeze_count() == 0, f"frozen after the build and a generate (frozen before the build " \
+                                       f"by {engine.freezes_before_build}); " \
                                        f"gc.freeze() called from {engine.gc_freeze_sites} in the engine, from " \
                                        f"{FREEZE_SITES} in the whole process; counts {FREEZE_COUNTS}"
     print(f"gc.freeze() calls undone: {engine.gc_freeze_sites}; before the build: {engine.freezes_before_build} "
-          f"({engine.frozen_before_build} objects frozen)")
+          f"(counts {FREEZE_COUNTS})")
 
 
 def test_trainer_weights_are_views_of_vllm_tensors(compiled):
@@ -482,23 +480,29 @@ def test_gc_patch_finds_the_installed_vllms_capture_methods():
     assert not getattr(GPUModelRunner.__dict__["capture_model"], "__compilepass_gc_patched__", False)
 
 
+def _random_causal_lm(config):
+    """A float32 transformers model of ``config`` with seeded random weights (norms near 1), on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.15 if p.dim() == 2 else 0.05) + (p.dim() == 1))
+    return model
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_other_families_untied_share_and_match(family, tmp_path):
     """Qwen2 (q/k/v biases: row slices of vLLM's fused bias) and Llama, both with an untied lm_head:
     every weight shared, and vLLM's sampled log-probs equal the transformers model's with LoRA."""
-    from transformers import AutoModelForCausalLM
-
     from compilepass.core.shapes import ModelShape
 
     shape = ModelShape(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
                        intermediate_size=192, vocab_size=300, family=family, tie_word_embeddings=False,
                        max_position_embeddings=512)
-    torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_config(shape.to_hf_config(), dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.15 if p.dim() == 2 else 0.05) + (p.dim() == 1))
+    base = _random_causal_lm(shape.to_hf_config())
     model = add_lora(base.to(DEVICE, LORA_DTYPE), rank=4, alpha=8, init_random=True, init_std=0.1, seed=2)
     engine = VllmEngine(model, max_batch=4, max_len=24, compile_options=False, **SHARED)
     try:
@@ -521,8 +525,6 @@ def test_positions_past_the_configs_max_position_embeddings_match_transformers()
     """A Llama 3 rope model whose config says 8 positions, run to 24: vLLM gets a longer rotary table
     (hf_overrides) and its sampled log-probs past position 8 equal the transformers model's. Without
     the override vLLM refuses the max_model_len (bench context at 131,072 on the H200, 2026-12-04)."""
-    from transformers import AutoModelForCausalLM
-
     from compilepass.core.shapes import ModelShape
 
     shape = ModelShape(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
@@ -531,13 +533,7 @@ def test_positions_past_the_configs_max_position_embeddings_match_transformers()
     config = shape.to_hf_config()
     config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 2.0, "low_freq_factor": 1.0,
                               "high_freq_factor": 4.0, "original_max_position_embeddings": 4}
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.15 if p.dim() == 2 else 0.05) + (p.dim() == 1))
-    model = model.to(DEVICE)
+    model = _random_causal_lm(config).to(DEVICE)
     engine = VllmEngine(model, max_batch=4, max_len=24, compile_options=False, **SHARED)
     try:
         assert engine.llm_kwargs["hf_overrides"] == {"max_position_embeddings": 25}
